@@ -1,0 +1,32 @@
+"""mtlm: one pretrained backbone, many NLP tasks.
+
+Public surface: `load` (a trained bundle -> Predictor), `fit` (train a recipe), `load_recipe`,
+`evaluate_bundle`. Nothing heavy is imported until used."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+
+def load(path, device=None):
+    """Load a run folder or bundle; returns a `mtlm.predict.Predictor` with `predict(inputs, tasks=None)`."""
+    from mtlm.predict import load as _load
+    return _load(path, device)
+
+
+def fit(recipe, resume: bool = False, progress: bool = True):
+    """Train a `Recipe` (see `mtlm.train.fit`); returns the run folder."""
+    from mtlm.train import fit as _fit
+    return _fit(recipe, resume=resume, progress=progress)
+
+
+def load_recipe(path, overrides=()):
+    """Read and validate a YAML recipe (see `mtlm.config.load_recipe`)."""
+    from mtlm.config import load_recipe as _load_recipe
+    return _load_recipe(path, overrides)
+
+
+def evaluate_bundle(path, split: str = "test", batch_size: int = 64):
+    """Evaluate a run or bundle on a split (see `mtlm.evaluate.evaluate_bundle`)."""
+    from mtlm.evaluate import evaluate_bundle as _evaluate_bundle
+    return _evaluate_bundle(path, split, batch_size)

@@ -1,0 +1,147 @@
+"""`mtlm train|eval|predict|baseline|quickstart|serve`: parse arguments, then call one function.
+
+User errors (bad recipe, bad data, missing backbone package, bad bundle, bad input) print one message and
+exit with status 2, without a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    from mtlm.checkpoint import BundleError
+    from mtlm.config import RecipeError
+    from mtlm.model import BackboneError
+    from mtlm.predict import InputError
+    from mtlm.sources import DataError
+    return RecipeError, DataError, BackboneError, BundleError, InputError
+
+
+def cmd_train(args) -> None:
+    from mtlm.config import load_recipe
+    from mtlm.train import fit
+    recipe = load_recipe(args.recipe, args.overrides)
+    run_dir = fit(recipe, resume=args.resume, progress=not args.no_progress)
+    print(f"run folder: {run_dir}\nbest bundle: {run_dir / 'model'}")
+
+
+def cmd_eval(args) -> None:
+    from mtlm.evaluate import by_task, evaluate_bundle, format_table
+    metrics, tasks, out_path = evaluate_bundle(args.run, args.split, args.batch_size)
+    print(format_table(by_task(metrics), tasks))
+    if "mean" in metrics:
+        print(f"{'mean':<20} {'':<22} {metrics['mean']:.4f}")
+    print(f"wrote {out_path}")
+
+
+def cmd_predict(args) -> None:
+    from mtlm.predict import load
+    predictor = load(args.run)
+    tasks = args.tasks.split(",") if args.tasks else None
+    if args.input:
+        with open(args.input, encoding="utf-8") as f:
+            inputs = [json.loads(line) for line in f if line.strip()]
+    else:
+        inputs = list(args.texts)
+    if not inputs:
+        raise SystemExit("error: give TEXT arguments or --input FILE.jsonl")
+    results = predictor.predict(inputs, tasks=tasks)
+    out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
+    for item, res in zip(inputs, results):
+        out.write(json.dumps({"input": item, "predictions": res}, ensure_ascii=False) + "\n")
+    if args.output:
+        out.close()
+        print(f"wrote {len(results)} predictions to {args.output}")
+
+
+def cmd_baseline(args) -> None:
+    from mtlm.baseline import run_baseline
+    from mtlm.config import load_recipe
+    run_baseline(load_recipe(args.recipe, args.overrides), split=args.split, retrain=args.retrain)
+
+
+def cmd_quickstart(args) -> None:
+    from mtlm.quickstart import quickstart
+    quickstart(output_dir=args.output_dir, max_steps=args.max_steps)
+
+
+def cmd_serve(args) -> None:
+    from mtlm.serve.app import serve
+    serve(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mtlm", description="One pretrained backbone, many NLP tasks.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train one backbone with one head per task")
+    t.add_argument("recipe", help="YAML recipe")
+    t.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. train.lr=3e-5")
+    t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of the run")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help="evaluate every task of a run or bundle")
+    e.add_argument("run", help="run folder or bundle folder")
+    e.add_argument("--split", choices=["dev", "test"], default="test")
+    e.add_argument("--batch-size", type=int, default=64)
+    e.set_defaults(func=cmd_eval)
+
+    q = sub.add_parser("predict", help="predict all (or some) tasks for texts")
+    q.add_argument("run", help="run folder or bundle folder")
+    q.add_argument("texts", nargs="*", help="texts to predict")
+    q.add_argument("--tasks", help="comma-separated task names (default: all)")
+    q.add_argument("--input", help="JSONL file: one string or {text, text_pair} per line")
+    q.add_argument("--output", help="JSONL output file (default: stdout)")
+    q.set_defaults(func=cmd_predict)
+
+    b = sub.add_parser("baseline", help="multi-task vs one single-task model per task, same step budget")
+    b.add_argument("recipe")
+    b.add_argument("overrides", nargs="*")
+    b.add_argument("--split", choices=["dev", "test"], default="test")
+    b.add_argument("--retrain", action="store_true", help="retrain the multi-task run even if it exists")
+    b.set_defaults(func=cmd_baseline)
+
+    s = sub.add_parser("quickstart", help="train MiniLM-L6 on real built-in tasks, evaluate, predict")
+    s.add_argument("--output-dir", default="runs/quickstart")
+    s.add_argument("--max-steps", type=int, default=None, help="optimizer steps (default: the tuned budget)")
+    s.set_defaults(func=cmd_quickstart)
+
+    v = sub.add_parser("serve", help="serve every task of a bundle over HTTP")
+    v.add_argument("run", help="run folder or bundle folder")
+    v.add_argument("--host", default="127.0.0.1")
+    v.add_argument("--port", type=int, default=8000)
+    v.add_argument("--workers", type=int, default=1)
+    v.add_argument("--max-batch-size", type=int, default=64)
+    v.add_argument("--max-batch-tokens", type=int, default=8192)
+    v.add_argument("--max-wait-ms", type=float, default=5.0)
+    v.add_argument("--max-queue", type=int, default=1024)
+    v.set_defaults(func=cmd_serve)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    for noisy in ("transformers", "accelerate", "datasets", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    try:
+        args.func(args)
+    except _user_errors() as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: `mtlm train RECIPE --resume` continues from the last checkpoint", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

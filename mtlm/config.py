@@ -1,0 +1,202 @@
+"""The recipe: typed config, YAML loading, dotted overrides, and every error reported at once.
+
+A recipe names a backbone, a set of tasks keyed by task name, and the training settings.
+`load_recipe(path, overrides)` returns a validated `Recipe` or raises `RecipeError` whose message lists
+every problem with its dotted path (``tasks.topic.columns.label: ...``). Checks that need the data
+(columns present, dev labels seen in train) happen in `mtlm.data` and raise the same error type.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+
+
+class RecipeError(Exception):
+    """An invalid recipe or data set. ``problems`` holds one ``path: message`` line per problem."""
+
+    def __init__(self, problems: list[str], header: str = "invalid recipe"):
+        self.problems = list(problems)
+        super().__init__(f"{header} ({len(problems)} problem{'s' if len(problems) != 1 else ''}):\n"
+                         + "\n".join(f"  - {p}" for p in problems))
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Strict):
+    train: str                                   # file path (relative to the recipe), builtin:<name>, or hub id
+    dev: str | None = None                       # optional; made from train by `split` when absent
+    test: str | None = None                      # optional; made from train by `split` when absent
+    split: dict[Literal["dev", "test"], float] = Field(default_factory=lambda: {"dev": 0.1, "test": 0.1})
+    limit: dict[Literal["train", "dev", "test"], int] = Field(default_factory=dict)  # seeded row caps per split
+
+    @model_validator(mode="after")
+    def _check(self) -> "DataConfig":
+        if any(not 0 <= f < 1 for f in self.split.values()) or sum(self.split.values()) >= 1:
+            raise ValueError("split fractions must be in [0, 1) and sum to less than 1")
+        if any(n <= 0 for n in self.limit.values()):
+            raise ValueError("limit values must be positive")
+        return self
+
+
+class TaskConfig(_Strict):
+    type: str                                    # a key of mtlm.tasks.TASK_TYPES
+    data: DataConfig
+    columns: dict[str, str] = Field(default_factory=dict)  # role -> column name; defaults per task type
+    weight: float = Field(1.0, ge=0)             # alpha_i in L = sum_i alpha_i * L_i
+    metric: str | None = None                    # selection metric; the task type's default when None
+    on_bad_rows: Literal["error", "skip"] = "error"
+    label_separator: str = ","                   # multilabel: separator when labels come as one string
+    threshold: float = Field(0.5, gt=0, lt=1)    # multilabel: initial per-label probability threshold
+
+
+class TrainConfig(_Strict):
+    batch_size: int = Field(32, gt=0)            # micro-batch size per process
+    eval_batch_size: int = Field(64, gt=0)
+    max_steps: int | None = Field(None, gt=0)    # optimizer steps; or give epochs
+    epochs: float | None = Field(None, gt=0)     # passes over all tasks' train rows (sum of sizes / global batch)
+    lr: float = Field(5e-5, gt=0)                # peak learning rate, reached after warmup
+    weight_decay: float = Field(0.01, ge=0)      # AdamW decoupled L2; not on biases / LayerNorm
+    warmup_ratio: float = Field(0.06, ge=0, lt=1)
+    scheduler: Literal["linear", "cosine", "constant"] = "linear"
+    dropout: float = Field(0.1, ge=0, lt=1)      # heads and backbone hidden dropout
+    grad_accum: int = Field(1, gt=0)             # micro-batches per optimizer step, per process
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    sampling: Literal["proportional", "temperature", "round_robin"] = "proportional"
+    temperature: float = Field(2.0, gt=0)        # temperature sampling: p_i proportional to n_i^(1/T)
+    group_by_length: bool = True                 # length-grouped micro-batches (less padding)
+    eval_every: int = Field(200, gt=0)           # optimizer steps between evaluations on dev
+    checkpoint_every: int | None = Field(None, gt=0)  # defaults to eval_every
+    keep_checkpoints: int = Field(1, gt=0)       # resumable checkpoints kept on disk
+    early_stopping_patience: int | None = Field(5, gt=0)  # evaluations without improvement; None = off
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainConfig":
+        if self.max_steps is None and self.epochs is None:
+            self.max_steps = 1000
+        if self.max_steps is not None and self.epochs is not None:
+            raise ValueError("give max_steps or epochs, not both")
+        return self
+
+
+class Recipe(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    backbone: str = "minilm-l6"                  # short name (mtlm.model.BACKBONES), local HF folder, or hub id
+    pooling: Literal["mean", "cls"] = "mean"
+    max_length: int = Field(128, gt=8)           # tokens per input after truncation
+    output_dir: str | None = None                # default runs/<name>
+    tasks: dict[str, TaskConfig]
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+    _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
+
+    @model_validator(mode="after")
+    def _check(self) -> "Recipe":
+        if not self.tasks:
+            raise ValueError("a recipe needs at least one task")
+        bad = [t for t in self.tasks if not t.replace("_", "").replace("-", "").isalnum()]
+        if bad:
+            raise ValueError(f"task names must be letters, digits, '_' or '-': {bad}")
+        return self
+
+    @property
+    def base_dir(self) -> Path:
+        """Folder that relative data paths resolve against (the recipe's folder)."""
+        return self._base_dir
+
+    def run_dir(self) -> Path:
+        out = Path(self.output_dir) if self.output_dir else Path("runs") / self.name
+        return out if out.is_absolute() else (Path.cwd() / out)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json", exclude_none=True), sort_keys=False)
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Return a copy of `raw` with ``a.b.c=value`` overrides applied (values parsed as YAML).
+
+    Raises RecipeError listing every malformed override."""
+    out, problems = copy.deepcopy(raw), []
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key or any(not p for p in key.split(".")):
+            problems.append(f"override '{item}': expected key.path=value")
+            continue
+        node: Any = out
+        parts = key.split(".")
+        for p in parts[:-1]:
+            if not isinstance(node.get(p), dict):
+                node[p] = {}
+            node = node[p]
+        node[parts[-1]] = yaml.safe_load(value) if value != "" else None
+    if problems:
+        raise RecipeError(problems)
+    return out
+
+
+def _format_loc(loc: tuple) -> str:
+    return ".".join(str(p) for p in loc if not (isinstance(p, str) and p.startswith("function-after")))
+
+
+def validation_problems(err: ValidationError) -> list[str]:
+    """One ``path: message`` line per pydantic error."""
+    out = []
+    for e in err.errors():
+        path = _format_loc(e["loc"]) or "recipe"
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"].removeprefix("Value error, ")
+        if e["type"] not in ("extra_forbidden", "missing") and "input" in e and not isinstance(e["input"], dict):
+            msg += f" (got {e['input']!r})"
+        out.append(f"{path}: {msg}")
+    return out
+
+
+def parse_recipe(raw: Any, base_dir: Path, overrides: list[str] = ()) -> Recipe:
+    """Validate a recipe dict (after overrides); check task types, columns and metrics against the registry.
+
+    Raises RecipeError with every problem found."""
+    from mtlm.tasks import TASK_TYPES
+
+    if not isinstance(raw, dict):
+        raise RecipeError([f"recipe: expected a mapping of keys, got {type(raw).__name__}"])
+    raw = apply_overrides(raw, list(overrides))
+    try:
+        recipe = Recipe.model_validate(raw)
+    except ValidationError as e:
+        raise RecipeError(validation_problems(e)) from None
+    recipe._base_dir = base_dir.resolve()
+    problems = []
+    for name, t in recipe.tasks.items():
+        kind = TASK_TYPES.get(t.type)
+        if kind is None:
+            problems.append(f"tasks.{name}.type: unknown task type '{t.type}' (known: {', '.join(TASK_TYPES)})")
+            continue
+        for role in t.columns:
+            if role not in kind.roles:
+                problems.append(f"tasks.{name}.columns.{role}: unknown role for {t.type} "
+                                f"(roles: {', '.join(kind.roles)})")
+        if t.metric is not None and t.metric not in kind.metric_names:
+            problems.append(f"tasks.{name}.metric: '{t.metric}' is not a {t.type} metric "
+                            f"(choose from: {', '.join(kind.metric_names)})")
+    if problems:
+        raise RecipeError(problems)
+    return recipe
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    """Read a YAML recipe file and validate it. Raises RecipeError (also for unreadable YAML)."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise RecipeError([f"{path}: file not found"]) from None
+    except yaml.YAMLError as e:
+        raise RecipeError([f"{path}: not valid YAML: {e}"]) from None
+    return parse_recipe(raw, path.parent, overrides)

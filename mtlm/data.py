@@ -1,0 +1,222 @@
+"""Per-task data: read and check rows, make the missing splits, encode, and feed micro-batches.
+
+`prepare_rows` reads every task's sources and reports all problems at once (RecipeError);
+`encode_rows` tokenizes; `TaskBatches` yields length-grouped index batches per task (resumable);
+`TaskSampler` decides which task each micro-batch serves; `collate` pads one micro-batch (dynamic padding).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+from torch import Tensor
+
+from mtlm.config import Recipe, RecipeError
+from mtlm.sources import DataError, Rows, read_source, split_rows, subsample
+from mtlm.tasks.base import pad_inputs
+
+SPLITS = ("train", "dev", "test")
+MAX_ROW_ERRORS = 10        # bad rows listed per file before "... and N more"
+
+
+@dataclass
+class PreparedData:
+    rows: dict[str, dict[str, Rows]]                            # task -> split -> rows
+    notes: list[str] = field(default_factory=list)              # skipped-row counts, split sizes
+
+
+def _row_key(task, row: dict) -> tuple:
+    """The input of a row, used to de-duplicate before splitting (so no text lands in two splits)."""
+    cols = task.columns()
+    return tuple(str(row.get(cols[r])) for r in ("text", "text_pair", "tokens") if r in cols)
+
+
+def _strat_label(task, row: dict):
+    col = task.columns().get("label")
+    return str(row.get(col)) if col is not None else None
+
+
+def _check_rows(task, rows: Rows, prefix: str, problems: list[str], notes: list[str]) -> Rows | None:
+    """Columns present, then every row well formed. Returns the usable rows, or None on errors."""
+    cols = task.columns()
+    missing = [(role, col) for role, col in cols.items()
+               if col not in rows.columns and (task.roles[role] or role in task.cfg.columns)]
+    for role, col in missing:
+        problems.append(f"{prefix.rsplit('.data', 1)[0]}.columns.{role}: column '{col}' not in {rows.origin} "
+                        f"(columns: {', '.join(rows.columns)})")
+    if missing:
+        return None
+    bad: list[tuple[int, list]] = []
+    for i, record in enumerate(rows.records):
+        found = task.check_row(record)
+        if found:
+            bad.append((i, found))
+    if not bad:
+        return rows
+    if task.cfg.on_bad_rows == "skip":
+        notes.append(f"{task.name}: skipped {len(bad)} bad row(s) of {len(rows.records)} in {rows.origin}")
+        skip = {i for i, _ in bad}
+        return rows.select([i for i in range(len(rows.records)) if i not in skip])
+    for i, found in bad[:MAX_ROW_ERRORS]:
+        where = f"{rows.origin}, {rows.line_kind} {rows.lines[i]}"
+        problems.extend(f"{where}, field '{col}': {msg}" for col, msg in found)
+    if len(bad) > MAX_ROW_ERRORS:
+        problems.append(f"{rows.origin}: ... and {len(bad) - MAX_ROW_ERRORS} more bad rows "
+                        f"(or set tasks.{task.name}.on_bad_rows: skip)")
+    return None
+
+
+def prepare_rows(recipe: Recipe, tasks: dict) -> PreparedData:
+    """Read, check, split and cap every task's rows, then fit each task (label maps) on its train rows.
+
+    Raises RecipeError listing every problem of every task (unreadable files, missing columns,
+    malformed rows with file/line/field, labels in dev/test unseen in train)."""
+    problems: list[str] = []
+    out = PreparedData(rows={})
+    seed = recipe.train.seed
+    for name, task in tasks.items():
+        dcfg, prefix = task.cfg.data, f"tasks.{name}.data"
+        splits: dict[str, Rows] = {}
+        for split in SPLITS:
+            spec = getattr(dcfg, split)
+            if spec is None:
+                continue
+            try:
+                raw = read_source(spec, recipe.base_dir)
+            except DataError as e:
+                problems.append(f"{prefix}.{split}: {e}")
+                continue
+            checked = _check_rows(task, raw, f"{prefix}.{split}", problems, out.notes)
+            if checked is not None:
+                splits[split] = checked
+        if "train" not in splits:
+            continue
+        wanted = {s: f for s, f in dcfg.split.items() if getattr(dcfg, s) is None and f > 0}
+        if wanted:
+            made = split_rows(splits["train"], key=lambda r, t=task: _row_key(t, r),
+                              label=(lambda r, t=task: _strat_label(t, r)) if "label" in task.roles else None,
+                              fractions=wanted, seed=seed)
+            splits.update(made)
+        for split, n in dcfg.limit.items():
+            if split in splits:
+                splits[split] = subsample(splits[split], n, seed)
+        if not splits["train"].records:
+            problems.append(f"{prefix}.train: no usable rows in {splits['train'].origin}")
+            continue
+        task.fit(splits["train"].records)
+        for split in ("dev", "test"):
+            if split in splits:
+                problems.extend(f"{prefix}.{split}: {p}" for p in task.check_eval_rows(splits[split].records))
+        out.rows[name] = splits
+        out.notes.append(f"{name}: " + ", ".join(f"{s} {len(r.records)}" for s, r in splits.items()))
+    if problems:
+        raise RecipeError(problems)
+    return out
+
+
+def encode_rows(tasks: dict, rows: dict[str, dict[str, Rows]], tokenizer, max_length: int
+                ) -> dict[str, dict[str, list[dict]]]:
+    """task -> split -> unpadded feature dicts (see mtlm.tasks.base)."""
+    return {name: {split: tasks[name].encode(r.records, tokenizer, max_length) for split, r in splits.items()}
+            for name, splits in rows.items()}
+
+
+def collate(task, features: list[dict], pad_token_id: int) -> dict[str, Tensor]:
+    """Pad one micro-batch to its longest member and add the task's label tensors."""
+    batch = pad_inputs(features, pad_token_id)
+    batch.update(task.collate_labels(features, batch["input_ids"].shape[1]))
+    return batch
+
+
+def length_sorted_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Index batches over examples sorted by length (longest first), for evaluation and inference."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+class TaskBatches:
+    """Endless, seeded, resumable stream of global index batches for one task's train split.
+
+    Each epoch is a permutation; with `group_by_length`, the permutation is cut into mega-batches of
+    50 global batches, each sorted by length, so a micro-batch holds similar lengths (less padding), as
+    the Hugging Face `LengthGroupedSampler` does. Batch order is shuffled again. A global batch holds
+    batch_size * world_size examples; process `rank` takes every world_size-th of them."""
+
+    MEGA = 50
+
+    def __init__(self, lengths: list[int], global_batch: int, seed: int, group_by_length: bool = True):
+        self.lengths, self.global_batch, self.seed = lengths, global_batch, seed
+        self.group_by_length = group_by_length
+        self.epoch, self.cursor = 0, 0
+        self._batches = self._epoch_batches(0)
+
+    def _epoch_batches(self, epoch: int) -> list[list[int]]:
+        rng = np.random.default_rng([self.seed, epoch])
+        perm = rng.permutation(len(self.lengths)).tolist()
+        if self.group_by_length:
+            mega = self.global_batch * self.MEGA
+            perm = [i for k in range(0, len(perm), mega)
+                    for i in sorted(perm[k:k + mega], key=lambda j: -self.lengths[j])]
+        batches = [perm[k:k + self.global_batch] for k in range(0, len(perm), self.global_batch)]
+        rng.shuffle(batches)
+        return batches
+
+    def next(self) -> list[int]:
+        if self.cursor >= len(self._batches):
+            self.epoch, self.cursor = self.epoch + 1, 0
+            self._batches = self._epoch_batches(self.epoch)
+        batch = self._batches[self.cursor]
+        self.cursor += 1
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "cursor": self.cursor}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
+        self._batches = self._epoch_batches(self.epoch)
+
+
+def task_probabilities(sizes: dict[str, int], mode: str, temperature: float) -> dict[str, float]:
+    """Task sampling distribution: proportional p_i ∝ n_i; temperature p_i ∝ n_i^(1/T)
+    (Arivazhagan et al. 2019); round_robin (uniform in expectation, cycled in order)."""
+    if mode == "round_robin":
+        weights = {n: 1.0 for n in sizes}
+    elif mode == "temperature":
+        weights = {n: s ** (1.0 / temperature) for n, s in sizes.items()}
+    else:
+        weights = {n: float(s) for n, s in sizes.items()}
+    total = sum(weights.values())
+    return {n: w / total for n, w in weights.items()}
+
+
+class TaskSampler:
+    """Picks the task of each micro-batch. Seeded; the same sequence on every process; resumable."""
+
+    def __init__(self, sizes: dict[str, int], mode: str, temperature: float, seed: int):
+        self.names, self.mode = list(sizes), mode
+        self.probs = task_probabilities(sizes, mode, temperature)
+        self._p = np.array([self.probs[n] for n in self.names])
+        self.rng = np.random.default_rng(seed)
+        self.count = 0
+
+    def next(self) -> str:
+        self.count += 1
+        if self.mode == "round_robin":
+            return self.names[(self.count - 1) % len(self.names)]
+        return self.names[int(self.rng.choice(len(self.names), p=self._p))]
+
+    def state_dict(self) -> dict:
+        return {"count": self.count, "rng": self.rng.bit_generator.state}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.count = int(state["count"])
+        self.rng.bit_generator.state = state["rng"]
+
+
+def steps_for_epochs(epochs: float, sizes: dict[str, int], global_batch: int) -> int:
+    """Optimizer steps that cover `epochs` passes over all tasks' train rows (one micro-batch per step
+    and process when grad_accum is 1)."""
+    return max(1, math.ceil(epochs * sum(sizes.values()) / global_batch))

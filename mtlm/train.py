@@ -1,0 +1,209 @@
+"""fit(): the multi-task training loop, on Accelerate (one process, or several via `accelerate launch`).
+
+Read top to bottom: prepare rows (all recipe/data errors before any model loads) -> load backbone ->
+encode -> build model + heads -> AdamW + warmup/decay schedule -> loop over optimizer steps, each made of
+`grad_accum` micro-batches whose task the sampler picks -> evaluate on dev every `eval_every` steps, keep
+the best bundle (mean selection metric), checkpoint for `--resume`, stop early when dev stops improving.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator, DistributedDataParallelKwargs
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from mtlm.checkpoint import latest_checkpoint, save_bundle, save_checkpoint
+from mtlm.config import Recipe, RecipeError
+from mtlm.data import TaskBatches, TaskSampler, collate, encode_rows, prepare_rows, steps_for_epochs
+from mtlm.evaluate import evaluate
+from mtlm.model import build_model, load_backbone
+from mtlm.tasks import build_task
+from mtlm.weighting import Static
+
+log = logging.getLogger("mtlm")
+NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
+AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: decoupled weight decay on weights, none on biases and LayerNorm (Loshchilov & Hutter 2019)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if any(name.endswith(s) for s in NO_DECAY) else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_accelerator(recipe: Recipe) -> Accelerator:
+    # Ask for the CPU explicitly when there is no GPU: under torchrun/accelerate launch without it,
+    # every rank would train alone (see shared/ENGINES.md). Heads of tasks absent from a micro-batch get
+    # no gradient, so DDP must look for unused parameters.
+    mp = recipe.train.mixed_precision
+    if mp == "fp16" and not torch.cuda.is_available():
+        raise RecipeError(["train.mixed_precision: fp16 needs a GPU; use bf16 on CPU"])
+    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mp,
+                       gradient_accumulation_steps=recipe.train.grad_accum,
+                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+
+
+def fit(recipe: Recipe, resume: bool = False, progress: bool = True, stop_after: int | None = None) -> Path:
+    """Train one backbone with one head per task; return the run folder (best bundle in run_dir/model).
+
+    resume: continue from the newest checkpoint in the run folder (same schedule, optimizer, sampler state).
+    stop_after: stop after this many optimizer steps in this call, as if killed (tests, time-boxed runs).
+    Raises RecipeError (bad recipe or data, before any model loads), BackboneError."""
+    cfg = recipe.train
+    tasks = {name: build_task(name, tcfg) for name, tcfg in recipe.tasks.items()}
+    data = prepare_rows(recipe, tasks)
+    accelerator = make_accelerator(recipe)
+    main = accelerator.is_main_process
+    run_dir = recipe.run_dir()
+    ckpt = latest_checkpoint(run_dir) if resume else None
+    if resume and ckpt is None and main:
+        log.warning("no checkpoint in %s: starting from scratch", run_dir)
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
+        for note in data.notes:
+            log.info(note)
+    set_seed(cfg.seed)
+
+    backbone, tokenizer = load_backbone(recipe.backbone, dropout=cfg.dropout)
+    features = encode_rows(tasks, data.rows, tokenizer, recipe.max_length)
+    model = build_model(backbone, tasks, recipe.pooling, cfg.dropout)
+
+    world, rank = accelerator.num_processes, accelerator.process_index
+    global_batch = cfg.batch_size * world
+    sizes = {n: len(f["train"]) for n, f in features.items()}
+    max_steps = cfg.max_steps or steps_for_epochs(cfg.epochs, sizes, global_batch * cfg.grad_accum)
+    sampler = TaskSampler(sizes, cfg.sampling, cfg.temperature, cfg.seed)
+    batches = {n: TaskBatches([f["length"] for f in features[n]["train"]], global_batch,
+                              seed=cfg.seed * 1000 + i, group_by_length=cfg.group_by_length)
+               for i, n in enumerate(tasks)}
+    weighting = Static({n: t.cfg.weight for n, t in tasks.items()})
+
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
+    # The scheduler stays outside accelerator.prepare: Accelerate would step it once per process.
+    scheduler = get_scheduler(cfg.scheduler if cfg.scheduler != "constant" else "constant_with_warmup",
+                              optimizer, num_warmup_steps=int(cfg.warmup_ratio * max_steps),
+                              num_training_steps=max_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
+    unwrapped = accelerator.unwrap_model(model)
+
+    state = {"step": 0, "best": None, "best_step": None, "bad_evals": 0, "history": [], "train_log": []}
+    if ckpt is not None:
+        accelerator.load_state(str(ckpt))
+        state = json.loads((ckpt / "trainer_state.json").read_text(encoding="utf-8"))
+        sampler.load_state_dict(state["sampler"])
+        for n, b in batches.items():
+            b.load_state_dict(state["batches"][n])
+        if main:
+            log.info("resumed from %s (step %d)", ckpt, state["step"])
+
+    writer = _tensorboard(run_dir) if main else None
+    dev = {n: f.get("dev", []) for n, f in features.items()}
+    autocast_dtype = AUTOCAST.get(cfg.mixed_precision)
+    running: dict[str, float] = {}
+    bar = tqdm(total=max_steps, initial=state["step"], disable=not (progress and main), desc="train",
+               dynamic_ncols=True)
+    steps_this_call, stopped_early = 0, False
+    t0, tokens_seen = time.perf_counter(), 0
+
+    while state["step"] < max_steps:
+        model.train()
+        for _ in range(cfg.grad_accum):
+            name = sampler.next()                       # the same task on every process
+            idx = batches[name].next()[rank::world]     # this process's share of the global batch
+            batch = {k: v.to(accelerator.device)
+                     for k, v in collate(tasks[name], [features[name]["train"][i] for i in idx],
+                                         tokenizer.pad_token_id).items()}
+            tokens_seen += int(batch["attention_mask"].sum())
+            labels = {"labels": batch.pop("labels")}
+            with accelerator.accumulate(model):
+                logits = model(task=name, **batch)
+                loss = tasks[name].loss(logits, labels)
+                weighting.backward({name: loss}, accelerator)
+                if accelerator.sync_gradients and cfg.max_grad_norm:
+                    accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            value = float(loss.detach())
+            running[name] = value if name not in running else 0.9 * running[name] + 0.1 * value
+            if writer:
+                writer.add_scalar(f"loss/{name}", value, state["step"])
+        scheduler.step()
+        state["step"] += 1
+        steps_this_call += 1
+        step = state["step"]
+        bar.update(1)
+        bar.set_postfix({n: f"{v:.3f}" for n, v in running.items()}, refresh=False)
+        if writer:
+            writer.add_scalar("lr", scheduler.get_last_lr()[0], step)
+        if step % 10 == 0 or step == max_steps:
+            state["train_log"].append({"step": step, "lr": scheduler.get_last_lr()[0],
+                                       **{f"loss/{n}": round(v, 5) for n, v in running.items()}})
+
+        if step % cfg.eval_every == 0 or step == max_steps:
+            metrics = evaluate(unwrapped, tasks, dev, cfg.eval_batch_size, tokenizer.pad_token_id,
+                               accelerator.device, autocast_dtype)
+            elapsed = time.perf_counter() - t0
+            state["history"].append({"step": step, **metrics, "train_tokens_per_s": tokens_seen / elapsed})
+            score = metrics.get("mean")   # None when no task has a dev split: keep the latest model
+            improved = score is None or state["best"] is None or score > state["best"]
+            if improved:
+                state.update(best=score, best_step=step, bad_evals=0)
+                if main:
+                    save_bundle(unwrapped, tokenizer, tasks, recipe, run_dir / "model")
+            else:
+                state["bad_evals"] += 1
+            if main:
+                shown = "  ".join(f"{k}={v:.4f}" for k, v in metrics.items())
+                bar.write(f"step {step}: {shown}" + ("  (best)" if improved and score is not None else ""))
+                for k, v in metrics.items():
+                    if writer:
+                        writer.add_scalar(f"dev/{k}", v, step)
+            patience = cfg.early_stopping_patience
+            stopped_early = patience is not None and state["bad_evals"] >= patience and step < max_steps
+        if step % (cfg.checkpoint_every or cfg.eval_every) == 0 or step == max_steps or stopped_early \
+                or (stop_after is not None and steps_this_call >= stop_after):
+            state["sampler"] = sampler.state_dict()
+            state["batches"] = {n: b.state_dict() for n, b in batches.items()}
+            save_checkpoint(accelerator, run_dir, step, state, cfg.keep_checkpoints)
+            if main:
+                _write_metrics(run_dir, state, max_steps, stopped_early)
+        if stopped_early:
+            if main:
+                bar.write(f"early stopping at step {step}: no dev improvement in {cfg.early_stopping_patience} "
+                          f"evaluations (best at step {state['best_step']})")
+            break
+        if stop_after is not None and steps_this_call >= stop_after:
+            break
+    bar.close()
+    if writer:
+        writer.close()
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return run_dir
+
+
+def _write_metrics(run_dir: Path, state: dict, max_steps: int, stopped_early: bool) -> None:
+    out = {"max_steps": max_steps, "step": state["step"], "best_step": state["best_step"],
+           "best_mean": state["best"], "stopped_early": stopped_early,
+           "eval": state["history"], "train": state["train_log"]}
+    (run_dir / "metrics.json").write_text(json.dumps(out, indent=1), encoding="utf-8")
+
+
+def _tensorboard(run_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:   # tensorboard not installed: logging to metrics.json only
+        return None
+    return SummaryWriter(log_dir=str(run_dir / "logs"))

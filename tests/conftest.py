@@ -1,0 +1,132 @@
+"""Shared fixtures: a tiny random BERT built from a config (no download) and small data files."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import string
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("MTLM_CACHE", str(Path.home() / ".cache" / "mtlm"))
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+WORDS = ("the a movie film was great terrible good bad boring fun loved hated plot acting actor story "
+         "stock market shares bank rose fell profit loss team match won lost goal game player season "
+         "john smith paris london acme corp went to in on and of is not very really it this that").split()
+
+
+def _vocab() -> list[str]:
+    chars = list(string.ascii_lowercase + string.digits + string.punctuation)
+    return ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS + chars + ["##" + c for c in chars]
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone(tmp_path_factory) -> str:
+    """A 2-layer, hidden-32 random BERT with a WordPiece tokenizer, saved as a local HF folder."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    path = tmp_path_factory.mktemp("tiny-bert")
+    vocab = _vocab()
+    (path / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tok = BertTokenizerFast(vocab_file=str(path / "vocab.txt"), do_lower_case=True)
+    tok.save_pretrained(path)
+    config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=128)
+    import torch
+    torch.manual_seed(0)
+    BertModel(config).save_pretrained(path)
+    return str(path)
+
+
+def _sentence(rng: random.Random, words: list[str], n: int) -> str:
+    return " ".join(rng.choice(words) for _ in range(n))
+
+
+@pytest.fixture(scope="session")
+def toy_data(tmp_path_factory) -> Path:
+    """Small learnable files: sentiment.csv (text,label), topic.jsonl, pairs.jsonl (text_a,text_b,label),
+    score.jsonl (regression), ner.jsonl (tokens, tags), emotions.jsonl (multilabel)."""
+    rng = random.Random(0)
+    d = tmp_path_factory.mktemp("toy")
+    pos, neg = ["great", "good", "loved", "fun"], ["terrible", "bad", "hated", "boring"]
+    filler = ["the", "movie", "film", "was", "plot", "acting", "story", "really", "very", "it"]
+    lines = ["text,label"]
+    for i in range(240):
+        label = i % 2
+        words = filler[:] + (pos if label else neg)
+        lines.append(f"\"{_sentence(rng, words, rng.randint(3, 12))}\",{'positive' if label else 'negative'}")
+    (d / "sentiment.csv").write_text("\n".join(lines) + "\n")
+
+    topics = {"finance": ["stock", "market", "shares", "bank", "profit"], "sport": ["team", "match", "goal", "player"]}
+    with open(d / "topic.jsonl", "w") as f:
+        for i in range(200):
+            t = list(topics)[i % 2]
+            f.write(json.dumps({"text": _sentence(rng, topics[t] + filler[:4], rng.randint(4, 20)), "label": t}) + "\n")
+    with open(d / "pairs.jsonl", "w") as f:
+        for i in range(200):
+            a = _sentence(rng, WORDS, 5)
+            b = a if i % 2 else _sentence(rng, WORDS, 5)
+            f.write(json.dumps({"text_a": a, "text_b": b, "label": "same" if i % 2 else "different"}) + "\n")
+    with open(d / "score.jsonl", "w") as f:
+        for i in range(200):
+            k = rng.randint(0, 5)
+            words = ["good"] * k + ["the"] * (6 - k)
+            rng.shuffle(words)
+            f.write(json.dumps({"text": " ".join(words), "score": float(k)}) + "\n")
+    with open(d / "emotions.jsonl", "w") as f:
+        for i in range(200):
+            labels = [lab for lab, w in (("joy", "fun"), ("anger", "hated")) if rng.random() < 0.5]
+            words = [w for lab, w in (("joy", "fun"), ("anger", "hated")) if lab in labels] + filler[:3]
+            rng.shuffle(words)
+            f.write(json.dumps({"text": " ".join(words), "labels": labels}) + "\n")
+    names, places = ["john", "smith"], ["paris", "london"]
+    with open(d / "ner.jsonl", "w") as f:
+        for i in range(200):
+            tokens, tags = [], []
+            for _ in range(rng.randint(3, 9)):
+                r = rng.random()
+                if r < 0.2:
+                    tokens += ["john", "smith"]; tags += ["B-PER", "I-PER"]
+                elif r < 0.35:
+                    tokens.append(rng.choice(places)); tags.append("B-LOC")
+                else:
+                    tokens.append(rng.choice(filler)); tags.append("O")
+            f.write(json.dumps({"tokens": tokens, "tags": tags}) + "\n")
+    return d
+
+
+def write_recipe(path: Path, recipe: dict) -> Path:
+    import yaml
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def make_recipe(tiny_backbone, toy_data, tmp_path):
+    """make_recipe(tasks=[...], **train) -> path of a recipe over toy_data with the tiny backbone."""
+    task_defs = {
+        "sentiment": {"type": "classification", "data": {"train": str(toy_data / "sentiment.csv")}},
+        "topic": {"type": "classification", "data": {"train": str(toy_data / "topic.jsonl")}},
+        "paraphrase": {"type": "classification", "data": {"train": str(toy_data / "pairs.jsonl")},
+                       "columns": {"text": "text_a", "text_pair": "text_b"}},
+        "score": {"type": "regression", "data": {"train": str(toy_data / "score.jsonl")}},
+        "emotions": {"type": "multilabel", "data": {"train": str(toy_data / "emotions.jsonl")}},
+        "ner": {"type": "token_classification", "data": {"train": str(toy_data / "ner.jsonl")}},
+    }
+
+    def make(tasks=("sentiment", "topic"), name="toy", **train):
+        recipe = {"name": name, "backbone": tiny_backbone, "max_length": 32,
+                  "output_dir": str(tmp_path / "runs" / name),
+                  "tasks": {t: task_defs[t] for t in tasks},
+                  "train": {"batch_size": 8, "max_steps": 20, "eval_every": 10, "lr": 1e-3,
+                            "warmup_ratio": 0.0, **train}}
+        return write_recipe(tmp_path / f"{name}.yaml", recipe)
+
+    return make
