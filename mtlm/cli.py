@@ -125,12 +125,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _quiet_libraries() -> None:
+    """Library load reports and per-save progress bars drown the training log; keep errors only."""
+    import transformers
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    for noisy in ("transformers", "accelerate", "datasets", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    for noisy in ("transformers", "accelerate", "datasets", "httpx"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
+    _quiet_libraries()
     try:
         args.func(args)
     except _user_errors() as e:

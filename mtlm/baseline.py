@@ -1,0 +1,118 @@
+"""`mtlm baseline`: the same recipe as one single-task model per task, next to the multi-task model.
+
+Each single-task run gets the step budget its task had inside the multi-task run (max_steps x the task's
+sampling probability), the same hyper-parameters and the same splits. The table shows, per task, the
+selection metric of both, the task average, and what K single-task models cost: parameters and backbone
+passes per input relative to the one multi-task model."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from mtlm.checkpoint import find_bundle, load_bundle
+from mtlm.config import Recipe
+from mtlm.data import task_probabilities
+from mtlm.evaluate import by_task, evaluate_bundle
+from mtlm.model import count_parameters
+from mtlm.tasks import default_metric
+
+
+def single_task_recipe(recipe: Recipe, name: str, steps: int, run_dir: Path) -> Recipe:
+    """A copy of `recipe` with only task `name`, `steps` optimizer steps, writing to run_dir/baseline/<name>."""
+    raw = recipe.model_dump(mode="python")
+    raw["name"] = f"{recipe.name}-single-{name}"
+    raw["output_dir"] = str(run_dir / "baseline" / name)
+    raw["tasks"] = {name: raw["tasks"][name]}
+    train = raw["train"]
+    train["max_steps"], train["epochs"] = steps, None
+    train["eval_every"] = max(1, min(train["eval_every"], steps))
+    if train.get("checkpoint_every"):
+        train["checkpoint_every"] = max(1, min(train["checkpoint_every"], steps))
+    single = Recipe.model_validate(raw)
+    single._base_dir = recipe.base_dir
+    return single
+
+
+def step_budgets(recipe: Recipe, sizes: dict[str, int], max_steps: int) -> dict[str, int]:
+    """Optimizer steps each task received in the multi-task run, in expectation."""
+    probs = task_probabilities(sizes, recipe.train.sampling, recipe.train.temperature)
+    return {n: max(1, math.ceil(p * max_steps)) for n, p in probs.items()}
+
+
+def run_baseline(recipe: Recipe, split: str = "test", retrain: bool = False, progress: bool = True) -> dict:
+    """Train (or reuse) the multi-task run and one single-task run per task; evaluate all on `split`;
+    print the table and write baseline_<split>.json in the run folder. Returns that dict."""
+    from mtlm.train import fit
+
+    run_dir = recipe.run_dir()
+    if retrain or not (run_dir / "model" / "tasks.json").is_file():
+        fit(recipe, progress=progress)
+    history = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
+    mt_metrics, tasks, _ = evaluate_bundle(run_dir, split)
+    mt = by_task(mt_metrics)
+
+    sizes = {n: len(r) for n, r in _train_sizes(recipe, tasks).items()}
+    budgets = step_budgets(recipe, sizes, history["max_steps"])
+    st: dict[str, dict[str, float]] = {}
+    params_single = 0
+    for name in tasks:
+        single = single_task_recipe(recipe, name, budgets[name], run_dir)
+        if retrain or not (single.run_dir() / "model" / "tasks.json").is_file():
+            fit(single, progress=progress)
+        metrics, _, _ = evaluate_bundle(single.run_dir(), split)
+        st[name] = by_task(metrics).get(name, {})
+        model, *_ = load_bundle(find_bundle(single.run_dir()))
+        params_single += count_parameters(model)
+
+    model, _, _, meta = load_bundle(find_bundle(run_dir))
+    params_multi = count_parameters(model)
+    groups = {tuple(t.input_fields()) for t in tasks.values()}
+    rows = []
+    for name, task in tasks.items():
+        m = default_metric(task)
+        rows.append({"task": name, "metric": m, "steps_single": budgets[name],
+                     "multi_task": mt.get(name, {}).get(m), "single_task": st.get(name, {}).get(m)})
+    both = [r for r in rows if r["multi_task"] is not None and r["single_task"] is not None]
+    result = {
+        "split": split, "max_steps_multi": history["max_steps"], "tasks": rows,
+        "average": {"multi_task": sum(r["multi_task"] for r in both) / max(1, len(both)),
+                    "single_task": sum(r["single_task"] for r in both) / max(1, len(both))},
+        "parameters": {"multi_task": params_multi, "single_task_total": params_single,
+                       "ratio": params_single / params_multi},
+        "backbone_passes_per_input": {"multi_task": len(groups), "single_task": len(tasks),
+                                      "ratio": len(tasks) / len(groups)},
+        "multi_task_metrics": mt, "single_task_metrics": st,
+    }
+    (run_dir / f"baseline_{split}.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
+    print(format_baseline(result))
+    return result
+
+
+def _train_sizes(recipe: Recipe, tasks: dict) -> dict:
+    from mtlm.data import prepare_rows
+    from mtlm.tasks import build_task
+    data = prepare_rows(recipe, {n: build_task(n, t.cfg) for n, t in tasks.items()})
+    return {n: s["train"].records for n, s in data.rows.items()}
+
+
+def format_baseline(result: dict) -> str:
+    lines = [f"{'task':<18} {'metric':<16} {'multi-task':>10} {'single-task':>11} {'delta':>8}  (split: {result['split']})"]
+    for r in result["tasks"]:
+        mt, st = r["multi_task"], r["single_task"]
+        delta = f"{mt - st:+.4f}" if mt is not None and st is not None else "-"
+        lines.append(f"{r['task']:<18} {r['metric']:<16} {_fmt(mt):>10} {_fmt(st):>11} {delta:>8}")
+    a = result["average"]
+    lines.append(f"{'average':<18} {'':<16} {a['multi_task']:>10.4f} {a['single_task']:>11.4f} "
+                 f"{a['multi_task'] - a['single_task']:>+8.4f}")
+    p, b = result["parameters"], result["backbone_passes_per_input"]
+    lines.append(f"parameters: {p['multi_task'] / 1e6:.1f}M multi-task vs {p['single_task_total'] / 1e6:.1f}M for "
+                 f"{len(result['tasks'])} single-task models ({p['ratio']:.2f}x)")
+    lines.append(f"inference: {b['multi_task']} backbone pass(es) per input vs {b['single_task']} "
+                 f"({b['ratio']:.2f}x the compute for single-task)")
+    return "\n".join(lines)
+
+
+def _fmt(v: float | None) -> str:
+    return "-" if v is None else f"{v:.4f}"

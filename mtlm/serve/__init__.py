@@ -1,0 +1,13 @@
+"""HTTP serving: every task of a bundle from one backbone pass per input, with dynamic micro-batching.
+
+app.py (routes, `serve`) -> service.py (load, warm up, request path, drain) -> batcher.py (bounded queue,
+micro-batches) -> runner.py (tokenizer and model threads); schemas.py (API models, limits), metrics.py.
+`create_app(path)` returns the FastAPI app; `mtlm serve RUN` runs it under uvicorn."""
+
+from __future__ import annotations
+
+
+def create_app(source, settings=None, handle_signals: bool = False):
+    """The FastAPI app for a bundle path (see `mtlm.serve.app.create_app`)."""
+    from mtlm.serve.app import create_app as _create_app
+    return _create_app(source, settings, handle_signals)

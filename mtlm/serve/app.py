@@ -1,0 +1,266 @@
+"""The HTTP face of the server (FastAPI) and `serve(args)`, which runs it under uvicorn.
+
+Routes (OpenAPI at /docs):
+    POST /v1/predict                 {"inputs": [...], "tasks": [...]?, "timeout_ms": ...?} -> PredictResponse
+    POST /v1/tasks/{task}/predict    the same for one task
+    GET  /v1/tasks                   every task with its type, labels and input fields
+    GET  /health                     200 while the process is alive (also while loading)
+    GET  /ready                      200 once loaded and warmed up; 503 while loading, draining or failed
+    GET  /metrics                    Prometheus text format
+Status codes: 413 body over max_body_bytes; 422 bad input (the reason in `detail`); 429 queue full (with
+Retry-After, seconds); 503 not ready or draining (Retry-After); 504 timeout_ms passed before the inputs
+ran; 500 a model failure. Every response carries X-Request-ID (the client's when it sent a sane one).
+
+Scaling out: `--workers N` runs N processes on one port, each with its own model (uvicorn's supervisor
+shares the socket; each worker gets cpu_count / N torch threads). Across machines, run one `mtlm serve`
+per machine and put any HTTP load balancer in front (nginx `upstream`, HAProxy, a cloud LB) with
+`/ready` as the health check: a draining server answers 503 there, so the balancer stops sending it
+traffic while it finishes what it accepted. A Ray Serve deployment would wrap `Service` (load, predict,
+stop) the same way `create_app` does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+import signal
+import tempfile
+import threading
+import time
+import uuid
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, Callable
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+
+from mtlm.predict import InputError, Predictor
+from mtlm.serve.batcher import QueueFull, Stopped, TooLarge
+from mtlm.serve.schemas import (ErrorResponse, PredictRequest, PredictResponse, ServeSettings,
+                                TaskPredictRequest, TasksResponse)
+from mtlm.serve.service import NotReady, Service
+
+log = logging.getLogger("mtlm.serve")
+
+ENV_BUNDLE = "MTLM_SERVE_BUNDLE"       # bundle path for app_from_env (set by serve() for its workers)
+ENV_SETTINGS = "MTLM_SERVE_SETTINGS"   # ServeSettings as JSON
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+_ERRORS = {s: {"model": ErrorResponse} for s in (413, 422, 429, 503, 504)}
+
+
+def _error(status: int, detail: str, request_id: str | None, headers: dict | None = None,
+           errors: list | None = None) -> JSONResponse:
+    body = {"detail": detail, "request_id": request_id}
+    if errors is not None:
+        body["errors"] = errors
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+class RequestMiddleware:
+    """Pure ASGI: stamps X-Request-ID on every response and answers 413 for bodies over `max_body_bytes`
+    (by Content-Length, or while reading a chunked body) before any route sees them. Stores
+    scope["state"]["request_id"] and ["arrival"] (time.monotonic() seconds)."""
+
+    def __init__(self, app, max_body_bytes: int, on_reject: Callable[[int], None] | None = None):
+        self.app, self.max_body_bytes, self.on_reject = app, max_body_bytes, on_reject
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        rid = headers.get(b"x-request-id", b"").decode("latin-1")
+        if not _REQUEST_ID.fullmatch(rid):
+            rid = uuid.uuid4().hex
+        state = scope.setdefault("state", {})
+        state["request_id"], state["arrival"] = rid, time.monotonic()
+        rid_header = (b"x-request-id", rid.encode("latin-1"))
+
+        async def send_with_id(message):
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), rid_header]
+            await send(message)
+
+        length = headers.get(b"content-length")
+        too_large = length is not None and (not length.isdigit() or int(length) > self.max_body_bytes)
+        chunks, size, more = [], 0, not too_large
+        while more:       # buffer the body (at most max_body_bytes) so a chunked upload is bounded too
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            too_large, more = size > self.max_body_bytes, message.get("more_body", False)
+            if too_large:
+                break
+        if too_large:
+            if self.on_reject:
+                self.on_reject(413)
+            response = _error(413, f"request body over {self.max_body_bytes} bytes", rid)
+            return await response(scope, receive, send_with_id)
+        body, replayed = b"".join(chunks), False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send_with_id)
+
+
+def _chain_signal_handlers(service: Service) -> None:
+    """Make SIGTERM/SIGINT flip /ready to 503 before uvicorn's own handler starts its graceful shutdown
+    (stop listening, finish open requests, then lifespan shutdown drains the batcher). uvicorn restores
+    the original handlers when it exits, which removes these too."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        previous = signal.getsignal(sig)
+        if not callable(previous):
+            continue
+
+        def handler(signum, frame, previous=previous):
+            service.begin_drain()
+            previous(signum, frame)
+        signal.signal(sig, handler)
+
+
+def create_app(source: str | Path | Callable[[], Predictor], settings: ServeSettings | None = None,
+               handle_signals: bool = False) -> FastAPI:
+    """The FastAPI app serving one bundle (a path, or a callable returning a Predictor).
+
+    Its lifespan starts loading in the background and, on shutdown, drains accepted requests. Without a
+    lifespan-running server (httpx's ASGITransport), run `async with app.router.lifespan_context(app):`."""
+    settings = settings or ServeSettings()
+    service = Service(source, settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await service.start()
+        if handle_signals:
+            _chain_signal_handlers(service)
+        try:
+            yield
+        finally:
+            await service.stop()
+
+    app = FastAPI(title="mtlm", summary="Every task of a multi-task model from one backbone pass.",
+                  lifespan=lifespan)
+    app.state.service = service
+    app.add_middleware(RequestMiddleware, max_body_bytes=settings.max_body_bytes,
+                       on_reject=lambda status: service.metrics.request(None, status))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_body(request: Request, exc: RequestValidationError):
+        errors = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
+                  for e in exc.errors()]
+        detail = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:]) or 'body'}: {e['msg']}" for e in errors)
+        service.metrics.request(None, 422)
+        return _error(422, detail or "invalid request body", request.state.request_id, errors=errors)
+
+    async def handle(request: Request, inputs: list[Any], tasks: list[str] | None, timeout_ms: float | None):
+        rid, arrival = request.state.request_id, request.state.arrival
+        names, status, n_inputs = None, 500, 0
+        try:
+            if not service.ready:
+                status = 503
+                return _error(503, f"not ready: {service.state}" + (f" ({service.error})" if service.error else ""),
+                              rid, {"Retry-After": "1"})
+            timeout_ms = settings.default_timeout_ms if timeout_ms is None else timeout_ms
+            if timeout_ms > settings.max_timeout_ms:
+                raise InputError(f"timeout_ms: {timeout_ms:g} is over the limit of {settings.max_timeout_ms:g}")
+            items, names, groups = service.validate(inputs, tasks)
+            predictions, timing = await service.predict(items, names, groups, timeout_ms / 1000.0, arrival)
+            status, n_inputs = 200, len(items)
+            return JSONResponse({"model": service.predictor.name, "request_id": rid, "tasks": names,
+                                 "predictions": predictions, "timing": timing})
+        except InputError as e:
+            status = 422
+            return _error(422, str(e), rid)
+        except QueueFull as e:
+            status = 429
+            return _error(429, str(e), rid, {"Retry-After": str(e.retry_after_s)})
+        except TooLarge as e:
+            status = 413
+            return _error(413, str(e), rid)
+        except (Stopped, NotReady) as e:
+            status = 503
+            return _error(503, str(e), rid, {"Retry-After": "1"})
+        except asyncio.TimeoutError:
+            status = 504
+            return _error(504, f"not computed within timeout_ms={timeout_ms:g}", rid)
+        except Exception as e:
+            log.exception("request %s failed", rid)
+            return _error(500, f"internal error: {type(e).__name__}", rid)
+        finally:
+            service.metrics.request(names, status, n_inputs, time.monotonic() - arrival)
+
+    @app.post("/v1/predict", response_model=PredictResponse, responses=_ERRORS)
+    async def predict(body: PredictRequest, request: Request):
+        """Every requested task (default: all) for each input, from one backbone pass per field group."""
+        return await handle(request, body.inputs, body.tasks, body.timeout_ms)
+
+    @app.post("/v1/tasks/{task}/predict", response_model=PredictResponse, responses=_ERRORS)
+    async def predict_task(task: str, body: TaskPredictRequest, request: Request):
+        """One task for each input (the same response shape as /v1/predict)."""
+        return await handle(request, body.inputs, [task], body.timeout_ms)
+
+    @app.get("/v1/tasks", response_model=TasksResponse, responses={503: {"model": ErrorResponse}})
+    async def tasks(request: Request):
+        if service.predictor is None:
+            return _error(503, f"not ready: {service.state}", request.state.request_id, {"Retry-After": "1"})
+        return {"model": service.predictor.name, "max_length": service.predictor.max_length,
+                "tasks": service.task_info()}
+
+    @app.get("/health")
+    async def health():
+        return {"status": "alive", "state": service.state}
+
+    @app.get("/ready")
+    async def ready():
+        if service.ready:
+            return {"status": "ready", "state": service.state}
+        return JSONResponse({"status": "not ready", "state": service.state, "error": service.error},
+                            status_code=503, headers={"Retry-After": "1"})
+
+    @app.get("/metrics")
+    async def metrics():
+        content, content_type = service.metrics.render()
+        return Response(content, media_type=content_type)
+
+    return app
+
+
+def app_from_env() -> FastAPI:
+    """uvicorn factory for `serve()`'s worker processes: the bundle and settings come from the environment
+    (MTLM_SERVE_BUNDLE, MTLM_SERVE_SETTINGS as JSON)."""
+    settings = ServeSettings.model_validate_json(os.environ.get(ENV_SETTINGS) or "{}")
+    return create_app(os.environ[ENV_BUNDLE], settings, handle_signals=True)
+
+
+def serve(args) -> None:
+    """`mtlm serve`: run the app under uvicorn until SIGTERM/SIGINT, then drain and exit.
+
+    args: run, host, port, workers, max_batch_size, max_batch_tokens, max_wait_ms, max_queue (argparse).
+    Raises mtlm.checkpoint.BundleError when `run` is not a bundle."""
+    import uvicorn
+
+    from mtlm.checkpoint import find_bundle
+
+    bundle = find_bundle(args.run).resolve()
+    workers = max(1, int(args.workers))
+    settings = ServeSettings(max_batch_size=args.max_batch_size, max_batch_tokens=args.max_batch_tokens,
+                             max_wait_ms=args.max_wait_ms, max_queue=args.max_queue)
+    if workers > 1:
+        settings.torch_threads = max(1, (os.cpu_count() or 1) // workers)
+        if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="mtlm-prometheus-")
+    os.environ[ENV_BUNDLE], os.environ[ENV_SETTINGS] = str(bundle), settings.model_dump_json()
+    log.info("serving %s on http://%s:%d with %d worker(s)", bundle, args.host, args.port, workers)
+    uvicorn.run("mtlm.serve.app:app_from_env", factory=True, host=args.host, port=args.port, workers=workers,
+                access_log=bool(getattr(args, "verbose", False)), log_level="info")

@@ -1,0 +1,104 @@
+"""Request / response models of the HTTP API and the server's limits.
+
+Inputs are validated twice on purpose: pydantic checks the JSON shape here (a non-string text, an
+empty input list, an unknown field -> 422 with the field path), and `mtlm.predict.normalize_input` /
+`Predictor.check_tasks` check what only the model knows (task names, pair fields) -> 422 with the reason.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, StrictStr
+
+
+class ServeSettings(BaseModel):
+    """Everything `mtlm serve` can tune. Times in milliseconds, sizes in inputs / tokens / bytes."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_batch_size: int = Field(64, gt=0)         # inputs per backbone pass
+    max_batch_tokens: int = Field(8192, gt=0)     # padded tokens per pass (batch size x longest input)
+    max_wait_ms: float = Field(5.0, ge=0)         # how long a non-full batch waits for company once the model is free
+    max_queue: int = Field(1024, gt=0)            # queued inputs (over all requests) before answering 429
+    max_queue_tokens: int | None = Field(None, gt=0)  # queued real tokens before 429; None = 16 x max_batch_tokens
+    max_inputs_per_request: int = Field(256, gt=0)    # more inputs in one request -> 422
+    max_body_bytes: int = Field(1 << 20, gt=0)    # larger request bodies -> 413
+    default_timeout_ms: float = Field(30_000, gt=0)   # a request's timeout_ms when it gives none
+    max_timeout_ms: float = Field(600_000, gt=0)  # the largest timeout_ms a request may ask for
+    torch_threads: int | None = Field(None, gt=0)  # torch intra-op threads per process; None = torch's default
+
+    @property
+    def queue_tokens(self) -> int:
+        return self.max_queue_tokens or 16 * self.max_batch_tokens
+
+
+class TextPair(BaseModel):
+    """One input for pair tasks (and single-text tasks, which read only `text`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    text: StrictStr
+    text_pair: StrictStr | None = None
+
+
+class PredictRequest(BaseModel):
+    """`POST /v1/predict` body. `tasks` defaults to every task of the model."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"inputs": ["What a wonderful film.", {"text": "A man eats.", "text_pair": "Someone is eating."}],
+         "tasks": ["sentiment"], "timeout_ms": 2000}]})
+
+    inputs: list[StrictStr | TextPair] = Field(min_length=1)
+    tasks: list[StrictStr] | None = None
+    timeout_ms: float | None = Field(None, gt=0)  # answer 504 when not computed within this many ms of arrival
+
+
+class TaskPredictRequest(BaseModel):
+    """`POST /v1/tasks/{task}/predict` body: like `PredictRequest`, the task comes from the path."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    inputs: list[StrictStr | TextPair] = Field(min_length=1)
+    timeout_ms: float | None = Field(None, gt=0)
+
+
+class Timing(BaseModel):
+    """Where a request's time went, in ms. queue/forward are the worst over the request's inputs."""
+
+    tokenize_ms: float   # validation + tokenisation (in the tokenizer thread)
+    queue_ms: float      # enqueue -> its micro-batch started
+    forward_ms: float    # its micro-batch's backbone pass + heads + decoding
+    total_ms: float      # arrival -> response built
+    batch_size: int      # largest micro-batch any of its inputs rode in
+
+
+class PredictResponse(BaseModel):
+    """One {task: result} dict per input, in input order; results have the shape of `Predictor.predict`."""
+
+    model: str
+    request_id: str
+    tasks: list[str]
+    predictions: list[dict[str, dict[str, Any]]]
+    timing: Timing
+
+
+class TaskInfo(BaseModel):
+    name: str
+    type: str
+    input_fields: list[str]              # ["text"] or ["text", "text_pair"]
+    labels: list[str] | None = None      # None for regression
+
+
+class TasksResponse(BaseModel):
+    model: str
+    max_length: int                      # longer inputs are truncated to this many tokens ("truncated": true)
+    tasks: list[TaskInfo]
+
+
+class ErrorResponse(BaseModel):
+    """Every 4xx/5xx body. `detail` says what to fix."""
+
+    detail: str
+    request_id: str | None = None
+    errors: list[dict[str, Any]] | None = None   # field-level problems for 422s from JSON validation

@@ -1,0 +1,182 @@
+"""One model in one server process: load -> warm up -> ready -> (draining) -> stopped.
+
+`Service.predict` is the request path without HTTP: validate (on the loop, microseconds) -> reserve queue
+room -> tokenise (tokenizer thread) -> submit to the batcher -> await every input's result -> merge the
+field groups back into one {task: result} dict per input. The model never runs on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from mtlm.predict import InputError, Predictor, normalize_input
+from mtlm.serve.batcher import Batcher, Fields
+from mtlm.serve.metrics import ServeMetrics
+from mtlm.serve.runner import Runner
+from mtlm.serve.schemas import ServeSettings
+
+log = logging.getLogger("mtlm.serve")
+
+WARMUP_INPUT = {"text": "Warm-up sentence for the first batch.", "text_pair": "A second warm-up sentence."}
+
+
+class NotReady(Exception):
+    """The model is still loading or warming up, or failed to load (then the message says why)."""
+
+
+class Service:
+    """Owns the predictor, the runner threads, the batcher and the metrics of one process.
+
+    `source`: a run folder / bundle path, or a zero-argument callable returning a `Predictor` (tests).
+    `state`: "loading" (model loading or warming up), "ready", "draining", "stopped" or "failed"."""
+
+    def __init__(self, source: str | Path | Callable[[], Predictor], settings: ServeSettings):
+        self.source, self.settings = source, settings
+        self.metrics = ServeMetrics()
+        self.state = "loading"
+        self.error: str | None = None
+        self.predictor: Predictor | None = None
+        self.runner: Runner | None = None
+        self.batcher: Batcher | None = None
+        self._load_task: asyncio.Task | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.state == "ready"
+
+    # ---- lifecycle -----------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Begin loading in the background and return at once (so /health answers while loading)."""
+        self._load_task = asyncio.get_running_loop().create_task(self._load(), name="mtlm-load")
+
+    async def wait_ready(self, timeout_s: float) -> None:
+        """Wait until ready. Raises NotReady when loading failed, asyncio.TimeoutError after `timeout_s`."""
+        await asyncio.wait_for(asyncio.shield(self._load_task), timeout_s)
+        if not self.ready:
+            raise NotReady(self.error or self.state)
+
+    async def _load(self) -> None:
+        try:
+            t0 = time.perf_counter()
+            if callable(self.source):
+                predictor = await asyncio.to_thread(self.source)
+            else:
+                from mtlm.predict import load
+                predictor = await asyncio.to_thread(load, self.source)
+            self.predictor = predictor
+            self.runner = Runner(predictor, self.settings.torch_threads)
+            self.batcher = Batcher(self.runner.forward, self.settings, self.metrics)
+            self.batcher.start()
+            t1 = time.perf_counter()
+            await self._warm_up()
+            log.info("model %s loaded in %.1f s, warmed up in %.2f s; tasks: %s", predictor.name, t1 - t0,
+                     time.perf_counter() - t1, ", ".join(predictor.tasks))
+        except Exception as e:   # keep serving /health and answer /ready 503 with the reason
+            log.exception("loading the model failed")
+            self.state, self.error = "failed", f"{type(e).__name__}: {e}"
+            return
+        if self.state == "loading":       # not draining already
+            self.state = "ready"
+            self.metrics.ready.set(1)
+
+    async def _warm_up(self) -> None:
+        """One real batch through the whole path (tokenizer, batcher, every head), so the first client
+        does not pay for lazy initialisation."""
+        names = list(self.predictor.tasks)
+        groups = self.predictor.groups(names)
+        await self.predict([dict(WARMUP_INPUT)], names, groups, timeout_s=600.0, arrival=time.monotonic())
+
+    def begin_drain(self) -> None:
+        """Stop taking requests (ready -> 503) but keep answering accepted ones. Signal-handler safe."""
+        if self.state in ("loading", "ready"):
+            self.state = "draining"
+        if self.batcher is not None:
+            self.batcher.begin_drain()
+        self.metrics.ready.set(0)
+
+    async def stop(self, timeout_s: float = 30.0) -> None:
+        """Drain: finish every accepted input (up to `timeout_s`), then stop the threads."""
+        self.begin_drain()
+        if self._load_task is not None and not self._load_task.done():
+            self._load_task.cancel()
+        if self.batcher is not None:
+            await self.batcher.stop(timeout_s)
+        if self.runner is not None:
+            await asyncio.to_thread(self.runner.close)
+        self.state = "stopped"
+
+    # ---- the request path ----------------------------------------------------------------------
+    def validate(self, inputs: list[Any], tasks: list[str] | None
+                 ) -> tuple[list[dict], list[str], dict[Fields, list[str]]]:
+        """JSON inputs and task names -> (normalised inputs, task names, {field group: tasks}).
+
+        Raises NotReady, or InputError naming the problem: unknown task (listing the valid ones), empty
+        input list, too many inputs, non-string or empty text, missing text_pair for a pair task."""
+        if self.predictor is None:
+            raise NotReady(self.error or "model is loading")
+        if not inputs:
+            raise InputError("inputs: give at least one input")
+        if len(inputs) > self.settings.max_inputs_per_request:
+            raise InputError(f"inputs: {len(inputs)} inputs, at most {self.settings.max_inputs_per_request} "
+                             "per request")
+        names = self.predictor.check_tasks(tasks)
+        items = []
+        for i, x in enumerate(inputs):
+            if hasattr(x, "model_dump"):
+                x = x.model_dump(exclude_none=True)
+            items.append(normalize_input(x, i))
+        groups = self.predictor.groups(names)
+        for fields, group in groups.items():
+            if "text_pair" in fields:
+                missing = [i for i, it in enumerate(items) if not it.get("text_pair", "").strip()]
+                if missing:
+                    raise InputError(f"inputs{missing[:5]}: task(s) {', '.join(group)} need 'text_pair'")
+        return items, names, groups
+
+    async def predict(self, items: list[dict], names: list[str], groups: dict[Fields, list[str]],
+                      timeout_s: float, arrival: float) -> tuple[list[dict[str, dict]], dict[str, float]]:
+        """(one {task: result} per input in `names` order, timing in ms) for validated inputs.
+
+        `arrival`: time.monotonic() when the request arrived; the deadline is arrival + timeout_s.
+        Raises QueueFull (429), TooLarge (413), Stopped (503), asyncio.TimeoutError (504: inputs not yet
+        computed are dropped), or the model's exception (500)."""
+        batcher, deadline = self.batcher, arrival + timeout_s
+        ticket = batcher.reserve(len(items) * len(groups))
+        try:
+            t0 = time.perf_counter()
+            feats = await self.runner.tokenize(items, list(groups))
+            tokenize_s = time.perf_counter() - t0
+        except BaseException:
+            batcher.release(ticket)
+            raise
+        self.metrics.tokenize_seconds.observe(tokenize_s)
+        entries, owners = [], []
+        for fields, group in groups.items():
+            for i, feat in enumerate(feats[fields]):
+                entries.append((feat, fields, tuple(group)))
+                owners.append(i)
+        queued = batcher.submit(ticket, entries, deadline)
+        results = await batcher.wait(queued, deadline)
+        merged: list[dict[str, dict]] = [{} for _ in items]
+        for i, res in zip(owners, results):
+            merged[i].update(res)
+        timing = {
+            "tokenize_ms": tokenize_s * 1e3,
+            "queue_ms": max((it.started - it.enqueued) * 1e3 for it in queued),
+            "forward_ms": max(it.forward_s for it in queued) * 1e3,
+            "total_ms": (time.monotonic() - arrival) * 1e3,
+            "batch_size": max(it.batch_size for it in queued),
+        }
+        return [{n: r[n] for n in names} for r in merged], timing
+
+    def task_info(self) -> list[dict]:
+        """Every task: name, type, input fields and labels (None for regression)."""
+        if self.predictor is None:
+            raise NotReady(self.error or "model is loading")
+        return [{"name": n, "type": t.cfg.type, "input_fields": list(t.input_fields()),
+                 "labels": list(t.labels) if hasattr(t, "labels") else None}
+                for n, t in self.predictor.tasks.items()]

@@ -1,0 +1,333 @@
+"""Data: row checks with file/line/field messages, skipping, splits, task sampling, batching and collation."""
+
+from __future__ import annotations
+
+import collections
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mtlm.config import RecipeError, load_recipe, parse_recipe
+from mtlm.data import (MAX_ROW_ERRORS, TaskBatches, TaskSampler, collate, length_sorted_batches, prepare_rows,
+                       steps_for_epochs, task_probabilities)
+from mtlm.tasks import build_task
+from mtlm.tasks.token_classification import IGNORE
+
+
+def jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("data")
+    (d / "news.csv").write_text("text,label\nstocks rose,business\nteam won,sport\nbank fell,business\n"
+                                "goal scored,sport\n")
+    (d / "news_dev.csv").write_text("text,label\nshares up,business\nrain today,weather\n")
+    (d / "bad.csv").write_text('text,label\n"fine text",pos\n,neg\n"   ",neg\n"two\nlines",pos\n"no label",\n'
+                               "last,neg\n")
+    jsonl(d / "bad.jsonl", [{"text": "ok", "label": "a"},
+                            {"text": "listy", "label": ["a", "b"]},
+                            {"label": "b"},
+                            {"text": "", "label": "a"},
+                            {"text": 42, "label": "b"},
+                            {"text": "float label", "label": 0.5},
+                            {"text": "fine", "label": "b"}])
+    (d / "scores.csv").write_text("text,score\ngood,1.5\nbad,abc\nok,2\n")
+    jsonl(d / "tags.jsonl", [{"tokens": ["john", "went"], "tags": ["B-PER", "O"]},
+                             {"tokens": ["paris"], "tags": ["LOC"]},
+                             {"tokens": ["a", "b"], "tags": ["O"]},
+                             {"tokens": [], "tags": []}])
+    jsonl(d / "emo.jsonl", [{"text": "yay", "labels": ["joy"]}, {"text": "grr", "labels": {"anger": 1}},
+                            {"text": "meh", "labels": "joy,anger"}])
+    jsonl(d / "many_bad.jsonl", [{"text": "", "label": "a"} for _ in range(MAX_ROW_ERRORS + 4)]
+                                + [{"text": "x", "label": "a"}])
+    return d
+
+
+def prepare(tasks: dict, base: Path, **top):
+    recipe = parse_recipe({"name": "t", "tasks": tasks, **top}, base)
+    return prepare_rows(recipe, {n: build_task(n, c) for n, c in recipe.tasks.items()})
+
+
+def problems(tasks: dict, base: Path) -> list[str]:
+    with pytest.raises(RecipeError) as info:
+        prepare(tasks, base)
+    return info.value.problems
+
+
+def cls(train, **extra):
+    return {"type": "classification", "data": {"train": train, "split": {}, **extra.pop("data", {})}, **extra}
+
+
+# ---------------------------------------------------------------- data-level errors
+
+def test_missing_column_message(files):
+    got = problems({"topic": cls("news.csv", columns={"label": "category"})}, files)
+    assert got == [f"tasks.topic.columns.label: column 'category' not in {files / 'news.csv'} (columns: text, label)"]
+
+
+def test_missing_default_and_optional_columns(files):
+    got = problems({"a": cls("news.csv", columns={"text": "body", "text_pair": "hyp"}),
+                    "b": {"type": "regression", "data": {"train": "news.csv", "split": {}}}}, files)
+    origin = files / "news.csv"
+    assert got == [f"tasks.a.columns.text: column 'body' not in {origin} (columns: text, label)",
+                   f"tasks.a.columns.text_pair: column 'hyp' not in {origin} (columns: text, label)",
+                   f"tasks.b.columns.score: column 'score' not in {origin} (columns: text, label)"]
+
+
+def test_fit_reports_data_errors_before_loading_a_model(files, tmp_path):
+    recipe_path = tmp_path / "r.yaml"
+    recipe_path.write_text(json.dumps({
+        "name": "t", "backbone": str(tmp_path / "no-such-backbone"), "output_dir": str(tmp_path / "run"),
+        "tasks": {"topic": cls(str(files / "news.csv"), columns={"label": "category"})}}))
+    from mtlm.train import fit
+    with pytest.raises(RecipeError) as info:       # a BackboneError would mean the model was loaded first
+        fit(load_recipe(recipe_path), progress=False)
+    assert info.value.problems[0].startswith("tasks.topic.columns.label: column 'category' not in")
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_csv_rows_name_file_line_and_field(files):
+    f = files / "bad.csv"
+    assert problems({"s": cls("bad.csv")}, files) == [
+        f"{f}, line 3, field 'text': missing",
+        f"{f}, line 4, field 'text': empty text",
+        f"{f}, line 7, field 'label': missing label",     # the quoted two-line text above spans lines 5-6
+    ]
+
+
+def test_bad_jsonl_rows_name_file_line_and_field(files):
+    f = files / "bad.jsonl"
+    assert problems({"s": cls("bad.jsonl")}, files) == [
+        f"{f}, line 2, field 'label': expected a class label (text or integer), got ['a', 'b']",
+        f"{f}, line 3, field 'text': missing",
+        f"{f}, line 4, field 'text': empty text",
+        f"{f}, line 5, field 'text': expected text, got int",
+        f"{f}, line 6, field 'label': expected a class label (text or integer), got 0.5",
+    ]
+
+
+def test_bad_rows_of_other_task_types(files):
+    got = problems({"r": {"type": "regression", "data": {"train": "scores.csv", "split": {}}},
+                    "n": {"type": "token_classification", "data": {"train": "tags.jsonl", "split": {}}},
+                    "m": {"type": "multilabel", "data": {"train": "emo.jsonl", "split": {}}}}, files)
+    assert got == [
+        f"{files / 'scores.csv'}, line 3, field 'score': expected a finite number, got 'abc'",
+        f"{files / 'tags.jsonl'}, line 2, field 'tags': not a BIO tag: 'LOC' (expected O, B-TYPE or I-TYPE)",
+        f"{files / 'tags.jsonl'}, line 3, field 'tags': 1 tags for 2 tokens",
+        f"{files / 'tags.jsonl'}, line 4, field 'tokens': expected a non-empty list of non-empty strings",
+        f"{files / 'emo.jsonl'}, line 2, field 'labels': expected a list of labels or a ','-separated string, "
+        "got {'anger': 1}",
+    ]
+
+
+def test_many_bad_rows_are_capped(files):
+    got = problems({"s": cls("many_bad.jsonl")}, files)
+    assert len(got) == MAX_ROW_ERRORS + 1
+    assert got[0] == f"{files / 'many_bad.jsonl'}, line 1, field 'text': empty text"
+    assert got[-1] == f"{files / 'many_bad.jsonl'}: ... and 4 more bad rows (or set tasks.s.on_bad_rows: skip)"
+
+
+def test_on_bad_rows_skip_reports_count(files):
+    data = prepare({"c": cls("bad.csv", on_bad_rows="skip"), "j": cls("bad.jsonl", on_bad_rows="skip")}, files)
+    assert f"c: skipped 3 bad row(s) of 6 in {files / 'bad.csv'}" in data.notes
+    assert f"j: skipped 5 bad row(s) of 7 in {files / 'bad.jsonl'}" in data.notes
+    c = data.rows["c"]["train"]
+    assert [r["text"] for r in c.records] == ["fine text", "two\nlines", "last"]
+    assert c.lines == [2, 5, 8]                       # line numbers survive the skip
+    assert [r["text"] for r in data.rows["j"]["train"].records] == ["ok", "fine"]
+
+
+def test_dev_label_unseen_in_train(files):
+    got = problems({"topic": cls("news.csv", data={"dev": "news_dev.csv"})}, files)
+    assert got == ["tasks.topic.data.dev: label(s) not seen in train: 'weather'"]
+
+
+def test_all_problems_of_several_tasks_in_one_error(files):
+    with pytest.raises(RecipeError) as info:
+        prepare({"a": cls("news.csv", columns={"label": "category"}),
+                 "b": cls("bad.jsonl"),
+                 "c": cls("news.csv", data={"dev": "news_dev.csv"}),
+                 "d": cls("missing.csv"),
+                 "e": cls("news.csv")}, files)
+    got = info.value.problems
+    assert got[0].startswith("tasks.a.columns.label: column 'category' not in")
+    assert sum(str(files / "bad.jsonl") in p for p in got) == 5
+    assert "tasks.c.data.dev: label(s) not seen in train: 'weather'" in got
+    assert f"tasks.d.data.train: {files / 'missing.csv'}: cannot read: file not found" in got
+    assert len(got) == 8
+    assert "(8 problems)" in str(info.value)
+
+
+def test_relative_paths_resolve_against_the_recipe_folder(files, tmp_path, monkeypatch):
+    sub = tmp_path / "project"
+    sub.mkdir()
+    (sub / "news.csv").write_text((files / "news.csv").read_text())
+    (sub / "recipe.yaml").write_text(json.dumps({"name": "t", "tasks": {"topic": cls("news.csv")}}))
+    monkeypatch.chdir(tmp_path)
+    recipe = load_recipe("project/recipe.yaml")
+    data = prepare_rows(recipe, {n: build_task(n, c) for n, c in recipe.tasks.items()})
+    assert data.rows["topic"]["train"].origin == str((sub / "news.csv").resolve())
+    assert len(data.rows["topic"]["train"].records) == 4
+
+
+def test_missing_splits_are_made_disjoint_and_stratified(toy_data):
+    data = prepare({"s": {"type": "classification", "data": {"train": str(toy_data / "sentiment.csv"),
+                                                             "split": {"dev": 0.1, "test": 0.2}}}}, Path("."))
+    rows = data.rows["s"]
+    texts = {s: [r["text"] for r in rows[s].records] for s in ("train", "dev", "test")}
+    assert set(texts["train"]).isdisjoint(texts["dev"]) and set(texts["train"]).isdisjoint(texts["test"])
+    assert set(texts["dev"]).isdisjoint(texts["test"])
+    total = sum(len(t) for t in texts.values())
+    assert len(texts["dev"]) == round(0.1 * total) and len(texts["test"]) == round(0.2 * total)
+    for split in ("dev", "test"):
+        counts = collections.Counter(r["label"] for r in rows[split].records)
+        assert abs(counts["positive"] - counts["negative"]) <= 1
+    again = prepare({"s": {"type": "classification", "data": {"train": str(toy_data / "sentiment.csv"),
+                                                              "split": {"dev": 0.1, "test": 0.2}}}}, Path("."))
+    assert [r["text"] for r in again.rows["s"]["dev"].records] == texts["dev"]      # seeded
+
+
+# ---------------------------------------------------------------- task sampling
+
+SIZES = {"a": 100, "b": 300, "c": 600}
+
+
+def draw(sampler, n):
+    return [sampler.next() for _ in range(n)]
+
+
+def test_proportional_sampling():
+    counts = collections.Counter(draw(TaskSampler(SIZES, "proportional", 2.0, seed=0), 20000))
+    for name, size in SIZES.items():
+        assert counts[name] / 20000 == pytest.approx(size / 1000, abs=0.015)
+
+
+def test_temperature_sampling():
+    T = 2.0
+    weights = {n: s ** (1 / T) for n, s in SIZES.items()}
+    expected = {n: w / sum(weights.values()) for n, w in weights.items()}
+    assert task_probabilities(SIZES, "temperature", T) == pytest.approx(expected)
+    counts = collections.Counter(draw(TaskSampler(SIZES, "temperature", T, seed=1), 20000))
+    for name in SIZES:
+        assert counts[name] / 20000 == pytest.approx(expected[name], abs=0.015)
+    # the small task gets more than its proportional share, the large one less
+    assert counts["a"] / 20000 > 0.15 and counts["c"] / 20000 < 0.5
+    # T = 1 is proportional; large T approaches uniform
+    assert task_probabilities(SIZES, "temperature", 1.0) == pytest.approx({"a": 0.1, "b": 0.3, "c": 0.6})
+    assert task_probabilities(SIZES, "temperature", 1000.0) == pytest.approx({n: 1 / 3 for n in SIZES}, abs=0.01)
+
+
+def test_round_robin_sampling():
+    seq = draw(TaskSampler(SIZES, "round_robin", 2.0, seed=0), 9)
+    assert seq == ["a", "b", "c"] * 3
+
+
+def test_sampler_is_seeded_and_resumable():
+    s1 = TaskSampler(SIZES, "proportional", 2.0, seed=5)
+    first = draw(s1, 50)
+    assert draw(TaskSampler(SIZES, "proportional", 2.0, seed=5), 50) == first
+    assert draw(TaskSampler(SIZES, "proportional", 2.0, seed=6), 50) != first
+    state = json.loads(json.dumps(s1.state_dict()))             # survives a JSON checkpoint
+    rest = draw(s1, 100)
+    s2 = TaskSampler(SIZES, "proportional", 2.0, seed=5)
+    s2.load_state_dict(state)
+    assert draw(s2, 100) == rest
+    rr = TaskSampler(SIZES, "round_robin", 2.0, seed=0)
+    draw(rr, 4)
+    rr2 = TaskSampler(SIZES, "round_robin", 2.0, seed=0)
+    rr2.load_state_dict(rr.state_dict())
+    assert draw(rr2, 3) == draw(rr, 3) == ["b", "c", "a"]
+
+
+# ---------------------------------------------------------------- batching
+
+def lengths_of(n: int, seed: int = 0) -> list[int]:
+    return np.random.default_rng(seed).integers(3, 120, size=n).tolist()
+
+
+@pytest.mark.parametrize("group", [True, False])
+def test_every_example_once_per_epoch(group):
+    n, gb = 103, 8
+    tb = TaskBatches(lengths_of(n), gb, seed=3, group_by_length=group)
+    per_epoch = -(-n // gb)
+    epochs = [[tb.next() for _ in range(per_epoch)] for _ in range(2)]
+    for batches in epochs:
+        assert sorted(i for b in batches for i in b) == list(range(n))
+        assert all(len(b) == gb for b in batches if len(b) != n % gb)
+    assert epochs[0] != epochs[1]                 # a new permutation each epoch
+    assert tb.state_dict() == {"epoch": 1, "cursor": per_epoch}
+
+
+def padding(lengths: list[int], batches: list[list[int]]) -> int:
+    return sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in batches)
+
+
+def test_length_grouping_reduces_padding():
+    lengths, gb = lengths_of(2000, seed=1), 16
+    n_batches = 2000 // gb
+    grouped = TaskBatches(lengths, gb, seed=0, group_by_length=True)
+    plain = TaskBatches(lengths, gb, seed=0, group_by_length=False)
+    pad_grouped = padding(lengths, [grouped.next() for _ in range(n_batches)])
+    pad_plain = padding(lengths, [plain.next() for _ in range(n_batches)])
+    assert pad_grouped < 0.2 * pad_plain
+    # grouped batches still come in shuffled order, not longest-first
+    firsts = [max(lengths[i] for i in grouped.next()) for _ in range(20)]
+    assert firsts != sorted(firsts, reverse=True)
+
+
+def test_task_batches_resume_exact_sequence():
+    lengths = lengths_of(50)
+    tb = TaskBatches(lengths, 8, seed=11)
+    for _ in range(9):                            # into the second epoch (7 batches per epoch)
+        tb.next()
+    state = json.loads(json.dumps(tb.state_dict()))
+    expected = [tb.next() for _ in range(20)]
+    resumed = TaskBatches(lengths, 8, seed=11)
+    resumed.load_state_dict(state)
+    assert [resumed.next() for _ in range(20)] == expected
+    fresh = TaskBatches(lengths, 8, seed=11)
+    assert [fresh.next() for _ in range(20)] != expected
+
+
+def test_length_sorted_batches_and_steps_for_epochs():
+    lengths = [5, 9, 1, 7, 3]
+    assert length_sorted_batches(lengths, 2) == [[1, 3], [0, 4], [2]]
+    assert steps_for_epochs(1.0, {"a": 100, "b": 60}, 32) == 5
+    assert steps_for_epochs(2.5, {"a": 10}, 4) == 7
+
+
+# ---------------------------------------------------------------- collation
+
+def feature(n: int, label) -> dict:
+    return {"input_ids": list(range(10, 10 + n)), "attention_mask": [1] * n, "token_type_ids": [0] * n,
+            "length": n, "label": label}
+
+
+def test_collate_pads_to_longest_in_batch():
+    task = build_task("c", parse_recipe({"name": "t", "tasks": {"c": cls("x.csv")}}, Path(".")).tasks["c"])
+    batch = collate(task, [feature(3, 1), feature(5, 0), feature(4, 2)], pad_token_id=0)
+    assert batch["input_ids"].shape == (3, 5)                    # longest in the batch, not max_length
+    assert batch["input_ids"][0].tolist() == [10, 11, 12, 0, 0]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 0, 0], [1] * 5, [1, 1, 1, 1, 0]]
+    assert batch["token_type_ids"].sum() == 0
+    assert batch["labels"].tolist() == [1, 0, 2] and batch["labels"].dtype == torch.long
+    assert all(v.dtype == torch.long for k, v in batch.items())
+    small = collate(task, [feature(2, 0), feature(3, 1)], pad_token_id=7)
+    assert small["input_ids"].shape == (2, 3) and small["input_ids"][0, 2] == 7
+
+
+def test_collate_token_labels_padded_with_ignore():
+    task = build_task("n", parse_recipe({"name": "t", "tasks": {"n": {"type": "token_classification",
+                                                                       "data": {"train": "x"}}}},
+                                        Path(".")).tasks["n"])
+    f1 = {**feature(4, [1, 0]), "token_labels": [IGNORE, 1, 0, IGNORE]}
+    f2 = {**feature(6, [0]), "token_labels": [IGNORE, 0, IGNORE, IGNORE, IGNORE, IGNORE]}
+    batch = collate(task, [f1, f2], pad_token_id=0)
+    assert batch["labels"].tolist() == [[IGNORE, 1, 0, IGNORE, IGNORE, IGNORE], f2["token_labels"]]
+    assert batch["input_ids"].shape == batch["labels"].shape == (2, 6)

@@ -1,0 +1,366 @@
+"""The HTTP server on a tiny random bundle: in-process (httpx ASGITransport, lifespan run by hand) and one
+real uvicorn subprocess on 127.0.0.1. Gates (threading.Event) hold the model thread still so queueing,
+batching, 429 and 504 are deterministic rather than timing-dependent."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+
+import mtlm
+from conftest import write_recipe
+from mtlm.serve.app import create_app
+from mtlm.serve.schemas import ServeSettings
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+TASKS = ("sentiment", "topic", "paraphrase", "ner", "score")
+TEXTS = ["the movie was great fun", "john smith went to paris", "stock market shares rose",
+         "terrible boring plot", "the team won the match and the goal was good", "it"]
+
+
+@pytest.fixture(scope="session")
+def bundle(tiny_backbone, toy_data, tmp_path_factory) -> Path:
+    """A 5-task bundle (two classifications, a pair classification, NER, regression), trained once."""
+    d = tmp_path_factory.mktemp("serve")
+    data = lambda name: {"train": str(toy_data / name)}  # noqa: E731
+    recipe = {"name": "serve-toy", "backbone": tiny_backbone, "max_length": 32, "output_dir": str(d / "run"),
+              "tasks": {"sentiment": {"type": "classification", "data": data("sentiment.csv")},
+                        "topic": {"type": "classification", "data": data("topic.jsonl")},
+                        "paraphrase": {"type": "classification", "data": data("pairs.jsonl"),
+                                       "columns": {"text": "text_a", "text_pair": "text_b"}},
+                        "ner": {"type": "token_classification", "data": data("ner.jsonl")},
+                        "score": {"type": "regression", "data": data("score.jsonl")}},
+              "train": {"batch_size": 8, "max_steps": 10, "eval_every": 10, "lr": 1e-3, "warmup_ratio": 0.0}}
+    run_dir = mtlm.fit(mtlm.load_recipe(write_recipe(d / "recipe.yaml", recipe)), progress=False)
+    return Path(run_dir) / "model"
+
+
+@pytest.fixture(scope="module")
+def predictor(bundle):
+    return mtlm.load(bundle, device="cpu")
+
+
+class Gate:
+    """Wraps a Predictor's `run`: records every batch (texts, task names) and, while closed, holds the
+    model thread (bounded: 20 s) so requests pile up in the queue."""
+
+    def __init__(self, predictor, closed: bool = False):
+        self.predictor = copy.copy(predictor)        # shares the model; only `run` is replaced
+        self.event, self.calls = threading.Event(), []
+        if not closed:
+            self.event.set()
+        inner = predictor.run
+
+        def run(feats, names):
+            self.calls.append(([f["text"] for f in feats], list(names)))
+            assert self.event.wait(20), "gate never opened"
+            return inner(feats, names)
+        self.predictor.run = run
+
+    def open(self):
+        self.event.set()
+
+
+@asynccontextmanager
+async def serving(source, gate: Gate | None = None, **settings):
+    """(app, client) with the lifespan started by hand (ASGITransport runs none) and the model ready.
+    `gate` is opened on the way out, so a failing test does not leave the model thread waiting."""
+    app = create_app(source, ServeSettings(**settings))
+    async with app.router.lifespan_context(app):
+        try:
+            await app.state.service.wait_ready(30)
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=30) as client:
+                yield app, client
+        finally:
+            if gate is not None:
+                gate.open()
+
+
+async def wait_until(predicate, timeout_s: float = 10.0):
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.005)
+
+
+def metric(text: str, name: str, **labels) -> float:
+    """The value of one sample in Prometheus text output (0.0 when absent)."""
+    from prometheus_client.parser import text_string_to_metric_families
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return sample.value
+    return 0.0
+
+
+def assert_same(got: dict, want: dict):
+    """Server results equal Predictor.predict: labels/entities exactly, scores to 1e-4 (batching and
+    padding change float summation order)."""
+    assert got.keys() == want.keys()
+    for task in want:
+        g, w = got[task], want[task]
+        assert g.keys() == w.keys(), task
+        for k in w:
+            if k == "entities":
+                assert [(e["entity"], e["start"], e["end"]) for e in g[k]] == \
+                       [(e["entity"], e["start"], e["end"]) for e in w[k]]
+            elif isinstance(w[k], dict):
+                assert g[k] == pytest.approx(w[k], abs=1e-4)
+            elif isinstance(w[k], float):
+                assert g[k] == pytest.approx(w[k], abs=1e-4)
+            else:
+                assert g[k] == w[k], (task, k)
+
+
+def test_results_equal_predict(bundle, predictor):
+    inputs = [{"text": t, "text_pair": TEXTS[-1 - i]} for i, t in enumerate(TEXTS)]
+    inputs.append({"text": " ".join(["great"] * 80), "text_pair": "bad"})        # over max_length=32
+
+    async def main():
+        async with serving(str(bundle)) as (app, client):
+            r = await client.post("/v1/predict", json={"inputs": inputs}, headers={"X-Request-ID": "abc-1"})
+            assert r.status_code == 200, r.text
+            assert r.headers["x-request-id"] == "abc-1"
+            body = r.json()
+            assert body["request_id"] == "abc-1" and body["model"] == "serve-toy"
+            assert body["tasks"] == list(TASKS)
+            assert body["timing"]["total_ms"] >= body["timing"]["forward_ms"] > 0
+            for got, want in zip(body["predictions"], predictor.predict(inputs), strict=True):
+                assert_same(got, want)
+            assert body["predictions"][-1]["sentiment"]["truncated"] is True
+
+            r = await client.post("/v1/tasks/ner/predict", json={"inputs": TEXTS})
+            assert r.status_code == 200 and len(r.headers["x-request-id"]) == 32        # generated
+            for got, want in zip(r.json()["predictions"], predictor.predict(TEXTS, ["ner"])):
+                assert_same(got, want)
+
+            r = await client.get("/v1/tasks")
+            tasks = {t["name"]: t for t in r.json()["tasks"]}
+            assert list(tasks) == list(TASKS) and r.json()["max_length"] == 32
+            assert tasks["paraphrase"]["input_fields"] == ["text", "text_pair"]
+            assert tasks["score"]["labels"] is None and set(tasks["sentiment"]["labels"]) == {"negative", "positive"}
+            assert (await client.get("/docs")).status_code == 200
+
+    asyncio.run(main())
+
+
+def test_concurrent_requests_share_one_backbone_pass(predictor):
+    """Eight requests asking for different task subsets, queued while the model is busy, run as ONE batch
+    with the union of their heads; each gets back only its tasks, equal to Predictor.predict."""
+    gate = Gate(predictor)
+    subsets = [["sentiment"], ["topic"], ["ner"], ["sentiment", "score"], ["score"], ["topic", "ner"],
+               ["sentiment"], ["ner", "score"]]
+
+    async def main():
+        async with serving(lambda: gate.predictor, gate, max_wait_ms=0, max_batch_size=64) as (app, client):
+            gate.event.clear()
+            busy = asyncio.create_task(client.post("/v1/predict", json={"inputs": ["hold"], "tasks": ["topic"]}))
+            await wait_until(lambda: len(gate.calls) == 3)                  # 2 warm-up batches + "hold"
+            posts = [asyncio.create_task(client.post("/v1/predict", json={"inputs": [TEXTS[i % 6]], "tasks": s}))
+                     for i, s in enumerate(subsets)]
+            await wait_until(lambda: app.state.service.batcher.queued_inputs == len(subsets))
+            gate.open()
+            assert (await busy).status_code == 200
+            for i, (post, subset) in enumerate(zip(posts, subsets)):
+                r = await post
+                assert r.status_code == 200, r.text
+                assert r.json()["timing"]["batch_size"] == len(subsets)
+                assert_same(r.json()["predictions"][0], predictor.predict([TEXTS[i % 6]], subset)[0])
+            texts, names = gate.calls[3]
+            assert len(texts) == len(subsets) and set(names) == {"sentiment", "topic", "ner", "score"}
+            m = (await client.get("/metrics")).text
+            assert metric(m, "mtlm_batch_size_count") == 4
+            assert metric(m, "mtlm_batch_size_bucket", le="8.0") - metric(m, "mtlm_batch_size_bucket", le="4.0") == 1
+            assert metric(m, "mtlm_requests_total", task="sentiment", status="200") == 3
+            assert metric(m, "mtlm_predictions_total", task="ner") == 3
+            assert metric(m, "mtlm_queue_inputs") == 0
+
+    asyncio.run(main())
+
+
+def test_full_queue_answers_429_with_retry_after(predictor):
+    gate = Gate(predictor)
+
+    async def main():
+        async with serving(lambda: gate.predictor, gate, max_queue=2, max_wait_ms=0) as (app, client):
+            gate.event.clear()
+            running = asyncio.create_task(client.post("/v1/predict", json={"inputs": ["a"], "tasks": ["topic"]}))
+            await wait_until(lambda: len(gate.calls) == 3)
+            queued = asyncio.create_task(client.post("/v1/predict", json={"inputs": ["b", "c"],
+                                                                          "tasks": ["topic"]}))
+            await wait_until(lambda: app.state.service.batcher.queued_inputs == 2)
+            t0 = time.perf_counter()
+            r = await client.post("/v1/predict", json={"inputs": ["d"], "tasks": ["topic"]})
+            assert time.perf_counter() - t0 < 0.5
+            assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1 and "queue full" in r.json()["detail"]
+            r = await client.post("/v1/predict", json={"inputs": ["x"] * 3, "tasks": ["topic"]})
+            assert r.status_code == 413                                   # larger than the whole queue
+            gate.open()
+            assert (await running).status_code == 200 and (await queued).status_code == 200
+            m = (await client.get("/metrics")).text
+            assert metric(m, "mtlm_requests_total", task="topic", status="429") == 1
+            assert not any("d" in texts for texts, _ in gate.calls)
+
+    asyncio.run(main())
+
+
+def test_timeout_answers_504_and_skips_the_input(predictor):
+    gate = Gate(predictor)
+
+    async def main():
+        async with serving(lambda: gate.predictor, gate, max_wait_ms=0) as (app, client):
+            gate.event.clear()
+            running = asyncio.create_task(client.post("/v1/predict", json={"inputs": ["a"], "tasks": ["topic"]}))
+            await wait_until(lambda: len(gate.calls) == 3)
+            t0 = time.perf_counter()
+            r = await client.post("/v1/predict", json={"inputs": ["late input"], "tasks": ["topic"],
+                                                       "timeout_ms": 100})
+            assert r.status_code == 504 and 0.09 < time.perf_counter() - t0 < 5
+            assert app.state.service.batcher.queued_inputs == 0
+            gate.open()
+            assert (await running).status_code == 200
+            r = await client.post("/v1/predict", json={"inputs": ["on time"], "tasks": ["topic"]})
+            assert r.status_code == 200
+            assert not any("late input" in texts for texts, _ in gate.calls)
+
+    asyncio.run(main())
+
+
+def test_bad_inputs_get_the_stated_4xx(bundle):
+    cases = [  # (body, status, words the reason must contain)
+        ({"inputs": ["x"], "tasks": ["nope"]}, 422, ["nope", "sentiment", "paraphrase"]),
+        ({"inputs": ["x"], "tasks": []}, 422, ["valid tasks"]),
+        ({"inputs": ["x"], "tasks": ["paraphrase"]}, 422, ["text_pair"]),
+        ({"inputs": ["x"]}, 422, ["text_pair"]),                   # all tasks include the pair task
+        ({"inputs": [], "tasks": ["topic"]}, 422, ["inputs"]),
+        ({"inputs": [123], "tasks": ["topic"]}, 422, ["inputs.0"]),
+        ({"inputs": [{"text": 5}], "tasks": ["topic"]}, 422, ["text"]),
+        ({"inputs": [{"text": "a", "lang": "en"}], "tasks": ["topic"]}, 422, ["lang"]),
+        ({"inputs": ["   "], "tasks": ["topic"]}, 422, ["empty"]),
+        ({"inputs": ["a"] * 5, "tasks": ["topic"]}, 422, ["at most 4"]),
+        ({"inputs": ["a"], "tasks": ["topic"], "timeout_ms": -1}, 422, ["timeout_ms"]),
+        ({"inputs": ["a"], "tasks": ["topic"], "timeout_ms": 1e9}, 422, ["timeout_ms"]),
+        ({"text": "a"}, 422, ["inputs"]),
+        ({"inputs": ["a " * 2000], "tasks": ["topic"]}, 413, ["bytes"]),
+    ]
+
+    async def main():
+        async with serving(str(bundle), max_inputs_per_request=4, max_body_bytes=2000) as (app, client):
+            for body, status, words in cases:
+                r = await client.post("/v1/predict", json=body)
+                assert r.status_code == status, (body, r.text)
+                assert all(w in r.json()["detail"] for w in words), (body, r.json())
+                assert r.json()["request_id"] == r.headers["x-request-id"]
+            r = await client.post("/v1/tasks/nope/predict", json={"inputs": ["x"]})
+            assert r.status_code == 422 and "sentiment" in r.json()["detail"]
+            r = await client.post("/v1/predict", content=b"{not json", headers={"content-type": "application/json"})
+            assert r.status_code == 422
+
+            async def chunks():                                      # no Content-Length: counted while read
+                for _ in range(10):
+                    yield b" " * 500
+            r = await client.post("/v1/predict", content=chunks(), headers={"content-type": "application/json"})
+            assert r.status_code == 413
+            m = (await client.get("/metrics")).text
+            assert metric(m, "mtlm_requests_total", task="none", status="413") == 2
+            assert "status=\"5" not in m
+
+    asyncio.run(main())
+
+
+def test_ready_only_after_load_and_warm_up_and_503_while_draining(predictor):
+    loaded = threading.Event()
+    gate = Gate(predictor, closed=True)
+
+    def load():
+        assert loaded.wait(20)
+        return gate.predictor
+
+    async def main():
+        app = create_app(load, ServeSettings(max_wait_ms=0))
+        async with app.router.lifespan_context(app):
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+                assert (await client.get("/health")).status_code == 200
+                r = await client.get("/ready")
+                assert r.status_code == 503 and r.json()["state"] == "loading"
+                r = await client.post("/v1/predict", json={"inputs": ["a"], "tasks": ["topic"]})
+                assert r.status_code == 503 and r.headers["retry-after"] == "1"
+                loaded.set()                                          # loaded, warm-up batch held
+                await wait_until(lambda: len(gate.calls) >= 1)
+                assert (await client.get("/ready")).status_code == 503
+                gate.open()
+                await wait_until(lambda: app.state.service.ready)
+                assert (await client.get("/ready")).status_code == 200
+                m = (await client.get("/metrics")).text
+                assert metric(m, "mtlm_batch_size_count") == 2 and metric(m, "mtlm_ready") == 1
+
+                app.state.service.begin_drain()
+                r = await client.get("/ready")
+                assert r.status_code == 503 and r.json()["state"] == "draining"
+                r = await client.post("/v1/predict", json={"inputs": ["a"], "tasks": ["topic"]})
+                assert r.status_code == 503
+                assert (await client.get("/health")).status_code == 200
+
+    asyncio.run(main())
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_uvicorn_subprocess_drains_on_sigterm(bundle, tmp_path):
+    """A real `mtlm serve` on loopback: requests in flight when SIGTERM arrives are all answered, then the
+    process exits 0 and the port is closed."""
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}"
+    log = open(tmp_path / "serve.log", "w")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.Popen([sys.executable, "-m", "mtlm.cli", "serve", str(bundle), "--host", "127.0.0.1",
+                             "--port", str(port), "--max-wait-ms", "600"], stdout=log, stderr=subprocess.STDOUT,
+                            env=env)
+    try:
+        async def main():
+            async with httpx.AsyncClient(base_url=base, timeout=30) as client:
+                deadline = time.monotonic() + 60
+                while True:
+                    assert proc.poll() is None, (tmp_path / "serve.log").read_text()
+                    assert time.monotonic() < deadline, "server never became ready"
+                    try:
+                        if (await client.get("/ready")).status_code == 200:
+                            break
+                    except httpx.TransportError:
+                        pass
+                    await asyncio.sleep(0.2)
+                posts = [asyncio.create_task(client.post("/v1/predict", json={"inputs": [t], "tasks": ["topic"]}))
+                         for t in TEXTS]
+                await asyncio.sleep(0.25)                 # in the batcher's 600 ms wait
+                proc.send_signal(signal.SIGTERM)
+                responses = await asyncio.gather(*posts)
+                assert [r.status_code for r in responses] == [200] * len(TEXTS)
+                assert all(r.json()["timing"]["batch_size"] == len(TEXTS) for r in responses)
+
+        asyncio.run(main())
+        assert proc.wait(timeout=30) == 0, (tmp_path / "serve.log").read_text()
+        with pytest.raises(httpx.TransportError):
+            httpx.get(f"{base}/health", timeout=2)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+        log.close()
