@@ -14,10 +14,10 @@ def load(path, device=None):
     return _load(path, device)
 
 
-def fit(recipe, resume: bool = False, progress: bool = True):
+def fit(recipe, resume: bool = False, progress: bool = True, overwrite: bool = False):
     """Train a `Recipe` (see `mtlm.train.fit`); returns the run folder."""
     from mtlm.train import fit as _fit
-    return _fit(recipe, resume=resume, progress=progress)
+    return _fit(recipe, resume=resume, progress=progress, overwrite=overwrite)
 
 
 def load_recipe(path, overrides=()):

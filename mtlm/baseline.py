@@ -48,7 +48,7 @@ def run_baseline(recipe: Recipe, split: str = "test", retrain: bool = False, pro
 
     run_dir = recipe.run_dir()
     if retrain or not (run_dir / "model" / "tasks.json").is_file():
-        fit(recipe, progress=progress)
+        fit(recipe, progress=progress, overwrite=True)
     history = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
     mt_metrics, tasks, _ = evaluate_bundle(run_dir, split)
     mt = by_task(mt_metrics)
@@ -60,7 +60,7 @@ def run_baseline(recipe: Recipe, split: str = "test", retrain: bool = False, pro
     for name in tasks:
         single = single_task_recipe(recipe, name, budgets[name], run_dir)
         if retrain or not (single.run_dir() / "model" / "tasks.json").is_file():
-            fit(single, progress=progress)
+            fit(single, progress=progress, overwrite=True)
         metrics, _, _ = evaluate_bundle(single.run_dir(), split)
         st[name] = by_task(metrics).get(name, {})
         model, *_ = load_bundle(find_bundle(single.run_dir()))

@@ -25,7 +25,7 @@ def cmd_train(args) -> None:
     from mtlm.config import load_recipe
     from mtlm.train import fit
     recipe = load_recipe(args.recipe, args.overrides)
-    run_dir = fit(recipe, resume=args.resume, progress=not args.no_progress)
+    run_dir = fit(recipe, resume=args.resume, progress=not args.no_progress, overwrite=args.overwrite)
     print(f"run folder: {run_dir}\nbest bundle: {run_dir / 'model'}")
 
 
@@ -38,17 +38,30 @@ def cmd_eval(args) -> None:
     print(f"wrote {out_path}")
 
 
+def read_inputs(path: str) -> list:
+    """A JSONL file of strings or {text, text_pair} objects. Raises InputError naming the file and line."""
+    from mtlm.predict import InputError
+    inputs = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        inputs.append(json.loads(line))
+                    except json.JSONDecodeError as e:
+                        raise InputError(f"{path}, line {n}: not valid JSON ({e.msg})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"{path}: cannot read: {e}") from None
+    return inputs
+
+
 def cmd_predict(args) -> None:
-    from mtlm.predict import load
+    from mtlm.predict import InputError, load
+    inputs = read_inputs(args.input) if args.input else list(args.texts)
+    if not inputs:
+        raise InputError("nothing to predict: give TEXT arguments or --input FILE.jsonl")
     predictor = load(args.run)
     tasks = args.tasks.split(",") if args.tasks else None
-    if args.input:
-        with open(args.input, encoding="utf-8") as f:
-            inputs = [json.loads(line) for line in f if line.strip()]
-    else:
-        inputs = list(args.texts)
-    if not inputs:
-        raise SystemExit("error: give TEXT arguments or --input FILE.jsonl")
     results = predictor.predict(inputs, tasks=tasks)
     out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
     for item, res in zip(inputs, results):
@@ -83,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("recipe", help="YAML recipe")
     t.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. train.lr=3e-5")
     t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of the run")
+    t.add_argument("--overwrite", action="store_true", help="start again in a run folder that holds a run")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.set_defaults(func=cmd_train)
 
@@ -135,7 +149,13 @@ def _quiet_libraries() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # parse_known_args lets texts follow options (`mtlm predict RUN --tasks a,b "text"`)
+    args, extra = parser.parse_known_args(argv)
+    if extra and (args.command != "predict" or any(x.startswith("-") for x in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.texts = list(args.texts) + extra
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     _quiet_libraries()

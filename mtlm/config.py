@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 
 class RecipeError(Exception):
@@ -77,6 +77,11 @@ class TrainConfig(_Strict):
     keep_checkpoints: int = Field(1, gt=0)       # resumable checkpoints kept on disk
     early_stopping_patience: int | None = Field(5, gt=0)  # evaluations without improvement; None = off
     seed: int = 0
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_no(cls, v: Any) -> Any:
+        return "no" if v is False else v      # YAML 1.1 reads an unquoted `no` as false
 
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":
@@ -158,35 +163,50 @@ def validation_problems(err: ValidationError) -> list[str]:
     return out
 
 
-def parse_recipe(raw: Any, base_dir: Path, overrides: list[str] = ()) -> Recipe:
-    """Validate a recipe dict (after overrides); check task types, columns and metrics against the registry.
-
-    Raises RecipeError with every problem found."""
+def _task_problems(raw: dict) -> list[str]:
+    """Task type, column roles and metric names, checked on the raw dict so they are reported together
+    with every structural problem pydantic finds."""
     from mtlm.tasks import TASK_TYPES
 
+    problems = []
+    tasks = raw.get("tasks")
+    for name, t in (tasks.items() if isinstance(tasks, dict) else ()):
+        if not isinstance(t, dict) or not isinstance(t.get("type"), str):
+            continue
+        kind = TASK_TYPES.get(t["type"])
+        if kind is None:
+            problems.append(f"tasks.{name}.type: unknown task type '{t['type']}' (known: {', '.join(TASK_TYPES)})")
+            continue
+        for role in (t.get("columns") if isinstance(t.get("columns"), dict) else {}):
+            if role not in kind.roles:
+                problems.append(f"tasks.{name}.columns.{role}: unknown role for {t['type']} "
+                                f"(roles: {', '.join(kind.roles)})")
+        metric = t.get("metric")
+        if isinstance(metric, str) and metric not in kind.metric_names:
+            problems.append(f"tasks.{name}.metric: '{metric}' is not a {t['type']} metric "
+                            f"(choose from: {', '.join(kind.metric_names)})")
+    train = raw.get("train")
+    if isinstance(train, dict) and train.get("max_steps") is not None and train.get("epochs") is not None:
+        problems.append("train: give max_steps or epochs, not both")
+    return problems
+
+
+def parse_recipe(raw: Any, base_dir: Path, overrides: list[str] = ()) -> Recipe:
+    """Validate a recipe dict (after overrides) against the schema and the task-type registry.
+
+    Raises RecipeError with every problem found (structure, types, unknown keys, task types, roles, metrics)."""
     if not isinstance(raw, dict):
         raise RecipeError([f"recipe: expected a mapping of keys, got {type(raw).__name__}"])
     raw = apply_overrides(raw, list(overrides))
+    problems = _task_problems(raw)
+    recipe = None
     try:
         recipe = Recipe.model_validate(raw)
     except ValidationError as e:
-        raise RecipeError(validation_problems(e)) from None
-    recipe._base_dir = base_dir.resolve()
-    problems = []
-    for name, t in recipe.tasks.items():
-        kind = TASK_TYPES.get(t.type)
-        if kind is None:
-            problems.append(f"tasks.{name}.type: unknown task type '{t.type}' (known: {', '.join(TASK_TYPES)})")
-            continue
-        for role in t.columns:
-            if role not in kind.roles:
-                problems.append(f"tasks.{name}.columns.{role}: unknown role for {t.type} "
-                                f"(roles: {', '.join(kind.roles)})")
-        if t.metric is not None and t.metric not in kind.metric_names:
-            problems.append(f"tasks.{name}.metric: '{t.metric}' is not a {t.type} metric "
-                            f"(choose from: {', '.join(kind.metric_names)})")
+        problems += validation_problems(e)
     if problems:
-        raise RecipeError(problems)
+        raise RecipeError(list(dict.fromkeys(problems)))
+    recipe._base_dir = base_dir.resolve()
     return recipe
 
 
@@ -197,6 +217,10 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise RecipeError([f"{path}: file not found"]) from None
+    except IsADirectoryError:
+        raise RecipeError([f"{path}: is a folder, expected a YAML recipe file"]) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise RecipeError([f"{path}: cannot read: {e}"]) from None
     except yaml.YAMLError as e:
         raise RecipeError([f"{path}: not valid YAML: {e}"]) from None
     return parse_recipe(raw, path.parent, overrides)

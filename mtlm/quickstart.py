@@ -53,7 +53,7 @@ def quickstart(output_dir: str | Path = "runs/quickstart", max_steps: int | None
     overrides = [f"train.max_steps={max_steps}"] if max_steps else []
     recipe = load_recipe(recipe_path, overrides)
     print(f"recipe: {recipe_path} (copy it to start your own)")
-    fit(recipe)
+    fit(recipe, overwrite=True)
     metrics, tasks, path = evaluate_bundle(out, "test")
     print("\ntest split:")
     print(format_table(by_task(metrics), tasks))

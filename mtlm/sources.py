@@ -197,7 +197,7 @@ def _read_file(path: pathlib.Path) -> Rows:
             ds = datasets.load_dataset(_FORMATS[ext], data_files=str(path), split="train", **kwargs)
         except Exception as e:  # datasets wraps parser errors in many types
             raise DataError(f"{path}: cannot read: {_reason(e)}") from None
-    records = [_clean(r) for r in ds.to_list()]
+    records = [_clean(r, empty_is_missing=ext in (".csv", ".tsv")) for r in ds.to_list()]
     if ext in (".csv", ".tsv"):
         lines, kind = _csv_lines(path, "\t" if ext == ".tsv" else ","), "line"
     if lines is None or len(lines) != len(records):
@@ -232,8 +232,10 @@ def _csv_lines(path: pathlib.Path, delimiter: str) -> list[int]:
     return starts[1:]  # drop the header
 
 
-def _clean(rec: dict) -> dict:
-    return {k: None if (isinstance(v, float) and math.isnan(v)) or v == "" else v for k, v in rec.items()}
+def _clean(rec: dict, empty_is_missing: bool = False) -> dict:
+    """NaN -> None; in CSV/TSV an empty cell is a missing value, elsewhere "" stays (an empty text)."""
+    return {k: None if (isinstance(v, float) and math.isnan(v)) or (empty_is_missing and v == "") else v
+            for k, v in rec.items()}
 
 
 def _read_hub(spec: str) -> Rows:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -48,24 +49,46 @@ def make_accelerator(recipe: Recipe) -> Accelerator:
     mp = recipe.train.mixed_precision
     if mp == "fp16" and not torch.cuda.is_available():
         raise RecipeError(["train.mixed_precision: fp16 needs a GPU; use bf16 on CPU"])
+    if mp == "bf16" and not torch.cuda.is_available() and not cpu_has_bf16():
+        # Without AVX512-BF16/AMX, PyTorch emulates bf16 matmuls: measured 6-9x slower than fp32 here.
+        log.warning("train.mixed_precision: this CPU has no native bf16 (AVX512-BF16/AMX); bf16 would run "
+                    "several times slower than fp32, so training in fp32")
+        mp = "no"
     return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mp,
                        gradient_accumulation_steps=recipe.train.grad_accum,
                        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
 
 
-def fit(recipe: Recipe, resume: bool = False, progress: bool = True, stop_after: int | None = None) -> Path:
+def cpu_has_bf16() -> bool:
+    """Whether oneDNN has native bf16 kernels on this CPU (AVX512-BF16 or AMX)."""
+    probe = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return bool(probe()) if probe is not None else True
+
+
+def fit(recipe: Recipe, resume: bool = False, progress: bool = True, stop_after: int | None = None,
+        overwrite: bool = False) -> Path:
     """Train one backbone with one head per task; return the run folder (best bundle in run_dir/model).
 
     resume: continue from the newest checkpoint in the run folder (same schedule, optimizer, sampler state).
     stop_after: stop after this many optimizer steps in this call, as if killed (tests, time-boxed runs).
-    Raises RecipeError (bad recipe or data, before any model loads), BackboneError."""
+    overwrite: start again in a run folder that already holds checkpoints (they are deleted).
+    Raises RecipeError (bad recipe or data, or an existing run without resume/overwrite, before any model
+    loads), BackboneError."""
     cfg = recipe.train
+    run_dir = recipe.run_dir()
+    existing = latest_checkpoint(run_dir)
+    if existing is not None and not (resume or overwrite):
+        raise RecipeError([f"{run_dir} already holds a run (checkpoint {existing.name}): pass --resume to continue "
+                           f"it, --overwrite to start again, or choose another name / output_dir"])
     tasks = {name: build_task(name, tcfg) for name, tcfg in recipe.tasks.items()}
     data = prepare_rows(recipe, tasks)
     accelerator = make_accelerator(recipe)
     main = accelerator.is_main_process
-    run_dir = recipe.run_dir()
-    ckpt = latest_checkpoint(run_dir) if resume else None
+    ckpt = existing if resume else None
+    if overwrite and not resume and main and existing is not None:
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+        shutil.rmtree(run_dir / "logs", ignore_errors=True)
+    accelerator.wait_for_everyone()
     if resume and ckpt is None and main:
         log.warning("no checkpoint in %s: starting from scratch", run_dir)
     if main:
@@ -110,7 +133,7 @@ def fit(recipe: Recipe, resume: bool = False, progress: bool = True, stop_after:
 
     writer = _tensorboard(run_dir) if main else None
     dev = {n: f.get("dev", []) for n, f in features.items()}
-    autocast_dtype = AUTOCAST.get(cfg.mixed_precision)
+    autocast_dtype = AUTOCAST.get(str(accelerator.mixed_precision))
     running: dict[str, float] = {}
     bar = tqdm(total=max_steps, initial=state["step"], disable=not (progress and main), desc="train",
                dynamic_ncols=True)
@@ -189,9 +212,29 @@ def fit(recipe: Recipe, resume: bool = False, progress: bool = True, stop_after:
     bar.close()
     if writer:
         writer.close()
+    if main and (run_dir / "model").is_dir():
+        tune_thresholds(run_dir / "model", dev, cfg.eval_batch_size)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return run_dir
+
+
+def tune_thresholds(bundle: Path, dev: dict[str, list[dict]], batch_size: int) -> None:
+    """Tune the per-label thresholds of multilabel tasks on dev with the best bundle's weights and write them
+    into its tasks.json (the dev metrics logged during training used the initial thresholds)."""
+    from mtlm.checkpoint import load_bundle
+    from mtlm.evaluate import task_outputs
+
+    names = [n for n, info in json.loads((bundle / "tasks.json").read_text())["tasks"].items()
+             if info["type"] == "multilabel" and dev.get(n)]
+    if not names:
+        return
+    model, tokenizer, tasks, meta = load_bundle(bundle)
+    for n in names:
+        preds, refs = task_outputs(model, tasks[n], dev[n], batch_size, tokenizer.pad_token_id, torch.device("cpu"))
+        tasks[n].tune_thresholds(preds, refs)
+        meta["tasks"][n]["state"] = tasks[n].state()
+    (bundle / "tasks.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
 
 
 def _write_metrics(run_dir: Path, state: dict, max_steps: int, stopped_early: bool) -> None:

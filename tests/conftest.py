@@ -35,7 +35,9 @@ def tiny_backbone(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("tiny-bert")
     vocab = _vocab()
     (path / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    tok = BertTokenizerFast(vocab_file=str(path / "vocab.txt"), do_lower_case=True)
+    # transformers 5 ignores BertTokenizerFast(vocab_file=...): load the folder holding vocab.txt instead
+    tok = BertTokenizerFast.from_pretrained(path, do_lower_case=True)
+    assert tok.convert_tokens_to_ids("movie") != tok.unk_token_id
     tok.save_pretrained(path)
     config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                         intermediate_size=64, max_position_embeddings=128)

@@ -33,7 +33,7 @@ def files(tmp_path_factory) -> Path:
     jsonl(d / "bad.jsonl", [{"text": "ok", "label": "a"},
                             {"text": "listy", "label": ["a", "b"]},
                             {"label": "b"},
-                            {"text": "", "label": "a"},
+                            {"text": " \t ", "label": "a"},
                             {"text": 42, "label": "b"},
                             {"text": "float label", "label": 0.5},
                             {"text": "fine", "label": "b"}])
@@ -44,7 +44,7 @@ def files(tmp_path_factory) -> Path:
                              {"tokens": [], "tags": []}])
     jsonl(d / "emo.jsonl", [{"text": "yay", "labels": ["joy"]}, {"text": "grr", "labels": {"anger": 1}},
                             {"text": "meh", "labels": "joy,anger"}])
-    jsonl(d / "many_bad.jsonl", [{"text": "", "label": "a"} for _ in range(MAX_ROW_ERRORS + 4)]
+    jsonl(d / "many_bad.jsonl", [{"text": " ", "label": "a"} for _ in range(MAX_ROW_ERRORS + 4)]
                                 + [{"text": "x", "label": "a"}])
     return d
 
@@ -110,6 +110,11 @@ def test_bad_jsonl_rows_name_file_line_and_field(files):
         f"{f}, line 5, field 'text': expected text, got int",
         f"{f}, line 6, field 'label': expected a class label (text or integer), got 0.5",
     ]
+
+
+def test_empty_string_text_in_jsonl_is_reported_as_empty(tmp_path):
+    jsonl(tmp_path / "e.jsonl", [{"text": "ok", "label": "a"}, {"text": "", "label": "a"}])
+    assert problems({"s": cls("e.jsonl")}, tmp_path) == [f"{tmp_path / 'e.jsonl'}, line 2, field 'text': empty text"]
 
 
 def test_bad_rows_of_other_task_types(files):

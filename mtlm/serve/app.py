@@ -25,24 +25,28 @@ import asyncio
 import logging
 import os
 import re
+import shutil
 import signal
+import sys
 import tempfile
 import threading
 import time
 import uuid
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
-from mtlm.predict import InputError, Predictor
 from mtlm.serve.batcher import QueueFull, Stopped, TooLarge
 from mtlm.serve.schemas import (ErrorResponse, PredictRequest, PredictResponse, ServeSettings,
                                 TaskPredictRequest, TasksResponse)
-from mtlm.serve.service import NotReady, Service
+
+if TYPE_CHECKING:     # torch is imported only when an app is created: serve() must set OMP_* first
+    from mtlm.predict import Predictor
+    from mtlm.serve.service import Service
 
 log = logging.getLogger("mtlm.serve")
 
@@ -136,6 +140,9 @@ def create_app(source: str | Path | Callable[[], Predictor], settings: ServeSett
 
     Its lifespan starts loading in the background and, on shutdown, drains accepted requests. Without a
     lifespan-running server (httpx's ASGITransport), run `async with app.router.lifespan_context(app):`."""
+    from mtlm.predict import InputError
+    from mtlm.serve.service import NotReady, Service
+
     settings = settings or ServeSettings()
     service = Service(source, settings)
 
@@ -256,11 +263,24 @@ def serve(args) -> None:
     workers = max(1, int(args.workers))
     settings = ServeSettings(max_batch_size=args.max_batch_size, max_batch_tokens=args.max_batch_tokens,
                              max_wait_ms=args.max_wait_ms, max_queue=args.max_queue)
+    metrics_dir = None
     if workers > 1:
         settings.torch_threads = max(1, (os.cpu_count() or 1) // workers)
-        if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-            os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="mtlm-prometheus-")
+        if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):    # /metrics then sums every worker
+            metrics_dir = os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="mtlm-prometheus-")
     os.environ[ENV_BUNDLE], os.environ[ENV_SETTINGS] = str(bundle), settings.model_dump_json()
+    # OpenMP threads that spin-wait between ops steal the CPU the event loop and tokenizer need: measured
+    # here at 6x the server CPU per request. Must be set before torch is imported (by the app factory).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if "torch" in sys.modules:
+        log.warning("torch was imported before serve(): OMP_WAIT_POLICY may not apply")
     log.info("serving %s on http://%s:%d with %d worker(s)", bundle, args.host, args.port, workers)
-    uvicorn.run("mtlm.serve.app:app_from_env", factory=True, host=args.host, port=args.port, workers=workers,
-                access_log=bool(getattr(args, "verbose", False)), log_level="info")
+    # uvicorn re-raises the SIGTERM it drained on once it is done; exit 0 then, as after any clean stop
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
+    try:
+        uvicorn.run("mtlm.serve.app:app_from_env", factory=True, host=args.host, port=args.port,
+                    workers=workers, access_log=bool(getattr(args, "verbose", False)), log_level="info")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if metrics_dir:
+            shutil.rmtree(metrics_dir, ignore_errors=True)

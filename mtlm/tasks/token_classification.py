@@ -21,14 +21,14 @@ IGNORE = -100
 _TAG = re.compile(r"^(O|[BIES]-.+)$")
 
 
-def first_subtoken_positions(word_ids: list[int | None]) -> list[int]:
-    """Token position of the first sub-token of each word, in word order (words cut by truncation absent)."""
-    positions, previous = [], None
+def first_subtokens(word_ids: list[int | None]) -> dict[int, int]:
+    """word index -> token position of its first sub-token. Words cut by truncation, or that the tokenizer
+    dropped entirely (e.g. a lone zero-width character), are absent."""
+    first: dict[int, int] = {}
     for pos, w in enumerate(word_ids):
-        if w is not None and w != previous:
-            positions.append(pos)
-        previous = w
-    return positions
+        if w is not None and w not in first:
+            first[w] = pos
+    return first
 
 
 class TokenClassification:
@@ -102,11 +102,12 @@ class TokenClassification:
         keys = [k for k in INPUT_KEYS if k in enc]
         features = []
         for i, row in enumerate(rows):
-            positions = first_subtoken_positions(enc.word_ids(i))
+            first = first_subtokens(enc.word_ids(i))
             gold = [self._index[t] for t in self._tags(row)]
             token_labels = [IGNORE] * len(enc["input_ids"][i])
-            for w, pos in enumerate(positions):
+            for w, pos in first.items():
                 token_labels[pos] = gold[w]
+            positions = [first.get(w, -1) for w in range(len(gold))]   # -1: word not in the encoding
             features.append({**{k: enc[k][i] for k in keys}, "length": len(enc["input_ids"][i]),
                              "token_labels": token_labels, "positions": positions, "label": gold})
         return features
@@ -121,8 +122,7 @@ class TokenClassification:
 
     def predictions(self, logits: Tensor, features: list[dict]) -> list[Any]:
         best = logits.argmax(-1).tolist()
-        return [[best[i][p] for p in f["positions"]] + [0] * (len(f["label"]) - len(f["positions"]))
-                for i, f in enumerate(features)]
+        return [[best[i][p] if p >= 0 else 0 for p in f["positions"]] for i, f in enumerate(features)]
 
     def references(self, features: list[dict]) -> list[Any]:
         return [f["label"] for f in features]
@@ -143,14 +143,14 @@ class TokenClassification:
         out = []
         for i, meta in enumerate(metas):
             word_ids, offsets = meta["word_ids"], meta["offsets"]
-            positions = first_subtoken_positions(word_ids)
+            first = first_subtokens(word_ids)
             spans: dict[int, list[int]] = {}
             for pos, w in enumerate(word_ids):
                 if w is not None:
                     s, e = offsets[pos]
                     spans[w] = [min(spans.get(w, [s, e])[0], s), max(spans.get(w, [s, e])[1], e)]
-            word_order = sorted(spans)
-            p = probs[i, positions]                     # (num_words, num_tags)
+            word_order = sorted(first)
+            p = probs[i, [first[w] for w in word_order]]   # (num_words, num_tags)
             score, tag_ids = p.max(-1)
             tags = [self.labels[t] for t in tag_ids.tolist()]
             entities = []
