@@ -2,7 +2,7 @@
 
 Usage:
     python benchmarks/serve_bench.py --bundle runs/quickstart/model            # full run, ~10 minutes
-    python benchmarks/serve_bench.py --bundle PATH --quick                     # smoke run, ~1-2 minutes
+    python benchmarks/serve_bench.py --bundle PATH --quick                     # smoke run, ~3 minutes
 
 Every server is a real `mtlm serve` subprocess on 127.0.0.1 that this script starts, waits for (/ready)
 and stops (SIGTERM). One scenario runs at a time. Scenarios, all over the bundle's K single-text tasks:
@@ -10,15 +10,19 @@ and stops (SIGTERM). One scenario runs at a time. Scenarios, all over the bundle
   mtlm         one request per text asking for all K tasks (one backbone pass per text)
   single_task  the baseline users have today: K servers, each over a copy of the bundle that keeps ONE
                head (the same backbone, so its inference cost equals a single-task model's), every text
-               sent to all K; a text counts once all K answered
+               sent to all K; a text counts once all K answered. Each gets cores // K torch threads
+               (--baseline-threads), so the K together use the machine as the one mtlm server does
   no_batching  mtlm with --max-batch-size 1
+All servers run the same server code with the same --max-queue (default 256, so overload fills it).
 
 Measurements, in this order, per scenario:
   closed loop  `--concurrency` (64) clients sending back-to-back: the saturation throughput X;
   open loop    Poisson arrivals (exponential gaps, seeded) at fractions of X: throughput, p50/p99 latency
                (from the scheduled send time, so queueing in the client counts), 429 rate;
 then for mtlm an overload run at 2 X for `--overload-s` seconds: 5xx count, unanswered requests, 429
-latency (from the actual send), resident memory over time. The GEMM peak (square fp32 matmul, torch,
+latency (client-side from the actual send, and server-side from its /metrics: the difference is socket
+and event-loop queueing), resident memory over time. `Predictor.predict` in this process at batch 64
+gives the engine's own throughput, the ceiling the server chases. The GEMM peak (square fp32 matmul, torch,
 this process, before any server starts) and useful FLOP/s (real tokens only, encoder FLOPs
 L * (8 n h^2 + 4 n h i + 4 n^2 h) per text of n tokens) give the utilisation. Throughput is texts/s with
 all K tasks answered. The load generator shares the machine's CPUs with the servers (recorded).
@@ -103,6 +107,19 @@ def encoder_flops(bundle: Path, texts: list[str]) -> tuple[list[float], list[int
     lengths = [len(ids) for ids in tok(texts, truncation=True, max_length=int(meta["max_length"]))["input_ids"]]
     h, i, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
     return [L * (8 * n * h * h + 4 * n * h * i + 4 * n * n * h) for n in lengths], lengths
+
+
+def engine_throughput(bundle: Path, tasks: list[str], texts: list[str], batch_size: int, max_s: float) -> float:
+    """Texts/s of `Predictor.predict` in this process (no HTTP, no queue): the ceiling the server chases."""
+    import mtlm
+    predictor = mtlm.load(bundle)
+    predictor.predict(texts[:batch_size], tasks, batch_size=batch_size)          # warm-up
+    done, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < max_s and done < len(texts):
+        chunk = texts[done:done + 4 * batch_size]
+        predictor.predict(chunk, tasks, batch_size=batch_size)
+        done += len(chunk)
+    return done / (time.perf_counter() - t0)
 
 
 def gemm_peak(device: str, n: int = 2048, reps: int = 5) -> float:
@@ -343,8 +360,8 @@ def start_servers(specs: list[tuple[Path, list[str], int, str]], log_dir: Path) 
     return servers
 
 
-def run_scenario(name: str, servers: list[Server], targets: list[tuple[str, str, dict]], texts: list[str], flops: list[float],
-                 cfg: argparse.Namespace, overload: bool) -> dict:
+def run_scenario(name: str, servers: list[Server], targets: list[tuple[str, str, dict]], texts: list[str],
+                 flops: list[float], cfg: argparse.Namespace, overload: bool) -> dict:
     print(f"[{name}] closed loop, concurrency {cfg.concurrency}", flush=True)
     asyncio.run(closed_loop(targets, texts, 8, 32, 10, cfg.timeout_ms))          # client warm-up
     recs, start = asyncio.run(closed_loop(targets, texts, cfg.concurrency, cfg.max_texts, cfg.duration_s,
@@ -378,6 +395,7 @@ def run_scenario(name: str, servers: list[Server], targets: list[tuple[str, str,
               "unanswered": sum(r["status"] == "error" for r in recs),
               "rss_mb_first_part": early, "rss_mb_rest": late, "rss_growth_mb": late - early,
               "rss_series_mb": [(round(t, 2), round(r, 1)) for t, r in series[::4]]}
+        ov["server_side_429"] = server_429_latency(s.url)
         ov["checks"] = {"zero_5xx": ov["n_5xx"] == 0, "all_accepted_answered": ov["n_error"] == 0,
                         "rejections_under_50ms": (ov["latency_429_p99_ms"] or 0) < 50,
                         "rss_flat": (late - early) < 50}
@@ -386,6 +404,20 @@ def run_scenario(name: str, servers: list[Server], targets: list[tuple[str, str,
               f"{ov['latency_429_p99_ms'] or 0:.1f} ms  rss {early:.0f} -> {late:.0f} MB", flush=True)
     out["peak_rss_mb"] = [round(s.peak_rss_mb(), 1) for s in servers]
     return out
+
+
+def server_429_latency(url: str) -> dict:
+    """From the server's /metrics: how many 429s, their mean arrival->response time and the share answered
+    within 50 ms, as the server saw them (the client-side figure adds socket and event-loop queueing)."""
+    from prometheus_client.parser import text_string_to_metric_families
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    samples = [x for f in text_string_to_metric_families(text) for x in f.samples
+               if x.name.startswith("mtlm_request_seconds") and x.labels.get("status") == "429"]
+    get = lambda name, **kw: next((x.value for x in samples if x.name == name  # noqa: E731
+                                   and all(x.labels.get(k) == v for k, v in kw.items())), 0.0)
+    count = get("mtlm_request_seconds_count")
+    return {"count": count, "mean_ms": 1e3 * get("mtlm_request_seconds_sum") / count if count else None,
+            "share_under_50ms": get("mtlm_request_seconds_bucket", le="0.05") / count if count else None}
 
 
 def best_under_p99(result: dict, p99_ms: float) -> float:
@@ -409,6 +441,8 @@ def main() -> None:
     p.add_argument("--timeout-ms", type=float, default=30000.0)
     p.add_argument("--baseline-threads", type=int, default=None,
                    help="torch threads per single-task server (default: cores // K, at least 1)")
+    p.add_argument("--max-queue", type=int, default=256,
+                   help="every server's --max-queue (inputs): small enough that the overload run fills it")
     p.add_argument("--seed", type=int, default=0)
     cfg = p.parse_args()
     cfg.duration_s = cfg.duration_s or (3.0 if cfg.quick else 20.0)
@@ -417,6 +451,7 @@ def main() -> None:
     cfg.fractions = [0.5, 1.0, 1.3] if cfg.quick else [0.25, 0.5, 0.75, 0.9, 1.0, 1.2]
     out_path = Path(cfg.out or ROOT / "benchmarks" / "results" / f"serve_bench{'_quick' if cfg.quick else ''}.json")
 
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # as the servers run (mtlm.serve.app); before torch
     from mtlm.checkpoint import find_bundle
     bundle = find_bundle(cfg.bundle).resolve()
     tasks = text_tasks(bundle)
@@ -428,19 +463,22 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     cores = os.cpu_count() or 1
     peak = gemm_peak(device)
+    engine = engine_throughput(bundle, tasks, texts, 64, cfg.duration_s)
     print(f"bundle {bundle}: tasks {tasks}; {len(texts)} texts, mean {sum(lengths) / len(lengths):.1f} tokens; "
           f"GEMM peak {peak / 1e9:.0f} GFLOP/s ({device})", flush=True)
     base_threads = cfg.baseline_threads or max(1, cores // len(tasks))
+    print(f"in-process Predictor.predict, batch 64: {engine:.1f} texts/s", flush=True)
+    queue = ["--max-queue", str(cfg.max_queue)]
 
     results: dict = {}
     with tempfile.TemporaryDirectory(prefix="mtlm-serve-bench-") as tmp:
         tmp = Path(tmp)
         singles = [single_task_bundle(bundle, t, tmp / f"single-{t}") for t in tasks]
         scenarios = [
-            ("mtlm", [(bundle, [], cores, "mtlm")], lambda s: [(s[0].url, "/v1/predict", {"tasks": tasks})], True),
-            ("single_task", [(b, [], base_threads, f"single-{t}") for b, t in zip(singles, tasks)],
+            ("mtlm", [(bundle, queue, cores, "mtlm")], lambda s: [(s[0].url, "/v1/predict", {"tasks": tasks})], True),
+            ("single_task", [(b, queue, base_threads, f"single-{t}") for b, t in zip(singles, tasks)],
              lambda s: [(srv.url, f"/v1/tasks/{t}/predict", {}) for srv, t in zip(s, tasks)], False),
-            ("no_batching", [(bundle, ["--max-batch-size", "1"], cores, "mtlm-batch1")],
+            ("no_batching", [(bundle, [*queue, "--max-batch-size", "1"], cores, "mtlm-batch1")],
              lambda s: [(s[0].url, "/v1/predict", {"tasks": tasks})], False),
         ]
         for name, specs, make_targets, overload in scenarios:
@@ -468,6 +506,8 @@ def main() -> None:
                                            "fraction": sat_flops / peak, "aim": 0.6},
         "overload_checks": m.get("overload", {}).get("checks"),
         "mtlm_peak_rss_mb": m["peak_rss_mb"][0], "rss_aim_mb": 1536,
+        "server_vs_in_process_engine": {"engine_texts_per_s": engine,
+                                        "ratio": m["closed_loop"]["throughput_texts_per_s"] / engine},
     }
     report = {
         "benchmark": "serve_bench", "quick": cfg.quick, "bundle": str(bundle), "tasks": tasks,

@@ -25,11 +25,14 @@ What is measured, the same way for every variant:
     pooler and heads excluded; identical for both models), the second term the attention score/value
     matmuls (forward 4*l^2*d per layer, backward twice that). MFU = those FLOPs on real tokens per second /
     fp32 GEMM peak. The simpler 6*N*tokens MFU and the padded ("hardware") utilisation are reported too.
-  * GEMM peak: median time of a 2048^3 fp32 `torch.mm` (2 threads), measured in each child right after its
-    training window, so every MFU is against the machine's speed at that moment.
+  * GEMM peak: median time of a 2048^3 fp32 `torch.mm` (2 threads), measured right before each run (in a
+    separate short process) and right after its training window (in the run's process); MFU is against
+    their mean, so every MFU is
+    against the machine's speed at that moment. Their ratio (gemm_drift) and the CPU pressure (PSI) at
+    the end of the window are recorded: a run far from 1.0 / with high pressure shared the CPU.
   * Memory: VmHWM (peak RSS) of the child process. `setup` = peak before the first step; the counter is
     then reset (/proc/self/clear_refs 5) so `train` = peak during the steps; `total` = whole-process peak
-    up to the end of the run (before the GEMM probe).
+    up to the end of the run (before the closing GEMM probe).
 Ratios are mtlm / Trainer, computed per repeat between runs interleaved in that repeat, then the median:
 this machine's speed drifts, so never read a lone absolute number.
 """
@@ -69,6 +72,7 @@ class Probe:
         self.hwm_setup_kb = None
         self.hwm_train_kb = None
         self.threads_seen = None
+        self.contention = None
         self.t_first_forward = None
 
     def on_forward(self, module, args, kwargs):
@@ -92,6 +96,7 @@ class Probe:
         self.step_end.append(time.perf_counter())
         if len(self.step_end) == self.steps:
             self.hwm_train_kb = vm_hwm_kb()
+            self.contention = contention()
 
     def window(self) -> dict:
         s, w = self.steps, self.warmup
@@ -111,6 +116,20 @@ def vm_hwm_kb() -> int:
             return int(line.split()[1])
     import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def contention() -> dict:
+    """Load average and CPU pressure (PSI 'some': share of time runnable tasks waited for a CPU)."""
+    out = {"loadavg_1m": os.getloadavg()[0]}
+    try:
+        for line in Path("/proc/pressure/cpu").read_text().splitlines():
+            if line.startswith("some"):
+                fields = dict(f.split("=") for f in line.split()[1:])
+                out["cpu_pressure_avg10"] = float(fields["avg10"]) / 100
+                out["cpu_pressure_avg60"] = float(fields["avg60"]) / 100
+    except (OSError, KeyError, ValueError):
+        pass
+    return out
 
 
 def reset_hwm() -> bool:
@@ -222,14 +241,23 @@ def run_child(args) -> None:
     torch.set_num_threads(THREADS)
     probe = Probe(args.steps, args.warmup_steps)
     register_optimizer_step_post_hook(probe.on_optimizer_step)
+    # The probe before the run is taken by the parent in its own process: freeing its large matrices here
+    # would raise glibc's mmap threshold and change this process's memory behaviour.
+    gemm_before = json.loads(Path(args.gemm_before).read_text())
     with tempfile.TemporaryDirectory(prefix="mtlm-bench-") as tmp:
         extra = (child_mtlm if args.variant.startswith("mtlm") else child_hf)(args, probe, Path(tmp))
         hwm_total_kb = max(probe.hwm_setup_kb or 0, vm_hwm_kb())
     win = probe.window()
-    gemm = gemm_peak()
+    gemm_after = gemm_peak()
+    # The window lies between the two probes: MFU is taken against their mean; a large drift between them
+    # (or a high CPU pressure) means other work shared the CPU during this run.
+    gemm = {"median_gflops": (gemm_before["median_gflops"] + gemm_after["median_gflops"]) / 2,
+            "before": gemm_before, "after": gemm_after,
+            "drift": gemm_after["median_gflops"] / gemm_before["median_gflops"]}
     out = {"variant": args.variant, "seed": args.seed, "torch": torch.__version__,
+           "cpu_capability": torch.backends.cpu.get_cpu_capability(),
            "threads": probe.threads_seen, "setup_seconds": probe.t_first_forward - t_start,
-           "window": win, "gemm": gemm,
+           "window": win, "gemm": gemm, "contention": probe.contention,
            "rss_mb": {"setup": probe.hwm_setup_kb / 1024, "train": probe.hwm_train_kb / 1024,
                       "total": hwm_total_kb / 1024},
            **extra}
@@ -269,6 +297,8 @@ def summarize(res: dict, dims: dict) -> dict:
         "mfu_6n": 6 * n * w["real_tokens"] / sec / peak,
         "hfu_padded": flops_padded / sec / peak,
         "gemm_gflops": res["gemm"]["median_gflops"],
+        "gemm_drift": res["gemm"]["drift"],
+        "cpu_pressure_avg60": (res.get("contention") or {}).get("cpu_pressure_avg60"),
         "peak_rss_mb": res["rss_mb"]["total"],
         "train_rss_mb": res["rss_mb"]["train"],
         "setup_rss_mb": res["rss_mb"]["setup"],
@@ -317,12 +347,19 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     p.add_argument("--child-out", help=argparse.SUPPRESS)
+    p.add_argument("--gemm-before", help=argparse.SUPPRESS)
+    p.add_argument("--gemm-probe", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.warmup_steps is None:
         args.warmup_steps = max(1, min(5, args.steps // 4))
     if not 1 <= args.warmup_steps < args.steps:
         p.error("need 1 <= --warmup-steps < --steps")
 
+    if args.gemm_probe:
+        import torch
+        torch.set_num_threads(THREADS)
+        Path(args.gemm_probe).write_text(json.dumps(gemm_peak()), encoding="utf-8")
+        return 0
     if args.child:
         args.variant = args.child
         run_child(args)
@@ -353,12 +390,19 @@ def main(argv=None) -> int:
         for r in range(args.repeats):
             order = variants[r % len(variants):] + variants[:r % len(variants)]
             for v in order:
-                out = Path(tmp) / f"{v}-{r}.json"
+                out, before = Path(tmp) / f"{v}-{r}.json", Path(tmp) / f"{v}-{r}-gemm.json"
+                t = time.perf_counter()
+                probe = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--gemm-probe", str(before)],
+                                       cwd=ROOT, env=env, capture_output=True, text=True)
+                if probe.returncode != 0:
+                    sys.stderr.write(probe.stderr[-4000:])
+                    print("FAILED: GEMM probe")
+                    return 1
                 cmd = [sys.executable, str(Path(__file__).resolve()), "--child", v, "--child-out", str(out),
+                       "--gemm-before", str(before),
                        "--steps", str(args.steps), "--warmup-steps", str(args.warmup_steps),
                        "--batch-size", str(args.batch_size), "--max-length", str(args.max_length),
                        "--seed", str(args.seed + r), "--data", str(args.data)]
-                t = time.perf_counter()
                 proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
                 if proc.returncode != 0 or not out.is_file():
                     sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
@@ -372,7 +416,8 @@ def main(argv=None) -> int:
                 s = res["summary"]
                 print(f"  round {r} {v:<13} {s['tokens_per_s']:8.0f} real tok/s  {s['samples_per_s']:6.1f} samples/s"
                       f"  MFU {s['mfu']:.1%}  GEMM {s['gemm_gflops']:.0f} GFLOP/s  peak RSS {s['peak_rss_mb']:.0f} MB"
-                      f"  ({res['wall_s']:.0f} s)", flush=True)
+                      f"  ({res['wall_s']:.0f} s; CPU pressure {s['cpu_pressure_avg60'] or 0:.0%},"
+                      f" GEMM drift {s['gemm_drift']:.2f})", flush=True)
 
     keys = list(next(iter(runs.values()))[0]["summary"])
     medians = {v: {k: median([x["summary"][k] for x in rs]) for k in keys} for v, rs in runs.items()}
@@ -403,6 +448,10 @@ def main(argv=None) -> int:
             "mfu_real_tokens": {"aim": f">= {AIM_MFU:.0%}", "value": mfu, "met": mfu >= AIM_MFU},
             "peak_rss_vs_trainer": {"aim": "<= 1.0x", "value": mem, "met": mem <= 1.0},
         }
+    # Runs that shared the CPU: high CPU pressure at the end of the window, or the machine's GEMM speed
+    # changed a lot between the probes before and after the run.
+    busy = [[v, x["round"]] for v, rs in runs.items() for x in rs
+            if (x["summary"]["cpu_pressure_avg60"] or 0) > 0.2 or not 0.8 <= x["summary"]["gemm_drift"] <= 1.25]
     first = next(iter(runs.values()))[0]
     result = {
         "benchmark": "train_throughput",
@@ -417,13 +466,15 @@ def main(argv=None) -> int:
                    "memory": "VmHWM of each variant's own process; train = peak during the steps (reset via "
                              "/proc/self/clear_refs); total = whole-process peak"},
         "machine": {"cpu": cpu_model(), "cpu_flags": cpu_flags(), "logical_cpus": os.cpu_count(),
-                    "torch": first["torch"], "torch_threads": first["threads"], "python": platform.python_version(),
+                    "torch": first["torch"], "torch_cpu_capability": first.get("cpu_capability"),
+                    "torch_threads": first["threads"], "python": platform.python_version(),
                     "load_avg_at_end": os.getloadavg()},
         "gemm_peak_gflops": {"median": median([x["gemm"]["median_gflops"] for rs in runs.values() for x in rs]),
                              "per_run": {v: [round(x["gemm"]["median_gflops"], 1) for x in rs] for v, rs in runs.items()}},
         "medians": medians,
         "ratios": ratios,
         "aims": aims,
+        "disturbed_runs": busy,
         "runs": runs,
         "total_wall_s": time.perf_counter() - t_all,
     }
@@ -444,6 +495,9 @@ def main(argv=None) -> int:
     for name, a in aims.items():
         val = f"{a['value']:.1%}" if name.startswith("mfu") else f"{a['value']:.2f}x"
         print(f"aim {name:<26} {a['aim']:>8}: {val:>7}  {'MET' if a['met'] else 'NOT met'}")
+    if busy:
+        print(f"WARNING: {len(busy)} of {sum(len(rs) for rs in runs.values())} runs shared the CPU with other work "
+              f"(CPU pressure > 20% or GEMM drift outside 0.8-1.25): numbers are unreliable; rerun on a quiet machine.")
     print(f"wrote {args.out.relative_to(ROOT) if args.out.is_relative_to(ROOT) else args.out} "
           f"({result['total_wall_s']:.0f} s)")
     return 0

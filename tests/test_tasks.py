@@ -300,11 +300,11 @@ def test_first_subtoken_label_alignment(word_tokenizer):
     (f,) = task.encode(rows, word_tokenizer, 32)
     tokens = word_tokenizer.convert_ids_to_tokens(f["input_ids"])
     assert tokens == ["[CLS]", "john", "##n", "##y", "smith", "##y", "went", "to", "paris", "[SEP]"]
-    assert f["token_labels"] == [IGNORE, lab["B-PER"], IGNORE, IGNORE, lab["I-PER"], IGNORE, lab["O"], lab["O"],
+    assert f["token_labels"].tolist() == [IGNORE, lab["B-PER"], IGNORE, IGNORE, lab["I-PER"], IGNORE, lab["O"], lab["O"],
                                  lab["B-LOC"], IGNORE]
     assert f["positions"] == [1, 4, 6, 7, 8]
     assert f["label"] == [lab[t] for t in rows[0]["tags"]]
-    assert f["length"] == len(f["input_ids"]) == len(f["attention_mask"])
+    assert f["length"] == len(f["input_ids"]) == len(f["token_type_ids"])
     padded = task.collate_labels([f, {**f, "token_labels": f["token_labels"][:4]}], 12)["labels"]
     assert padded.shape == (2, 12) and padded[0, 10:].tolist() == [IGNORE, IGNORE]
     assert padded[1, 4:].tolist() == [IGNORE] * 8

@@ -4,7 +4,7 @@ Routes (OpenAPI at /docs):
     POST /v1/predict                 {"inputs": [...], "tasks": [...]?, "timeout_ms": ...?} -> PredictResponse
     POST /v1/tasks/{task}/predict    the same for one task
     GET  /v1/tasks                   every task with its type, labels and input fields
-    GET  /health                     200 while the process is alive (also while loading)
+    GET  /health                     200 while the process is alive (also while loading); 503 if loading failed
     GET  /ready                      200 once loaded and warmed up; 503 while loading, draining or failed
     GET  /metrics                    Prometheus text format
 Status codes: 413 body over max_body_bytes; 422 bad input (the reason in `detail`); 429 queue full (with
@@ -22,6 +22,8 @@ stop) the same way `create_app` does.
 from __future__ import annotations
 
 import asyncio
+import itertools
+import json
 import logging
 import os
 import re
@@ -67,10 +69,16 @@ def _error(status: int, detail: str, request_id: str | None, headers: dict | Non
 class RequestMiddleware:
     """Pure ASGI: stamps X-Request-ID on every response and answers 413 for bodies over `max_body_bytes`
     (by Content-Length, or while reading a chunked body) before any route sees them. Stores
-    scope["state"]["request_id"] and ["arrival"] (time.monotonic() seconds)."""
+    scope["state"]["request_id"] and ["arrival"] (time.monotonic() seconds).
 
-    def __init__(self, app, max_body_bytes: int, on_reject: Callable[[int], None] | None = None):
-        self.app, self.max_body_bytes, self.on_reject = app, max_body_bytes, on_reject
+    `shed(scope, body, request_id)` may return a response to send instead of routing (the overload 429:
+    under overload most requests are rejected, so rejecting must cost far less than routing + validation).
+    `on_reject(status)` is told about the 413s."""
+
+    def __init__(self, app, max_body_bytes: int, on_reject: Callable[[int], None] | None = None,
+                 shed: Callable[[dict, bytes, str], Response | None] | None = None):
+        self.app, self.max_body_bytes, self.on_reject, self.shed = app, max_body_bytes, on_reject, shed
+        self._prefix, self._count = uuid.uuid4().hex[:16], itertools.count()   # no syscall per request
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -78,7 +86,7 @@ class RequestMiddleware:
         headers = dict(scope["headers"])
         rid = headers.get(b"x-request-id", b"").decode("latin-1")
         if not _REQUEST_ID.fullmatch(rid):
-            rid = uuid.uuid4().hex
+            rid = f"{self._prefix}-{next(self._count):x}"
         state = scope.setdefault("state", {})
         state["request_id"], state["arrival"] = rid, time.monotonic()
         rid_header = (b"x-request-id", rid.encode("latin-1"))
@@ -106,6 +114,9 @@ class RequestMiddleware:
             response = _error(413, f"request body over {self.max_body_bytes} bytes", rid)
             return await response(scope, receive, send_with_id)
         body, replayed = b"".join(chunks), False
+        early = self.shed(scope, body, rid) if self.shed else None
+        if early is not None:
+            return await early(scope, receive, send_with_id)
 
         async def replay():
             nonlocal replayed
@@ -115,6 +126,23 @@ class RequestMiddleware:
             return await receive()
 
         await self.app(scope, replay, send_with_id)
+
+
+def _readable(errors) -> list[dict]:
+    """pydantic errors for `inputs: list[str | TextPair]` name both union branches; keep the one that
+    applies (the object's fields for an object, one plain message for anything else)."""
+    out = []
+    for e in errors:
+        loc, msg = list(e.get("loc", ())), e.get("msg", "")
+        if len(loc) >= 4 and loc[:2] == ["body", "inputs"] and loc[3] in ("str", "TextPair"):
+            is_object = isinstance(e.get("input"), dict) or len(loc) > 4
+            if (loc[3] == "str") == is_object:
+                continue                                  # the other branch's complaint
+            loc = loc[:3] + loc[4:]
+            if not is_object:
+                msg = "expected a string or an object with 'text' (and 'text_pair')"
+        out.append({"loc": loc, "msg": msg, "type": e.get("type", "")})
+    return out
 
 
 def _chain_signal_handlers(service: Service) -> None:
@@ -159,13 +187,31 @@ def create_app(source: str | Path | Callable[[], Predictor], settings: ServeSett
     app = FastAPI(title="mtlm", summary="Every task of a multi-task model from one backbone pass.",
                   lifespan=lifespan)
     app.state.service = service
+
+    def shed(scope: dict, body: bytes, rid: str) -> Response | None:
+        """429 before routing when the queue has no room for even one more input."""
+        batcher, path = service.batcher, scope["path"]
+        if batcher is None or not batcher.full() or scope["method"] != "POST" or not path.endswith("/predict"):
+            return None
+        known = service.predictor.tasks
+        if path.startswith("/v1/tasks/"):
+            tasks = [path.split("/")[3]]
+        else:
+            try:
+                tasks = json.loads(body).get("tasks") or list(known)
+            except (ValueError, AttributeError):
+                tasks = []
+        tasks = [t for t in tasks if isinstance(t, str) and t in known] or None   # bounded label values
+        service.metrics.request(tasks, 429, 0, time.monotonic() - scope["state"]["arrival"])
+        return _error(429, f"queue full ({batcher.queued_inputs} inputs queued)", rid,
+                      {"Retry-After": str(batcher.retry_after())})
+
     app.add_middleware(RequestMiddleware, max_body_bytes=settings.max_body_bytes,
-                       on_reject=lambda status: service.metrics.request(None, status))
+                       on_reject=lambda status: service.metrics.request(None, status), shed=shed)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_body(request: Request, exc: RequestValidationError):
-        errors = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
-                  for e in exc.errors()]
+        errors = _readable(exc.errors())
         detail = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:]) or 'body'}: {e['msg']}" for e in errors)
         service.metrics.request(None, 422)
         return _error(422, detail or "invalid request body", request.state.request_id, errors=errors)
@@ -226,6 +272,9 @@ def create_app(source: str | Path | Callable[[], Predictor], settings: ServeSett
 
     @app.get("/health")
     async def health():
+        """200 while the process can serve or is getting there; 503 once loading the model failed."""
+        if service.state == "failed":
+            return JSONResponse({"status": "failed", "state": service.state, "error": service.error}, 503)
         return {"status": "alive", "state": service.state}
 
     @app.get("/ready")
@@ -255,6 +304,11 @@ def serve(args) -> None:
 
     args: run, host, port, workers, max_batch_size, max_batch_tokens, max_wait_ms, max_queue (argparse).
     Raises mtlm.checkpoint.BundleError when `run` is not a bundle."""
+    # OpenMP threads that spin-wait between ops steal the CPU the event loop and tokenizer need (measured
+    # here: 6x the server CPU per request). Set before torch is first imported, i.e. before mtlm.checkpoint.
+    if "torch" in sys.modules and "OMP_WAIT_POLICY" not in os.environ:
+        log.warning("torch was imported before serve(): OMP_WAIT_POLICY=PASSIVE cannot apply")
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import uvicorn
 
     from mtlm.checkpoint import find_bundle
@@ -269,11 +323,6 @@ def serve(args) -> None:
         if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):    # /metrics then sums every worker
             metrics_dir = os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="mtlm-prometheus-")
     os.environ[ENV_BUNDLE], os.environ[ENV_SETTINGS] = str(bundle), settings.model_dump_json()
-    # OpenMP threads that spin-wait between ops steal the CPU the event loop and tokenizer need: measured
-    # here at 6x the server CPU per request. Must be set before torch is imported (by the app factory).
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    if "torch" in sys.modules:
-        log.warning("torch was imported before serve(): OMP_WAIT_POLICY may not apply")
     log.info("serving %s on http://%s:%d with %d worker(s)", bundle, args.host, args.port, workers)
     # uvicorn re-raises the SIGTERM it drained on once it is done; exit 0 then, as after any clean stop
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))

@@ -7,8 +7,9 @@ is free:
 - anchor: the oldest queued item (so nothing starves); the batch holds only items of its field group;
 - length grouping: the other items are taken closest-in-length first, while the batch stays within
   `max_batch_size` inputs and `max_batch_tokens` padded tokens (inputs x longest input);
-- a batch that is not full waits up to `max_wait_ms` (counted from when the model became free, or from
-  the anchor's arrival if later) for more items; while draining it does not wait;
+- a batch that is not full waits for more items until its anchor has been queued `max_wait_ms` (so at
+  most max_wait_ms once the model is free, and not at all under load, when the anchor arrived while the
+  previous batch ran: the model never idles with work queued longer than that); draining never waits;
 - items wanting different task subsets share the pass: the runner computes the union of their heads and
   each item gets back only the tasks it asked for.
 
@@ -20,6 +21,7 @@ whose request deadline passes while queued is dropped, never computed (-> 504).
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import math
 import time
@@ -121,6 +123,11 @@ class Batcher:
     @property
     def draining(self) -> bool:
         return self._draining
+
+    def full(self) -> bool:
+        """No room for even one more input (so any request would get QueueFull); False while draining."""
+        return not self._draining and (self._queued_inputs + self._reserved >= self.settings.max_queue
+                                       or self._queued_tokens >= self.settings.queue_tokens)
 
     def start(self) -> None:
         """Start the batching loop on the running event loop."""
@@ -248,24 +255,33 @@ class Batcher:
             if not group:
                 del self._pending[it.group]
 
-    def _expire(self, now: float) -> None:
-        for group in list(self._pending.values()):
-            for it in list(group.values()):
-                if it.deadline <= now:
-                    self._remove(it)
-                    if not it.future.done():
-                        it.future.set_exception(asyncio.TimeoutError("deadline passed while queued"))
+    def _expire(self, items: list[Item], now: float) -> list[Item]:
+        """Drop (504, uncomputed) the items whose deadline passed; return the others. Handlers also drop
+        their own items at their deadline, so this only catches the few that expire in between."""
+        alive = []
+        for it in items:
+            if it.deadline <= now:
+                self._remove(it)
+                if not it.future.done():
+                    it.future.set_exception(asyncio.TimeoutError("deadline passed while queued"))
+            else:
+                alive.append(it)
+        return alive
 
     def _oldest(self) -> Item:
         return min((next(iter(g.values())) for g in self._pending.values()), key=lambda it: it.seq)
 
-    def _pick(self, anchor: Item) -> tuple[list[Item], bool]:
-        """The anchor plus the closest-in-length items of its group that fit; (batch, full)."""
+    def _pick(self, anchor: Item, now: float) -> tuple[list[Item], bool]:
+        """The anchor plus the closest-in-length items of its group that fit; (batch, full).
+
+        Only the group's oldest 4 x max_batch_size items are considered: bounded work per batch and
+        bounded overtaking, however long the queue."""
         s = self.settings
-        cands = list(self._pending[anchor.group].values())
-        cands.sort(key=lambda it: (abs(it.tokens - anchor.tokens), it.seq))
+        window = self._expire(list(itertools.islice(self._pending[anchor.group].values(), 4 * s.max_batch_size)),
+                              now)
+        window.sort(key=lambda it: (abs(it.tokens - anchor.tokens), it.seq))
         batch, longest, full = [], 0, False
-        for it in cands:
+        for it in window:
             if len(batch) == s.max_batch_size:
                 return batch, True
             new_longest = max(longest, it.tokens)
@@ -276,20 +292,22 @@ class Batcher:
             longest = new_longest
         return batch, full or len(batch) == s.max_batch_size
 
-    async def _next_batch(self, free_since: float) -> list[Item] | None:
+    async def _next_batch(self) -> list[Item] | None:
         max_wait = self.settings.max_wait_ms / 1000.0
         while True:
-            now = time.monotonic()
-            self._expire(now)
             if not self._pending:
                 if self._stopping:
                     return None
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
+            now = time.monotonic()
             anchor = self._oldest()
-            batch, full = self._pick(anchor)
-            wait_until = max(free_since, anchor.enqueued) + max_wait
+            if anchor.deadline <= now:
+                self._expire([anchor], now)
+                continue
+            batch, full = self._pick(anchor, now)
+            wait_until = anchor.enqueued + max_wait
             if full or self._draining or now >= wait_until:
                 return batch
             self._wakeup.clear()
@@ -299,13 +317,11 @@ class Batcher:
                 pass
 
     async def _loop(self) -> None:
-        free_since = time.monotonic()
         while True:
-            batch = await self._next_batch(free_since)
+            batch = await self._next_batch()
             if batch is None:
                 return
             await self._run(batch)
-            free_since = time.monotonic()
 
     async def _run(self, batch: list[Item]) -> None:
         now = time.monotonic()

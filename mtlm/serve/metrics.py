@@ -25,8 +25,8 @@ class ServeMetrics:
                                 "(a request asking for 3 tasks counts once per task; task=none before "
                                 "the task list was valid)", ["task", "status"], registry=r)
         self.predictions = Counter("mtlm_predictions", "Inputs answered, per task", ["task"], registry=r)
-        self.request_seconds = Histogram("mtlm_request_seconds", "Arrival -> response of prediction requests",
-                                         buckets=_TIME_BUCKETS, registry=r)
+        self.request_seconds = Histogram("mtlm_request_seconds", "Arrival -> response of prediction requests, "
+                                         "by HTTP status", ["status"], buckets=_TIME_BUCKETS, registry=r)
         self.queue_inputs = Gauge("mtlm_queue_inputs", "Inputs waiting for a batch", registry=r,
                                   multiprocess_mode="livesum")
         self.queue_tokens = Gauge("mtlm_queue_tokens", "Tokens waiting for a batch", registry=r,
@@ -69,7 +69,7 @@ class ServeMetrics:
             if status == 200 and inputs:
                 self.predictions.labels(task=task).inc(inputs)
         if seconds is not None:
-            self.request_seconds.observe(seconds)
+            self.request_seconds.labels(status=str(status)).observe(seconds)
 
     def render(self) -> tuple[bytes, str]:
         """(exposition text, content type); all workers' values when PROMETHEUS_MULTIPROC_DIR is set."""

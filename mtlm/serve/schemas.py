@@ -19,7 +19,7 @@ class ServeSettings(BaseModel):
 
     max_batch_size: int = Field(64, gt=0)         # inputs per backbone pass
     max_batch_tokens: int = Field(8192, gt=0)     # padded tokens per pass (batch size x longest input)
-    max_wait_ms: float = Field(5.0, ge=0)         # how long a non-full batch waits for company once the model is free
+    max_wait_ms: float = Field(5.0, ge=0)         # a non-full batch runs once its oldest input has waited this long
     max_queue: int = Field(1024, gt=0)            # queued inputs (over all requests) before answering 429
     max_queue_tokens: int | None = Field(None, gt=0)  # queued real tokens before 429; None = 16 x max_batch_tokens
     max_inputs_per_request: int = Field(256, gt=0)    # more inputs in one request -> 422

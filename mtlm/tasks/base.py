@@ -4,20 +4,24 @@ A task type turns raw rows into features, owns its head, its loss, its metrics a
 logits into user-facing results. The training loop, evaluation, bundle and server only talk to this
 contract, keyed by task name.
 
-Feature dicts (one per example) hold ``input_ids``, ``attention_mask``, optional ``token_type_ids`` (lists
-of ints, unpadded), ``length`` (tokens) and task-specific label fields. `collate` pads a list of them.
+Feature dicts (one per example) hold ``input_ids`` and optional ``token_type_ids`` (unpadded int arrays;
+the attention mask is implied by ``length`` and made when padding), ``length`` (tokens) and task-specific
+label fields. `pad_inputs` pads a micro-batch of them. Compact numpy arrays keep a 67k-row training set
+~3x smaller in memory than Python int lists.
 """
 
 from __future__ import annotations
 
 from typing import Any, ClassVar, Protocol
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from mtlm.config import TaskConfig
 
 INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
+STORED_KEYS = ("input_ids", "token_type_ids")     # kept per feature; attention_mask follows from length
 
 
 class TaskType(Protocol):
@@ -88,22 +92,37 @@ def encode_texts(task: Any, rows: list[dict], tokenizer, max_length: int) -> lis
     texts = [r[text_col] for r in rows]
     pairs = [r[pair_col] for r in rows] if pair_col else None
     enc = tokenizer(texts, pairs, truncation=True, max_length=max_length)
-    keys = [k for k in INPUT_KEYS if k in enc]
-    return [{**{k: enc[k][i] for k in keys}, "length": len(enc["input_ids"][i])} for i in range(len(rows))]
+    return [compact_inputs(enc, i) for i in range(len(rows))]
+
+
+def compact_inputs(enc, i: int) -> dict:
+    """Example i of a tokenizer BatchEncoding as a compact feature: int32 input_ids, int8 token_type_ids."""
+    out = {"input_ids": np.asarray(enc["input_ids"][i], dtype=np.int32), "length": len(enc["input_ids"][i])}
+    if "token_type_ids" in enc:
+        out["token_type_ids"] = np.asarray(enc["token_type_ids"][i], dtype=np.int8)
+    return out
 
 
 def pad_inputs(features: list[dict], pad_token_id: int) -> dict[str, Tensor]:
     """Pad input_ids / attention_mask / token_type_ids to the longest in the micro-batch (dynamic padding).
 
+    Features hold lists or arrays; a missing attention_mask is all ones over the example's length.
     Returns (batch, seq_len) int64 tensors."""
     seq_len = max(len(f["input_ids"]) for f in features)
-    out = {}
-    for key in INPUT_KEYS:
-        if key not in features[0]:
-            continue
-        fill = pad_token_id if key == "input_ids" else 0
-        out[key] = torch.tensor([f[key] + [fill] * (seq_len - len(f[key])) for f in features], dtype=torch.long)
-    return out
+    keys = [k for k in STORED_KEYS if k in features[0]]
+    out = {k: np.full((len(features), seq_len), pad_token_id if k == "input_ids" else 0, dtype=np.int64)
+           for k in keys}
+    mask = np.zeros((len(features), seq_len), dtype=np.int64)
+    for row, f in enumerate(features):
+        n = len(f["input_ids"])
+        for k in keys:
+            out[k][row, :n] = f[k]
+        if "attention_mask" in f:
+            mask[row, :n] = f["attention_mask"]
+        else:
+            mask[row, :n] = 1
+    out["attention_mask"] = mask
+    return {k: torch.from_numpy(out[k]) for k in INPUT_KEYS if k in out}
 
 
 def label_sort_key(label: str):

@@ -9,13 +9,14 @@ from __future__ import annotations
 import re
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from seqeval.metrics import f1_score, precision_score, recall_score
 from seqeval.metrics.sequence_labeling import get_entities
 from torch import Tensor, nn
 
-from mtlm.tasks.base import INPUT_KEYS, LinearHead
+from mtlm.tasks.base import LinearHead, compact_inputs
 
 IGNORE = -100
 _TAG = re.compile(r"^(O|[BIES]-.+)$")
@@ -99,7 +100,6 @@ class TokenClassification:
     def encode(self, rows: list[dict], tokenizer, max_length: int) -> list[dict]:
         words = [self._words(r) for r in rows]
         enc = tokenizer(words, is_split_into_words=True, truncation=True, max_length=max_length)
-        keys = [k for k in INPUT_KEYS if k in enc]
         features = []
         for i, row in enumerate(rows):
             first = first_subtokens(enc.word_ids(i))
@@ -108,13 +108,15 @@ class TokenClassification:
             for w, pos in first.items():
                 token_labels[pos] = gold[w]
             positions = [first.get(w, -1) for w in range(len(gold))]   # -1: word not in the encoding
-            features.append({**{k: enc[k][i] for k in keys}, "length": len(enc["input_ids"][i]),
-                             "token_labels": token_labels, "positions": positions, "label": gold})
+            features.append({**compact_inputs(enc, i), "token_labels": np.asarray(token_labels, dtype=np.int16),
+                             "positions": positions, "label": gold})
         return features
 
     def collate_labels(self, features: list[dict], seq_len: int) -> dict[str, Tensor]:
-        return {"labels": torch.tensor([f["token_labels"] + [IGNORE] * (seq_len - len(f["token_labels"]))
-                                        for f in features], dtype=torch.long)}
+        labels = np.full((len(features), seq_len), IGNORE, dtype=np.int64)
+        for row, f in enumerate(features):
+            labels[row, :len(f["token_labels"])] = f["token_labels"]
+        return {"labels": torch.from_numpy(labels)}
 
     def loss(self, logits: Tensor, batch: dict[str, Tensor]) -> Tensor:
         """Cross-entropy over labelled tokens only. logits (batch, seq_len, num_tags), labels (batch, seq_len)."""
