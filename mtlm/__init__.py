@@ -1,7 +1,7 @@
 """mtlm: one pretrained backbone, many NLP tasks.
 
 Public surface: `load` (a trained bundle -> Predictor), `fit` (train a recipe), `load_recipe`,
-`evaluate_bundle`. Nothing heavy is imported until used."""
+`evaluate_bundle`, `create_app` (the HTTP server's FastAPI app). Nothing heavy is imported until used."""
 
 from __future__ import annotations
 
@@ -30,3 +30,9 @@ def evaluate_bundle(path, split: str = "test", batch_size: int = 64):
     """Evaluate a run or bundle on a split (see `mtlm.evaluate.evaluate_bundle`)."""
     from mtlm.evaluate import evaluate_bundle as _evaluate_bundle
     return _evaluate_bundle(path, split, batch_size)
+
+
+def create_app(source, settings=None, handle_signals: bool = False):
+    """The FastAPI app serving a run or bundle (see `mtlm.serve.app.create_app`)."""
+    from mtlm.serve.app import create_app as _create_app
+    return _create_app(source, settings, handle_signals)

@@ -158,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
         args.texts = list(args.texts) + extra
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args.command == "serve":   # before torch loads: spinning OpenMP threads starve the event loop
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     _quiet_libraries()
     try:
         args.func(args)
