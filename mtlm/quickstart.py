@@ -50,7 +50,7 @@ def quickstart(output_dir: str | Path = "runs/quickstart", max_steps: int | None
     raw = {**RECIPE, "output_dir": str(out)}
     recipe_path = out / "recipe.yaml"
     recipe_path.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
-    overrides = [f"train.max_steps={max_steps}"] if max_steps else []
+    overrides = [f"train.max_steps={max_steps}"] if max_steps is not None else []
     recipe = load_recipe(recipe_path, overrides)
     print(f"recipe: {recipe_path} (copy it to start your own)")
     fit(recipe, overwrite=True)
