@@ -60,10 +60,13 @@ def cmd_predict(args) -> None:
     inputs = read_inputs(args.input) if args.input else list(args.texts)
     if not inputs:
         raise InputError("nothing to predict: give TEXT arguments or --input FILE.jsonl")
+    try:   # open the output first: a bad path should not cost the predictions
+        out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
+    except OSError as e:
+        raise InputError(f"--output {args.output}: cannot write: {e}") from None
     predictor = load(args.run)
     tasks = args.tasks.split(",") if args.tasks else None
     results = predictor.predict(inputs, tasks=tasks)
-    out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
     for item, res in zip(inputs, results):
         out.write(json.dumps({"input": item, "predictions": res}, ensure_ascii=False) + "\n")
     if args.output:
@@ -87,6 +90,13 @@ def cmd_serve(args) -> None:
     serve(args)
 
 
+def _positive_int(value: str) -> int:
+    n = int(value)
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return n
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mtlm", description="One pretrained backbone, many NLP tasks.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -103,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="evaluate every task of a run or bundle")
     e.add_argument("run", help="run folder or bundle folder")
     e.add_argument("--split", choices=["dev", "test"], default="test")
-    e.add_argument("--batch-size", type=int, default=64)
+    e.add_argument("--batch-size", type=_positive_int, default=64)
     e.set_defaults(func=cmd_eval)
 
     q = sub.add_parser("predict", help="predict all (or some) tasks for texts")
@@ -152,10 +162,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     # parse_known_args lets texts follow options (`mtlm predict RUN --tasks a,b "text"`)
     args, extra = parser.parse_known_args(argv)
-    if extra and (args.command != "predict" or any(x.startswith("-") for x in extra)):
+    if extra and (args.command not in ("predict", "train", "baseline") or any(x.startswith("-") for x in extra)):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    if extra:
-        args.texts = list(args.texts) + extra
+    if extra:   # texts / overrides given after an option
+        if args.command == "predict":
+            args.texts = list(args.texts) + extra
+        else:
+            args.overrides = list(args.overrides) + extra
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if args.command == "serve":   # before torch loads: spinning OpenMP threads starve the event loop

@@ -49,8 +49,8 @@ def load_backbone(name: str, dropout: float | None = None) -> tuple[nn.Module, o
             backbone = AutoModel.from_pretrained(path, config=config, add_pooling_layer=False)
         except TypeError:
             backbone = AutoModel.from_pretrained(path, config=config)
-    except OSError as e:
-        raise BackboneError(f"cannot load backbone '{name}' ({path}): {e}") from None
+    except (OSError, ValueError) as e:   # ValueError: a folder without a recognisable model config
+        raise BackboneError(f"cannot load backbone '{name}' ({path}): {str(e).splitlines()[0]}") from None
     return backbone, tokenizer
 
 

@@ -100,6 +100,10 @@ class Predictor:
         """Predict `tasks` (default: all) for each input. Raises InputError on bad inputs or task names."""
         if isinstance(inputs, (str, dict)):
             inputs = [inputs]
+        if isinstance(tasks, str):
+            tasks = [tasks]
+        if not inputs:
+            raise InputError("no inputs to predict")
         items = [normalize_input(x, i) for i, x in enumerate(inputs)]
         names = self.check_tasks(tasks)
         results: list[dict[str, dict]] = [{} for _ in items]

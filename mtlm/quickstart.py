@@ -45,7 +45,13 @@ def quickstart(output_dir: str | Path = "runs/quickstart", max_steps: int | None
     from mtlm.predict import load
     from mtlm.train import fit
 
+    from mtlm.config import RecipeError
+
     out = Path(output_dir).resolve()
+    previous = out / "recipe.yaml"
+    if previous.is_file() and (yaml.safe_load(previous.read_text(encoding="utf-8")) or {}).get("name") != "quickstart":
+        raise RecipeError([f"{out} holds another run ({previous}); quickstart only overwrites its own runs: "
+                           f"choose another --output-dir"])
     out.mkdir(parents=True, exist_ok=True)
     raw = {**RECIPE, "output_dir": str(out)}
     recipe_path = out / "recipe.yaml"

@@ -124,8 +124,12 @@ def fit(recipe: Recipe, resume: bool = False, progress: bool = True, stop_after:
 
     state = {"step": 0, "best": None, "best_step": None, "bad_evals": 0, "history": [], "train_log": []}
     if ckpt is not None:
-        accelerator.load_state(str(ckpt))
         state = json.loads((ckpt / "trainer_state.json").read_text(encoding="utf-8"))
+        saved_tasks = sorted(state.get("batches", {}))
+        if saved_tasks != sorted(tasks):
+            raise RecipeError([f"tasks: the checkpoint {ckpt} was trained with tasks {saved_tasks}, the recipe has "
+                               f"{sorted(tasks)}; --resume needs the same tasks (or use --overwrite)"])
+        accelerator.load_state(str(ckpt))
         sampler.load_state_dict(state["sampler"])
         for n, b in batches.items():
             b.load_state_dict(state["batches"][n])

@@ -256,3 +256,11 @@ def test_load_recipe_overrides_and_file_errors_together(tmp_path):
 def test_load_recipe_on_a_directory(tmp_path):
     with pytest.raises(RecipeError):
         load_recipe(tmp_path)
+
+
+def test_duplicate_task_name_is_an_error(tmp_path):
+    path = tmp_path / "dup.yaml"
+    path.write_text("name: d\ntasks:\n  s: {type: classification, data: {train: a.csv}}\n"
+                    "  s: {type: regression, data: {train: a.csv}}\n")
+    with pytest.raises(RecipeError, match="duplicate key 's'"):
+        load_recipe(path)

@@ -98,3 +98,20 @@ def test_two_processes_match_one(make_recipe, tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-4, msg=k)
     m1 = json.loads((run_one / "metrics.json").read_text())
     assert m1["eval"][-1]["mean"] == pytest.approx(m2["eval"][-1]["mean"], abs=0.02)
+
+
+def test_resume_with_other_tasks_is_a_clear_error(make_recipe):
+    from mtlm.config import RecipeError
+    from mtlm.train import fit
+    path = make_recipe(tasks=("sentiment", "topic"), name="changed", max_steps=4, eval_every=4)
+    fit(mtlm.load_recipe(path), progress=False, stop_after=2)
+    path = make_recipe(tasks=("sentiment",), name="changed", max_steps=4, eval_every=4)
+    with pytest.raises(RecipeError, match="--resume needs the same tasks"):
+        fit(mtlm.load_recipe(path), resume=True, progress=False)
+
+
+def test_folder_that_is_not_a_model_is_a_backbone_error(tmp_path):
+    from mtlm.model import BackboneError, load_backbone
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(BackboneError, match="cannot load backbone"):
+        load_backbone(str(tmp_path))
