@@ -68,6 +68,23 @@ def _check_rows(task, rows: Rows, prefix: str, problems: list[str], notes: list[
     return None
 
 
+def _keep_rare_classes_in_train(task, splits: dict[str, Rows], made: list[str]) -> None:
+    """Rows of a made dev/test split whose class has no train row go back to train (a class too rare to
+    split would otherwise fail "label not seen in train" on a split the user never wrote)."""
+    seen = {_strat_label(task, r) for r in splits["train"].records}
+    for split in made:
+        rows = splits[split]
+        back = [i for i, r in enumerate(rows.records) if _strat_label(task, r) not in seen]
+        if back:
+            skip = set(back)
+            moved = rows.select(back)
+            train = splits["train"]
+            splits["train"] = Rows(train.origin, train.columns, train.records + moved.records,
+                                   train.lines + moved.lines, train.line_kind)
+            splits[split] = rows.select([i for i in range(len(rows.records)) if i not in skip])
+            seen |= {_strat_label(task, r) for r in moved.records}
+
+
 def prepare_rows(recipe: Recipe, tasks: dict) -> PreparedData:
     """Read, check, split and cap every task's rows, then fit each task (label maps) on its train rows.
 
@@ -99,6 +116,8 @@ def prepare_rows(recipe: Recipe, tasks: dict) -> PreparedData:
                               label=(lambda r, t=task: _strat_label(t, r)) if "label" in task.roles else None,
                               fractions=wanted, seed=seed)
             splits.update(made)
+            if "label" in task.roles:
+                _keep_rare_classes_in_train(task, splits, list(wanted))
         for split, n in dcfg.limit.items():
             if split in splits:
                 splits[split] = subsample(splits[split], n, seed)

@@ -336,3 +336,20 @@ def test_collate_token_labels_padded_with_ignore():
     batch = collate(task, [f1, f2], pad_token_id=0)
     assert batch["labels"].tolist() == [[IGNORE, 1, 0, IGNORE, IGNORE, IGNORE], f2["token_labels"]]
     assert batch["input_ids"].shape == batch["labels"].shape == (2, 6)
+
+
+def test_rare_class_of_a_made_split_stays_in_train(tmp_path):
+    from mtlm.config import parse_recipe
+    from mtlm.data import prepare_rows
+    from mtlm.tasks import build_task
+    rows = [{"text": f"text number {i}", "label": "a" if i % 2 else "b"} for i in range(40)]
+    rows.append({"text": "the only one", "label": "c"})
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    recipe = parse_recipe({"name": "r", "tasks": {"s": {"type": "classification",
+                                                        "data": {"train": "d.jsonl", "split": {"dev": 0.5}}}}},
+                          tmp_path)
+    tasks = {"s": build_task("s", recipe.tasks["s"])}
+    data = prepare_rows(recipe, tasks).rows["s"]
+    assert "c" in tasks["s"].labels
+    assert all(r["label"] != "c" for r in data["dev"].records)
+    assert len(data["train"].records) + len(data["dev"].records) == 41
