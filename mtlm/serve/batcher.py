@@ -170,8 +170,8 @@ class Batcher:
         if inputs > self.settings.max_queue:
             raise TooLarge(f"{inputs} inputs exceed the queue size ({self.settings.max_queue})")
         if self._queued_inputs + self._reserved + inputs > self.settings.max_queue:
-            raise QueueFull(f"queue full ({self._queued_inputs} inputs queued, limit {self.settings.max_queue})",
-                            self.retry_after())
+            raise QueueFull(f"queue full ({self._queued_inputs} inputs queued and {self._reserved} being admitted, "
+                            f"limit {self.settings.max_queue})", self.retry_after())
         self._reserved += inputs
         return Ticket(inputs)
 
