@@ -52,6 +52,9 @@ from pathlib import Path
 import httpx
 import psutil
 
+from http_load import HttpPool, Target, send_text
+from machine import gemm_peak
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -122,22 +125,6 @@ def engine_throughput(bundle: Path, tasks: list[str], texts: list[str], batch_si
     return done / (time.perf_counter() - t0)
 
 
-def gemm_peak(device: str, n: int = 2048, reps: int = 5) -> float:
-    """Best fp32 square-matmul FLOP/s over `reps` runs (torch's default thread count)."""
-    import torch
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
-    best = float("inf")
-    for _ in range(reps + 1):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        a @ b
-        if device == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n ** 3 / best
-
-
 # ---- servers -----------------------------------------------------------------------------------
 def free_port() -> int:
     with socket.socket() as s:
@@ -203,78 +190,6 @@ class Server:
 
 
 # ---- load generation ---------------------------------------------------------------------------
-class HttpPool:
-    """A minimal HTTP/1.1 keep-alive client on asyncio streams, for the load only (httpx does the control
-    calls). httpx cost 1.8 ms of CPU per request at concurrency 1 and 5.9 ms at 64 on this 2-core machine,
-    which would measure the client instead of the server; this costs a small fraction of that."""
-
-    def __init__(self, base_url: str, timeout_s: float):
-        url = httpx.URL(base_url)
-        self.host, self.port, self.timeout_s = url.host, url.port, timeout_s
-        self.idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
-
-    async def post(self, path: str, payload: dict) -> int:
-        """POST JSON; returns the status. Raises OSError / asyncio.TimeoutError / ConnectionError."""
-        body = json.dumps(payload).encode()
-        head = (f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\nContent-Type: application/json\r\n"
-                f"Content-Length: {len(body)}\r\n\r\n").encode()
-        for attempt in range(2):          # a reused connection may have been closed by the server's keep-alive
-            reused = bool(self.idle)
-            conn = self.idle.pop() if reused else await asyncio.open_connection(self.host, self.port)
-            try:
-                return await asyncio.wait_for(self._exchange(conn, head + body), self.timeout_s)
-            except (OSError, asyncio.IncompleteReadError, ValueError) as e:
-                conn[1].close()
-                if not reused or attempt:
-                    raise ConnectionError(str(e)) from None
-        raise AssertionError("unreachable")
-
-    async def _exchange(self, conn, request: bytes) -> int:
-        reader, writer = conn
-        writer.write(request)
-        head = await reader.readuntil(b"\r\n\r\n")
-        status, length, close = int(head[9:12]), 0, False
-        for line in head.split(b"\r\n")[1:]:
-            key, _, value = line.partition(b":")
-            key = key.strip().lower()
-            if key == b"content-length":
-                length = int(value)
-            elif key == b"connection" and value.strip().lower() == b"close":
-                close = True
-        await reader.readexactly(length)
-        if close:
-            writer.close()
-        else:
-            self.idle.append(conn)
-        return status
-
-    def close(self) -> None:
-        for _, writer in self.idle:
-            writer.close()
-        self.idle.clear()
-
-
-Target = tuple[HttpPool, str, dict]     # (connection pool of a server, path, extra JSON fields)
-
-
-async def send_text(targets: list[Target], text: str, timeout_ms: float) -> dict:
-    """Send one text to every target at once. status: ok | 429 | 5xx | 4xx | error (transport/timeout)."""
-    t0 = time.monotonic()
-
-    async def one(pool: HttpPool, path: str, extra: dict) -> str:
-        try:
-            code = await pool.post(path, {"inputs": [text], "timeout_ms": timeout_ms, **extra})
-        except (OSError, asyncio.TimeoutError, ConnectionError):
-            return "error"
-        return "ok" if code == 200 else "429" if code == 429 else f"{code // 100}xx"
-
-    statuses = await asyncio.gather(*(one(*t) for t in targets))
-    for s in ("error", "5xx", "4xx", "429"):
-        if s in statuses:
-            return {"status": s, "sent": t0, "done": time.monotonic()}
-    return {"status": "ok", "sent": t0, "done": time.monotonic()}
-
-
 def pct(values: list[float], q: float) -> float | None:
     if not values:
         return None
@@ -462,7 +377,7 @@ def main() -> None:
     import torch
     device = "cuda" if torch.cuda.is_available() else "cpu"
     cores = os.cpu_count() or 1
-    peak = gemm_peak(device)
+    peak = gemm_peak(repeats=5, device=device)["best_gflops"] * 1e9
     engine = engine_throughput(bundle, tasks, texts, 64, cfg.duration_s)
     print(f"bundle {bundle}: tasks {tasks}; {len(texts)} texts, mean {sum(lengths) / len(lengths):.1f} tokens; "
           f"GEMM peak {peak / 1e9:.0f} GFLOP/s ({device})", flush=True)

@@ -50,6 +50,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from machine import contention, cpu_flags, cpu_model, gemm_peak, reset_hwm, vm_hwm_kb
+
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "sst2" / "train.jsonl"
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "train_throughput.json"
@@ -108,53 +110,6 @@ class Probe:
                 "real_tokens": sum(b[0] for b in used), "padded_tokens": sum(b[1] for b in used),
                 "samples": sum(b[2] for b in used), "batches": used,
                 "step_seconds": [b - a for a, b in zip(self.step_end[w - 1:], self.step_end[w:])]}
-
-
-def vm_hwm_kb() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1])
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-
-
-def contention() -> dict:
-    """Load average and CPU pressure (PSI 'some': share of time runnable tasks waited for a CPU)."""
-    out = {"loadavg_1m": os.getloadavg()[0]}
-    try:
-        for line in Path("/proc/pressure/cpu").read_text().splitlines():
-            if line.startswith("some"):
-                fields = dict(f.split("=") for f in line.split()[1:])
-                out["cpu_pressure_avg10"] = float(fields["avg10"]) / 100
-                out["cpu_pressure_avg60"] = float(fields["avg60"]) / 100
-    except (OSError, KeyError, ValueError):
-        pass
-    return out
-
-
-def reset_hwm() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
-def gemm_peak(n: int = 2048, repeats: int = 10) -> dict:
-    """fp32 n^3 matmul throughput, GFLOP/s (median and best of `repeats` after 3 warm-ups)."""
-    import torch
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    out = torch.empty(n, n)
-    for _ in range(3):
-        torch.mm(a, b, out=out)
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        torch.mm(a, b, out=out)
-        times.append(time.perf_counter() - t)
-    flops = 2.0 * n ** 3
-    return {"n": n, "median_gflops": flops / statistics.median(times) / 1e9,
-            "best_gflops": flops / min(times) / 1e9, "repeats": repeats}
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -305,27 +260,6 @@ def summarize(res: dict, dims: dict) -> dict:
         "setup_s": res["setup_seconds"],
         "window_s": sec,
     }
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def cpu_flags() -> list[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                return sorted(f for f in flags if f.startswith(("avx512", "amx", "avx2", "fma")))
-    except OSError:
-        pass
-    return []
 
 
 def median(xs):
