@@ -13,7 +13,7 @@ from pathlib import Path
 
 from mtlm.checkpoint import find_bundle, load_bundle
 from mtlm.config import Recipe
-from mtlm.data import task_probabilities
+from mtlm.data import mean_probabilities
 from mtlm.evaluate import by_task, evaluate_bundle
 from mtlm.model import count_parameters
 from mtlm.tasks import default_metric
@@ -27,6 +27,8 @@ def single_task_recipe(recipe: Recipe, name: str, steps: int, run_dir: Path) -> 
     raw["tasks"] = {name: raw["tasks"][name]}
     train = raw["train"]
     train["max_steps"], train["epochs"] = steps, None
+    # one task: nothing to weigh or sample; same micro-batches per optimizer step as the multi-task run
+    train["weighting"], train["step_mode"], train["sampling"] = {"name": "static"}, "sampled", "proportional"
     train["eval_every"] = max(1, min(train["eval_every"], steps))
     if train.get("checkpoint_every"):
         train["checkpoint_every"] = max(1, min(train["checkpoint_every"], steps))
@@ -36,8 +38,12 @@ def single_task_recipe(recipe: Recipe, name: str, steps: int, run_dir: Path) -> 
 
 
 def step_budgets(recipe: Recipe, sizes: dict[str, int], max_steps: int) -> dict[str, int]:
-    """Optimizer steps each task received in the multi-task run, in expectation."""
-    probs = task_probabilities(sizes, recipe.train.sampling, recipe.train.temperature)
+    """Optimizer steps each task received in the multi-task run, in expectation (all_tasks steps: every
+    task is in every step; annealed sampling: its mean share over the schedule)."""
+    from mtlm.weighting import resolve_step_mode
+    if resolve_step_mode(recipe.train) == "all_tasks":
+        return {n: max_steps for n in sizes}
+    probs = mean_probabilities(sizes, recipe.train.sampling, recipe.train.temperature)
     return {n: max(1, math.ceil(p * max_steps)) for n, p in probs.items()}
 
 
@@ -47,13 +53,13 @@ def run_baseline(recipe: Recipe, split: str = "test", retrain: bool = False, pro
     from mtlm.train import fit
 
     run_dir = recipe.run_dir()
+    sizes = {n: len(r) for n, r in _train_sizes(recipe, recipe.tasks).items()}   # data errors before training
     if retrain or not (run_dir / "model" / "tasks.json").is_file():
         fit(recipe, progress=progress, overwrite=True)
     history = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
     mt_metrics, tasks, _ = evaluate_bundle(run_dir, split)
     mt = by_task(mt_metrics)
 
-    sizes = {n: len(r) for n, r in _train_sizes(recipe, tasks).items()}
     budgets = step_budgets(recipe, sizes, history["max_steps"])
     st: dict[str, dict[str, float]] = {}
     params_single = 0
@@ -90,10 +96,14 @@ def run_baseline(recipe: Recipe, split: str = "test", retrain: bool = False, pro
     return result
 
 
-def _train_sizes(recipe: Recipe, tasks: dict) -> dict:
+def _train_sizes(recipe: Recipe, task_configs: dict) -> dict:
+    from mtlm.config import RecipeError
     from mtlm.data import prepare_rows
     from mtlm.tasks import build_task
-    data = prepare_rows(recipe, {n: build_task(n, t.cfg) for n, t in tasks.items()})
+    data = prepare_rows(recipe, {n: build_task(n, cfg) for n, cfg in task_configs.items()})
+    if data.groups:
+        raise RecipeError([f"tasks {', '.join(j.tasks)}: they share one data file (joint group {g}); single-task "
+                           f"baselines of jointly-labelled tasks are not supported yet" for g, j in data.groups.items()])
     return {n: s["train"].records for n, s in data.rows.items()}
 
 

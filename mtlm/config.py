@@ -56,6 +56,19 @@ class TaskConfig(_Strict):
     threshold: float = Field(0.5, gt=0, lt=1)    # multilabel: initial per-label probability threshold
 
 
+class WeightingConfig(BaseModel):
+    """`train.weighting`: how per-task losses become one update. `name` is a key of
+    `mtlm.weighting.WEIGHTINGS`; every other key is an option of that method (checked against its Options
+    model when the recipe is parsed). A plain string is shorthand for `{name: <string>}`."""
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+    name: str = "static"
+
+    def options(self) -> dict[str, Any]:
+        """The method's options (every key but `name`)."""
+        return dict(self.model_extra or {})
+
+
 class TrainConfig(_Strict):
     batch_size: int = Field(32, gt=0)            # micro-batch size per process
     eval_batch_size: int = Field(64, gt=0)
@@ -69,8 +82,13 @@ class TrainConfig(_Strict):
     grad_accum: int = Field(1, gt=0)             # micro-batches per optimizer step, per process
     max_grad_norm: float | None = Field(1.0, gt=0)
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    sampling: Literal["proportional", "temperature", "round_robin"] = "proportional"
+    sampling: Literal["proportional", "temperature", "round_robin", "annealed"] = "proportional"
     temperature: float = Field(2.0, gt=0)        # temperature sampling: p_i proportional to n_i^(1/T)
+    weighting: WeightingConfig = Field(default_factory=WeightingConfig)  # static | uncertainty | dwa | ...
+    # sampled: each micro-batch serves one source drawn by `sampling`; all_tasks: each optimizer step takes
+    # one micro-batch of every source (task or joint group) per accumulation round; auto: all_tasks when the
+    # weighting needs every task in every step (gradnorm, pcgrad, cagrad, famo), else sampled
+    step_mode: Literal["auto", "sampled", "all_tasks"] = "auto"
     group_by_length: bool = True                 # length-grouped micro-batches (less padding)
     eval_every: int = Field(200, gt=0)           # optimizer steps between evaluations on dev
     checkpoint_every: int | None = Field(None, gt=0)  # defaults to eval_every
@@ -82,6 +100,11 @@ class TrainConfig(_Strict):
     @classmethod
     def _yaml_no(cls, v: Any) -> Any:
         return "no" if v is False else v      # YAML 1.1 reads an unquoted `no` as false
+
+    @field_validator("weighting", mode="before")
+    @classmethod
+    def _weighting_name(cls, v: Any) -> Any:
+        return {"name": v} if isinstance(v, str) else v   # `weighting: pcgrad` = `weighting: {name: pcgrad}`
 
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":
@@ -188,6 +211,8 @@ def _task_problems(raw: dict) -> list[str]:
     train = raw.get("train")
     if isinstance(train, dict) and train.get("max_steps") is not None and train.get("epochs") is not None:
         problems.append("train: give max_steps or epochs, not both")
+    from mtlm.weighting import weighting_problems
+    problems += weighting_problems(raw)
     return problems
 
 

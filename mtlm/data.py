@@ -23,8 +23,26 @@ MAX_ROW_ERRORS = 10        # bad rows listed per file before "... and N more"
 
 @dataclass
 class PreparedData:
-    rows: dict[str, dict[str, Rows]]                            # task -> split -> rows
+    rows: dict[str, dict[str, Rows]]                            # task -> split -> rows (labelled rows only)
     notes: list[str] = field(default_factory=list)              # skipped-row counts, split sizes
+    groups: dict = field(default_factory=dict)                  # joint group -> mtlm.joint.JointRows
+
+    def sources(self) -> dict[str, list[str]]:
+        """What the sampler draws from: each task alone, except tasks in a joint group, which come together
+        as one source named after the group (in recipe order)."""
+        grouped = {t: g for g, joint in self.groups.items() for t in joint.tasks}
+        out: dict[str, list[str]] = {}
+        for name in self.rows:
+            if name not in grouped:
+                out[name] = [name]
+            elif grouped[name] not in out:
+                out[grouped[name]] = list(self.groups[grouped[name]].tasks)
+        return out
+
+    def source_sizes(self) -> dict[str, int]:
+        """Train rows per source (a joint group counts each of its rows once)."""
+        return {s: len(self.groups[s].splits["train"].records) if s in self.groups
+                else len(self.rows[s]["train"].records) for s in self.sources()}
 
 
 def _row_key(task, row: dict) -> tuple:
@@ -88,12 +106,19 @@ def _keep_rare_classes_in_train(task, splits: dict[str, Rows], made: list[str]) 
 def prepare_rows(recipe: Recipe, tasks: dict) -> PreparedData:
     """Read, check, split and cap every task's rows, then fit each task (label maps) on its train rows.
 
-    Raises RecipeError listing every problem of every task (unreadable files, missing columns,
-    malformed rows with file/line/field, labels in dev/test unseen in train)."""
+    Tasks that share a train source form a joint group (`mtlm.joint`): read and split once, rows may lack
+    some tasks' labels. Raises RecipeError listing every problem of every task (unreadable files, missing
+    columns, malformed rows with file/line/field, labels in dev/test unseen in train)."""
+    from mtlm.joint import find_groups, prepare_group
+
     problems: list[str] = []
     out = PreparedData(rows={})
     seed = recipe.train.seed
+    groups = find_groups(recipe, tasks, problems)          # an invalid group maps to [] (and a problem)
+    grouped = {t for key in groups for t in key.split("+")}
     for name, task in tasks.items():
+        if name in grouped:
+            continue
         dcfg, prefix = task.cfg.data, f"tasks.{name}.data"
         splits: dict[str, Rows] = {}
         for split in SPLITS:
@@ -130,8 +155,16 @@ def prepare_rows(recipe: Recipe, tasks: dict) -> PreparedData:
                 problems.extend(f"{prefix}.{split}: {p}" for p in task.check_eval_rows(splits[split].records))
         out.rows[name] = splits
         out.notes.append(f"{name}: " + ", ".join(f"{s} {len(r.records)}" for s, r in splits.items()))
+    for group, names in groups.items():
+        if not names:
+            continue
+        joint = prepare_group(recipe, group, {n: tasks[n] for n in names}, problems, out.notes)
+        if joint is not None:
+            out.groups[group] = joint
+            out.rows.update({n: joint.task_rows(n) for n in names})
     if problems:
         raise RecipeError(problems)
+    out.rows = {n: out.rows[n] for n in tasks if n in out.rows}     # recipe order
     return out
 
 
@@ -198,24 +231,47 @@ class TaskBatches:
         self._batches = self._epoch_batches(self.epoch)
 
 
-def task_probabilities(sizes: dict[str, int], mode: str, temperature: float) -> dict[str, float]:
+ANNEAL_END = 0.2     # annealed sampling's final exponent (Stickland & Murray 2019: alpha = 1 - 0.8 * progress)
+
+
+def task_probabilities(sizes: dict[str, int], mode: str, temperature: float, progress: float = 0.0
+                       ) -> dict[str, float]:
     """Task sampling distribution: proportional p_i ∝ n_i; temperature p_i ∝ n_i^(1/T)
-    (Arivazhagan et al. 2019); round_robin (uniform in expectation, cycled in order)."""
+    (Arivazhagan et al. 2019); round_robin (uniform in expectation, cycled in order); annealed
+    p_i ∝ n_i^alpha with alpha = 1 - (1 - ANNEAL_END) * progress, from proportional at the start of training
+    (progress 0) towards uniform at its end (progress 1) (Stickland & Murray 2019, "BERT and PALs", who
+    anneal per epoch; here per micro-batch). Raises ValueError for an unknown mode."""
     if mode == "round_robin":
         weights = {n: 1.0 for n in sizes}
     elif mode == "temperature":
         weights = {n: s ** (1.0 / temperature) for n, s in sizes.items()}
-    else:
+    elif mode == "annealed":
+        alpha = 1.0 - (1.0 - ANNEAL_END) * min(max(progress, 0.0), 1.0)
+        weights = {n: float(s) ** alpha for n, s in sizes.items()}
+    elif mode == "proportional":
         weights = {n: float(s) for n, s in sizes.items()}
+    else:
+        raise ValueError(f"unknown sampling mode {mode!r}")
     total = sum(weights.values())
     return {n: w / total for n, w in weights.items()}
 
 
-class TaskSampler:
-    """Picks the task of each micro-batch. Seeded; the same sequence on every process; resumable."""
+def mean_probabilities(sizes: dict[str, int], mode: str, temperature: float) -> dict[str, float]:
+    """Each source's share of the draws over a whole run (annealed: the mean over its schedule)."""
+    if mode != "annealed":
+        return task_probabilities(sizes, mode, temperature)
+    grid = [task_probabilities(sizes, mode, temperature, (i + 0.5) / 100) for i in range(100)]
+    return {n: sum(p[n] for p in grid) / len(grid) for n in sizes}
 
-    def __init__(self, sizes: dict[str, int], mode: str, temperature: float, seed: int):
-        self.names, self.mode = list(sizes), mode
+
+class TaskSampler:
+    """Picks the source (task or joint group) of each micro-batch. Seeded; the same sequence on every
+    process; resumable. `total`: the number of draws in the run (annealed sampling's schedule length)."""
+
+    def __init__(self, sizes: dict[str, int], mode: str, temperature: float, seed: int,
+                 total: int | None = None):
+        self.names, self.mode, self.sizes, self.temperature = list(sizes), mode, dict(sizes), temperature
+        self.total = total
         self.probs = task_probabilities(sizes, mode, temperature)
         self._p = np.array([self.probs[n] for n in self.names])
         self.rng = np.random.default_rng(seed)
@@ -225,7 +281,12 @@ class TaskSampler:
         self.count += 1
         if self.mode == "round_robin":
             return self.names[(self.count - 1) % len(self.names)]
-        return self.names[int(self.rng.choice(len(self.names), p=self._p))]
+        p = self._p
+        if self.mode == "annealed":     # without a known run length the schedule stays at its start
+            progress = (self.count - 1) / (self.total - 1) if self.total and self.total > 1 else 0.0
+            probs = task_probabilities(self.sizes, self.mode, self.temperature, progress)
+            p = np.array([probs[n] for n in self.names])
+        return self.names[int(self.rng.choice(len(self.names), p=p))]
 
     def state_dict(self) -> dict:
         return {"count": self.count, "rng": self.rng.bit_generator.state}

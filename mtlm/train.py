@@ -1,13 +1,17 @@
 """fit(): the multi-task training loop, on Accelerate (one process, or several via `accelerate launch`).
 
 Read top to bottom: prepare rows (all recipe/data errors before any model loads) -> load backbone ->
-encode -> build model + heads -> AdamW + warmup/decay schedule -> loop over optimizer steps, each made of
-`grad_accum` micro-batches whose task the sampler picks -> evaluate on dev every `eval_every` steps, keep
-the best bundle (mean selection metric), checkpoint for `--resume`, stop early when dev stops improving.
+encode -> build model + heads -> weighting -> AdamW + warmup/decay schedule -> loop over optimizer steps,
+each made of `grad_accum` rounds; a round is one micro-batch of the source the sampler picks (step_mode
+sampled) or one micro-batch of every source (step_mode all_tasks); a source is a task or a joint group
+(several tasks labelled on one file, one backbone pass) -> the weighting turns each round's per-task losses
+into gradients and updates itself once per step -> evaluate on dev every `eval_every` steps, keep the best
+bundle (mean selection metric), checkpoint for `--resume`, stop early when dev stops improving.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
@@ -22,11 +26,12 @@ from transformers import get_scheduler
 
 from mtlm.checkpoint import latest_checkpoint, save_bundle, save_checkpoint
 from mtlm.config import Recipe, RecipeError
-from mtlm.data import TaskBatches, TaskSampler, collate, encode_rows, prepare_rows, steps_for_epochs
+from mtlm.data import TaskBatches, TaskSampler, encode_rows, prepare_rows, steps_for_epochs
 from mtlm.evaluate import evaluate
+from mtlm.joint import collate_source, join_features, masked_losses
 from mtlm.model import build_model, load_backbone
 from mtlm.tasks import build_task
-from mtlm.weighting import Static
+from mtlm.weighting import build_weighting, resolve_step_mode
 
 log = logging.getLogger("mtlm")
 NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
@@ -54,9 +59,22 @@ def make_accelerator(recipe: Recipe) -> Accelerator:
         log.warning("train.mixed_precision: this CPU has no native bf16 (AVX512-BF16/AMX); bf16 would run "
                     "several times slower than fp32, so training in fp32")
         mp = "no"
+    # Accumulation is done by the loop (it knows which micro-batch ends a step), not by accelerator.accumulate.
     return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mp,
-                       gradient_accumulation_steps=recipe.train.grad_accum,
                        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+
+
+def average_gradients(accelerator: Accelerator, params: list[torch.nn.Parameter]) -> None:
+    """Average `params`' .grad over processes in one flat all-reduce (a missing grad counts as zeros). Used
+    for all_tasks steps, whose forwards all ran under `no_sync`; a no-op with one process."""
+    if accelerator.num_processes == 1:
+        return
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+    flat = accelerator.reduce(flat, reduction="mean")
+    offset = 0
+    for p in params:
+        p.grad = flat[offset:offset + p.numel()].view_as(p)
+        offset += p.numel()
 
 
 def cpu_has_bf16() -> bool:
@@ -101,40 +119,63 @@ def fit(recipe: Recipe, resume: bool = False, progress: bool = True, stop_after:
     backbone, tokenizer = load_backbone(recipe.backbone, dropout=cfg.dropout)
     features = encode_rows(tasks, data.rows, tokenizer, recipe.max_length)
     model = build_model(backbone, tasks, recipe.pooling, cfg.dropout)
+    train = {n: f["train"] for n, f in features.items()}
+    joint = {g: join_features(rows, train) for g, rows in data.groups.items()}
+    sources = data.sources()                       # source -> its tasks: a task alone, or a joint group
 
     world, rank = accelerator.num_processes, accelerator.process_index
     global_batch = cfg.batch_size * world
-    sizes = {n: len(f["train"]) for n, f in features.items()}
-    max_steps = cfg.max_steps or steps_for_epochs(cfg.epochs, sizes, global_batch * cfg.grad_accum)
-    sampler = TaskSampler(sizes, cfg.sampling, cfg.temperature, cfg.seed)
-    batches = {n: TaskBatches([f["length"] for f in features[n]["train"]], global_batch,
+    step_mode = resolve_step_mode(cfg)             # sampled | all_tasks
+    sizes = data.source_sizes()
+    rounds_per_step = len(sources) if step_mode == "all_tasks" else 1
+    max_steps = cfg.max_steps or steps_for_epochs(cfg.epochs, sizes, global_batch * cfg.grad_accum * rounds_per_step)
+    sampler = TaskSampler(sizes, cfg.sampling, cfg.temperature, cfg.seed, total=max_steps * cfg.grad_accum)
+    batches = {s: TaskBatches(joint[s].lengths() if s in joint else [f["length"] for f in train[s]], global_batch,
                               seed=cfg.seed * 1000 + i, group_by_length=cfg.group_by_length)
-               for i, n in enumerate(tasks)}
-    weighting = Static({n: t.cfg.weight for n, t in tasks.items()})
+               for i, s in enumerate(sources)}
+    weighting = build_weighting(cfg, {n: t.cfg.weight for n, t in tasks.items()}, model, accelerator.device)
 
-    # fused AdamW: one kernel for all parameters (on CPU ~6x faster per step than the per-parameter loop)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, fused=True)
+    # fused AdamW: one kernel for all parameters (on CPU ~6x faster per step than the per-parameter loop);
+    # a learned weighting (uncertainty) adds its parameters as its own group
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay) + weighting.param_groups(), lr=cfg.lr,
+                                  fused=True)
     # The scheduler stays outside accelerator.prepare: Accelerate would step it once per process.
     scheduler = get_scheduler(cfg.scheduler if cfg.scheduler != "constant" else "constant_with_warmup",
                               optimizer, num_warmup_steps=int(cfg.warmup_ratio * max_steps),
                               num_training_steps=max_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)
+    accelerator.register_for_checkpointing(weighting)    # loss history, learned weights, their Adam moments
     unwrapped = accelerator.unwrap_model(model)
+    shared_ids = {id(p) for p in unwrapped.backbone.parameters()}
+    all_params = [p for p in unwrapped.parameters() if p.requires_grad]
+    head_params = [p for p in all_params if id(p) not in shared_ids]
 
-    state = {"step": 0, "best": None, "best_step": None, "bad_evals": 0, "history": [], "train_log": []}
+    state = {"step": 0, "best": None, "best_step": None, "bad_evals": 0, "history": [], "train_log": [],
+             "weighting": cfg.weighting.name}
     if ckpt is not None:
         state = json.loads((ckpt / "trainer_state.json").read_text(encoding="utf-8"))
         saved_tasks = sorted(state.get("batches", {}))
-        if saved_tasks != sorted(tasks):
+        if saved_tasks != sorted(sources):
             raise RecipeError([f"tasks: the checkpoint {ckpt} was trained with tasks {saved_tasks}, the recipe has "
-                               f"{sorted(tasks)}; --resume needs the same tasks (or use --overwrite)"])
+                               f"{sorted(sources)}; --resume needs the same tasks (or use --overwrite)"])
+        if state.get("weighting", "static") != cfg.weighting.name:
+            raise RecipeError([f"train.weighting: the checkpoint {ckpt} was trained with {state.get('weighting')!r}, "
+                               f"the recipe has {cfg.weighting.name!r}; --resume needs the same weighting"])
         accelerator.load_state(str(ckpt))
         sampler.load_state_dict(state["sampler"])
         for n, b in batches.items():
             b.load_state_dict(state["batches"][n])
         if main:
             log.info("resumed from %s (step %d)", ckpt, state["step"])
+
+    def micro_batch(source: str, idx: list[int]) -> tuple[dict, dict]:
+        inputs, targets = collate_source(tasks, sources[source], joint.get(source), train, idx,
+                                         tokenizer.pad_token_id)
+        to = accelerator.device
+        return ({k: v.to(to) for k, v in inputs.items()},
+                {t: (None if rows is None else rows.to(to), {k: v.to(to) for k, v in labels.items()})
+                 for t, (rows, labels) in targets.items()})
 
     writer = _tensorboard(run_dir) if main else None
     dev = {n: f.get("dev", []) for n, f in features.items()}
@@ -147,26 +188,33 @@ def fit(recipe: Recipe, resume: bool = False, progress: bool = True, stop_after:
 
     while state["step"] < max_steps:
         model.train()
-        for _ in range(cfg.grad_accum):
-            name = sampler.next()                       # the same task on every process
-            idx = batches[name].next()[rank::world]     # this process's share of the global batch
-            batch = {k: v.to(accelerator.device)
-                     for k, v in collate(tasks[name], [features[name]["train"][i] for i in idx],
-                                         tokenizer.pad_token_id).items()}
-            tokens_seen += int(batch["attention_mask"].sum())
-            labels = {"labels": batch.pop("labels")}
-            with accelerator.accumulate(model):
-                logits = model(task=name, **batch)
-                loss = tasks[name].loss(logits, labels)
-                weighting.backward({name: loss}, accelerator)
-                if accelerator.sync_gradients and cfg.max_grad_norm:
-                    accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            value = float(loss.detach())
-            running[name] = value if name not in running else 0.9 * running[name] + 0.1 * value
-            if writer:
-                writer.add_scalar(f"loss/{name}", value, state["step"])
+        rounds = [[sampler.next()] if step_mode == "sampled" else list(sources) for _ in range(cfg.grad_accum)]
+        for r, round_sources in enumerate(rounds):      # the same sources on every process
+            # sampled: DDP all-reduces in the backward of the step's last micro-batch. all_tasks: several
+            # forwards feed one backward, which DDP cannot sync; gradients are averaged below instead.
+            sync = step_mode == "sampled" and r == len(rounds) - 1
+            with contextlib.nullcontext() if sync else accelerator.no_sync(model):
+                losses = {}
+                for source in round_sources:
+                    idx = batches[source].next()[rank::world]     # this process's share of the global batch
+                    inputs, targets = micro_batch(source, idx)
+                    tokens_seen += int(inputs["attention_mask"].sum())
+                    logits = model(tasks=list(targets), **inputs)  # one backbone pass for the source's tasks
+                    losses.update(masked_losses(tasks, logits, targets))   # mean over labelled rows per task
+                weighting.backward(losses, accelerator, scale=1.0 / cfg.grad_accum)
+            for name, loss in losses.items():
+                value = float(loss.detach())
+                running[name] = value if name not in running else 0.9 * running[name] + 0.1 * value
+                if writer:
+                    writer.add_scalar(f"loss/{name}", value, state["step"])
+        if step_mode == "all_tasks":   # pcgrad/cagrad average the backbone's per-task gradients themselves
+            average_gradients(accelerator, head_params if weighting.combines_shared_gradients else all_params)
+        weighting.step(accelerator)    # update weights / combine per-task gradients (same on every process)
+        if cfg.max_grad_norm:
+            accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        weights = weighting.current()
         scheduler.step()
         state["step"] += 1
         steps_this_call += 1
@@ -175,15 +223,19 @@ def fit(recipe: Recipe, resume: bool = False, progress: bool = True, stop_after:
         bar.set_postfix({n: f"{v:.3f}" for n, v in running.items()}, refresh=False)
         if writer:
             writer.add_scalar("lr", scheduler.get_last_lr()[0], step)
+            for n, w in weights.items():
+                writer.add_scalar(f"weight/{n}", w, step)
         if step % 10 == 0 or step == max_steps:
             state["train_log"].append({"step": step, "lr": scheduler.get_last_lr()[0],
-                                       **{f"loss/{n}": round(v, 5) for n, v in running.items()}})
+                                       **{f"loss/{n}": round(v, 5) for n, v in running.items()},
+                                       **{f"weight/{n}": round(w, 5) for n, w in weights.items()}})
 
         if step % cfg.eval_every == 0 or step == max_steps:
             metrics = evaluate(unwrapped, tasks, dev, cfg.eval_batch_size, tokenizer.pad_token_id,
                                accelerator.device, autocast_dtype)
             elapsed = time.perf_counter() - t0
-            state["history"].append({"step": step, **metrics, "train_tokens_per_s": tokens_seen / elapsed})
+            state["history"].append({"step": step, **metrics, "train_tokens_per_s": tokens_seen / elapsed,
+                                     "train_s": elapsed})
             score = metrics.get("mean")   # None when no task has a dev split: keep the latest model
             improved = score is None or state["best"] is None or score > state["best"]
             if improved:

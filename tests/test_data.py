@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from mtlm.config import RecipeError, load_recipe, parse_recipe
-from mtlm.data import (MAX_ROW_ERRORS, TaskBatches, TaskSampler, collate, length_sorted_batches, prepare_rows,
-                       steps_for_epochs, task_probabilities)
+from mtlm.data import (MAX_ROW_ERRORS, TaskBatches, TaskSampler, collate, length_sorted_batches, mean_probabilities,
+                       prepare_rows, steps_for_epochs, task_probabilities)
 from mtlm.tasks import build_task
 from mtlm.tasks.token_classification import IGNORE
 
@@ -231,6 +231,33 @@ def test_temperature_sampling():
 def test_round_robin_sampling():
     seq = draw(TaskSampler(SIZES, "round_robin", 2.0, seed=0), 9)
     assert seq == ["a", "b", "c"] * 3
+
+
+def test_annealed_sampling_moves_from_proportional_towards_uniform():
+    """Stickland & Murray 2019: p_i ∝ n_i^alpha, alpha from 1 (proportional) down to 0.2 over the run."""
+    assert task_probabilities(SIZES, "annealed", 2.0, 0.0) == pytest.approx({"a": 0.1, "b": 0.3, "c": 0.6})
+    end = {n: s ** 0.2 for n, s in SIZES.items()}
+    assert task_probabilities(SIZES, "annealed", 2.0, 1.0) == pytest.approx(
+        {n: w / sum(end.values()) for n, w in end.items()})
+    total, part = 40000, 4000
+    seq = draw(TaskSampler(SIZES, "annealed", 2.0, seed=0, total=total), total)
+    first, last = collections.Counter(seq[:part]), collections.Counter(seq[-part:])
+    early = task_probabilities(SIZES, "annealed", 2.0, 0.05)    # the middle of the first tenth
+    late = task_probabilities(SIZES, "annealed", 2.0, 0.95)
+    for name in SIZES:
+        assert first[name] / part == pytest.approx(early[name], abs=0.025)
+        assert last[name] / part == pytest.approx(late[name], abs=0.025)
+    assert last["a"] > 2 * first["a"] and last["c"] < first["c"]
+    # resuming mid-run continues the schedule where it was
+    s1 = TaskSampler(SIZES, "annealed", 2.0, seed=3, total=100)
+    draw(s1, 60)
+    s2 = TaskSampler(SIZES, "annealed", 2.0, seed=3, total=100)
+    s2.load_state_dict(json.loads(json.dumps(s1.state_dict())))
+    assert draw(s2, 40) == draw(s1, 40)
+    # the mean share over the run (what a single-task baseline gets) lies between the two ends
+    mean = mean_probabilities(SIZES, "annealed", 2.0)
+    assert 0.1 < mean["a"] < end["a"] / sum(end.values())
+    assert sum(mean.values()) == pytest.approx(1.0)
 
 
 def test_sampler_is_seeded_and_resumable():

