@@ -61,7 +61,7 @@ def resolve_step_mode(train) -> str:
 def _option_problems(name: str, options: dict) -> list[str]:
     cls = WEIGHTINGS[name]
     try:
-        cls.Options(**options)
+        cls.Options.model_validate(options)
     except ValidationError as e:
         known = ", ".join(cls.Options.model_fields) or "none"
         out = []
@@ -84,7 +84,7 @@ def weighting_problems(raw: dict) -> list[str]:
     if not isinstance(spec, dict):
         return []                                   # pydantic reports the wrong type
     name = spec.get("name", "static")
-    if name not in WEIGHTINGS:
+    if not isinstance(name, str) or name not in WEIGHTINGS:
         return [f"train.weighting.name: unknown weighting {name!r} (known: {', '.join(WEIGHTINGS)})"]
     problems = _option_problems(name, {k: v for k, v in spec.items() if k != "name"})
     cls = WEIGHTINGS[name]
