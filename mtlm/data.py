@@ -106,18 +106,24 @@ def _keep_rare_classes_in_train(task, splits: dict[str, Rows], made: list[str]) 
 def prepare_rows(recipe: Recipe, tasks: dict) -> PreparedData:
     """Read, check, split and cap every task's rows, then fit each task (label maps) on its train rows.
 
-    Tasks that share a train source form a joint group (`mtlm.joint`): read and split once, rows may lack
-    some tasks' labels. Raises RecipeError listing every problem of every task (unreadable files, missing
+    Tasks with identical data blocks and inputs form a joint group (`mtlm.joint`): read and split once, rows
+    may lack some tasks' labels. Raises RecipeError listing every problem of every task (unreadable files, missing
     columns, malformed rows with file/line/field, labels in dev/test unseen in train)."""
     from mtlm.joint import find_groups, prepare_group
 
     problems: list[str] = []
     out = PreparedData(rows={})
     seed = recipe.train.seed
-    groups = find_groups(recipe, tasks, problems)          # an invalid group maps to [] (and a problem)
-    grouped = {t for key in groups for t in key.split("+")}
+    groups = find_groups(recipe, tasks, out.notes)          # tasks that share one data block: joint batches
+    group_of = {t: g for g, names in groups.items() for t in names}
     for name, task in tasks.items():
-        if name in grouped:
+        if name in group_of:         # a joint group is read once, where its first task stands
+            group = group_of[name]
+            if name == groups[group][0]:
+                joint = prepare_group(recipe, group, {n: tasks[n] for n in groups[group]}, problems, out.notes)
+                if joint is not None:
+                    out.groups[group] = joint
+                    out.rows.update({n: joint.task_rows(n) for n in groups[group]})
             continue
         dcfg, prefix = task.cfg.data, f"tasks.{name}.data"
         splits: dict[str, Rows] = {}
@@ -155,13 +161,6 @@ def prepare_rows(recipe: Recipe, tasks: dict) -> PreparedData:
                 problems.extend(f"{prefix}.{split}: {p}" for p in task.check_eval_rows(splits[split].records))
         out.rows[name] = splits
         out.notes.append(f"{name}: " + ", ".join(f"{s} {len(r.records)}" for s, r in splits.items()))
-    for group, names in groups.items():
-        if not names:
-            continue
-        joint = prepare_group(recipe, group, {n: tasks[n] for n in names}, problems, out.notes)
-        if joint is not None:
-            out.groups[group] = joint
-            out.rows.update({n: joint.task_rows(n) for n in names})
     if problems:
         raise RecipeError(problems)
     out.rows = {n: out.rows[n] for n in tasks if n in out.rows}     # recipe order

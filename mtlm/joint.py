@@ -1,9 +1,10 @@
 """Jointly-labelled data: one data file feeds several tasks, and some rows lack some tasks' labels.
 
-In the recipe, tasks whose `data.train` names the same source (the same file, builtin or hub id) form a
-*joint group*, keyed "<task>+<task>" in recipe order. Their `data` blocks must be identical (a YAML anchor
-keeps them so: `data: &reviews {...}` then `data: *reviews`), they must read the same input columns, and
-each names its own label column::
+In the recipe, tasks whose `data` blocks are identical (the same train source - file, builtin or hub id -
+and the same dev/test/split/limit; a YAML anchor keeps them so: `data: &reviews {...}` then
+`data: *reviews`) and that read the same input columns form a *joint group*, keyed "<task>+<task>" in
+recipe order; each names its own label column. Tasks that share a file but differ in those settings stay
+separate tasks, as before (a note says so)::
 
     tasks:
       sentiment: {type: classification, data: &reviews {train: reviews.jsonl}, columns: {label: sentiment}}
@@ -20,6 +21,7 @@ single-task sources.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,10 +63,10 @@ def source_key(spec: str, base_dir: Path) -> str:
     return str((path if path.is_absolute() else Path(base_dir) / path).resolve())
 
 
-def find_groups(recipe, tasks: dict, problems: list[str]) -> dict[str, list[str]]:
-    """{group key: [task names]} of tasks that share a train source. Appends a problem for each group whose
-    data blocks, on_bad_rows or input columns differ; such a group is returned with an empty task list (its
-    tasks are neither a group nor single tasks)."""
+def find_groups(recipe, tasks: dict, notes: list[str]) -> dict[str, list[str]]:
+    """{group key: [task names]}: tasks with the same train source, the same data block (dev, test, split,
+    limit), the same on_bad_rows and the same input columns. Tasks that share a train source but differ in
+    any of these stay separate tasks (each reads the file itself, as when they are alone); a note says why."""
     by_source: dict[str, list[str]] = {}
     for name, task in tasks.items():
         by_source.setdefault(source_key(task.cfg.data.train, recipe.base_dir), []).append(name)
@@ -72,28 +74,19 @@ def find_groups(recipe, tasks: dict, problems: list[str]) -> dict[str, list[str]
     for names in by_source.values():
         if len(names) < 2:
             continue
-        first = tasks[names[0]]
-        ok = True
-        for name in names[1:]:
-            task = tasks[name]
-            here = f"shares its train data ({task.cfg.data.train}) with tasks.{names[0]}, so they form a joint group"
-            if task.cfg.data != first.cfg.data:
-                diff = [k for k in type(first.cfg.data).model_fields
-                        if getattr(task.cfg.data, k) != getattr(first.cfg.data, k)]
-                problems.append(f"tasks.{name}.data: {here}, but its {', '.join(diff)} differ; tasks that share a "
-                                f"file are split and batched together, so their data blocks must be identical "
-                                f"(a YAML anchor keeps them so: data: &shared {{...}} / data: *shared)")
-                ok = False
-            if task.cfg.on_bad_rows != first.cfg.on_bad_rows:
-                problems.append(f"tasks.{name}.on_bad_rows: {here}, but on_bad_rows differs "
-                                f"({task.cfg.on_bad_rows} vs {first.cfg.on_bad_rows})")
-                ok = False
-            if input_columns(task) != input_columns(first):
-                problems.append(f"tasks.{name}.columns: {here}, but reads inputs {input_columns(task)} where "
-                                f"tasks.{names[0]} reads {input_columns(first)}; tasks that share a file run one "
-                                f"backbone pass per row and must read the same input columns")
-                ok = False
-        groups["+".join(names)] = names if ok else []
+        by_setup: dict[str, list[str]] = {}
+        for name in names:
+            cfg = tasks[name].cfg
+            setup = json.dumps([cfg.data.model_dump(mode="json", exclude={"train"}), cfg.on_bad_rows,
+                                sorted(input_columns(tasks[name]).items())])
+            by_setup.setdefault(setup, []).append(name)
+        for members in by_setup.values():
+            if len(members) > 1:
+                groups["+".join(members)] = members
+        if len(by_setup) > 1:
+            notes.append(f"tasks {', '.join(names)} read the same train data ({tasks[names[0]].cfg.data.train}) with "
+                         f"different data settings or input columns, so they are not all one joint group (joint "
+                         f"batches need identical data blocks, on_bad_rows and inputs)")
     return groups
 
 

@@ -133,27 +133,42 @@ def test_joint_and_single_task_sources_train_together(reviews, tmp_path, tiny_ba
     assert rows["source"] == len(data.rows["source"]["test"].records)
 
 
-def test_joint_recipe_errors(tmp_path, tiny_backbone):
+def _prepare(tmp_path, backbone, tasks):
+    path = write_recipe(tmp_path / "r.yaml", {"name": "r", "backbone": backbone, "tasks": tasks})
+    recipe = mtlm.load_recipe(path)
+    return prepare_rows(recipe, {n: build_task(n, t) for n, t in recipe.tasks.items()})
+
+
+def test_only_identical_data_blocks_and_inputs_form_a_group(tmp_path, tiny_backbone):
+    """Tasks that share a file with other settings stay separate tasks, as before joint groups existed."""
     f = tmp_path / "rows.jsonl"
-    f.write_text("".join(json.dumps({"text": f"good film {i}", "title": "t", "a": "x" if i % 2 else None,
-                                     "b": "y"}) + "\n" for i in range(40)))
+    f.write_text("".join(json.dumps({"text": f"good film {i}", "title": f"t{i}", "a": "x" if i % 2 else "z",
+                                     "b": "y" if i % 3 else None}) + "\n" for i in range(60)))
     base = {"type": "classification", "data": {"train": str(f)}}
+    data = _prepare(tmp_path, tiny_backbone, {"a": {**base, "columns": {"label": "a"}},
+                                              "a2": {**base, "columns": {"label": "a", "text": "title"}},
+                                              "a3": {**base, "data": {"train": str(f), "limit": {"train": 30}},
+                                                     "columns": {"label": "a"}},
+                                              "b": {**base, "columns": {"label": "b"}}})
+    assert data.sources() == {"a+b": ["a", "b"], "a2": ["a2"], "a3": ["a3"]}
+    assert any("tasks a, a2, a3, b read the same train data" in n and "not all one joint group" in n
+               for n in data.notes)
+    assert len(data.rows["a3"]["train"].records) == 30                 # its own limit, its own split
+    # a task outside the group reads the file alone: a missing label is a row error, as for any single task
+    with pytest.raises(RecipeError) as e:
+        _prepare(tmp_path, tiny_backbone, {"a": {**base, "columns": {"label": "a"}},
+                                           "b": {**base, "columns": {"label": "b", "text": "title"}}})
+    assert e.value.problems[0] == f"{f}, line 1, field 'b': missing label"
 
-    def problems(tasks):
-        path = write_recipe(tmp_path / "r.yaml", {"name": "r", "backbone": tiny_backbone, "tasks": tasks})
-        recipe = mtlm.load_recipe(path)
-        with pytest.raises(RecipeError) as e:
-            prepare_rows(recipe, {n: build_task(n, t) for n, t in recipe.tasks.items()})
-        return e.value.problems
 
-    found = problems({"a": {**base, "columns": {"label": "a"}},
-                      "b": {**base, "data": {"train": str(f), "limit": {"train": 10}}, "columns": {"label": "b"}}})
-    assert any(p.startswith("tasks.b.data: shares its train data") and "limit differ" in p for p in found)
-    found = problems({"a": {**base, "columns": {"label": "a"}},
-                      "b": {**base, "columns": {"label": "b", "text": "title"}}})
-    assert any(p.startswith("tasks.b.columns: shares its train data") and "same input columns" in p for p in found)
-    found = problems({"a": {**base, "columns": {"label": "a"}}, "c": {**base, "columns": {"label": "c"}}})
-    assert any(p.startswith("tasks.c.columns.label: column 'c' not in") for p in found)
+def test_joint_group_errors(tmp_path, tiny_backbone):
+    f = tmp_path / "rows.jsonl"
+    f.write_text("".join(json.dumps({"text": f"good film {i}", "a": "x" if i % 2 else None}) + "\n" for i in range(40)))
+    base = {"type": "classification", "data": {"train": str(f)}}
+    with pytest.raises(RecipeError) as e:
+        _prepare(tmp_path, tiny_backbone, {"a": {**base, "columns": {"label": "a"}},
+                                           "c": {**base, "columns": {"label": "c"}}})
+    assert e.value.problems == [f"tasks.c.columns.label: column 'c' not in {f} (columns: text, a)"]
 
 
 def test_unlabelled_rows_still_need_valid_inputs(tmp_path, tiny_backbone):
