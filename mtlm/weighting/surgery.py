@@ -53,13 +53,11 @@ class TaskGradients:
         names = list(losses)
         for j, name in enumerate(names):
             accelerator.backward(weights[name] * losses[name] * scale, retain_graph=j < len(names) - 1)
-            row = self.buffer[self.index[name]]
-            offset = 0
+            # one concatenation and one add per task (not one kernel per parameter)
+            self.buffer[self.index[name]] += torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p))
+                                                        .reshape(-1).float() for p in self.shared])
             for p in self.shared:
-                if p.grad is not None:
-                    row[offset:offset + p.numel()] += p.grad.reshape(-1).float()
-                    p.grad = None
-                offset += p.numel()
+                p.grad = None
             self.seen[self.index[name]] += 1
 
     def reduce(self, accelerator) -> tuple[list[int], Tensor]:
