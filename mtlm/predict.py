@@ -83,13 +83,22 @@ class Predictor:
         return feats
 
     @torch.inference_mode()
-    def run(self, feats: list[dict], names: list[str]) -> list[dict[str, dict]]:
-        """One backbone pass over a micro-batch of encoded inputs, every head in `names`."""
+    def run(self, feats: list[dict], names: list[str], row_tasks: list[list[str]] | None = None
+            ) -> list[dict[str, dict]]:
+        """One backbone pass over a micro-batch of encoded inputs, every head in `names`.
+
+        row_tasks: the tasks each row asked for (default: all of `names`); a head's logits are decoded
+        only for the rows that asked for it (the server mixes requests for different task subsets)."""
         batch = {k: v.to(self.device) for k, v in pad_inputs(feats, self.tokenizer.pad_token_id).items()}
         logits = self.model(tasks=names, **batch)
         out: list[dict[str, dict]] = [{} for _ in feats]
         for n in names:
-            for i, result in enumerate(self.tasks[n].decode(logits[n].float(), feats)):
+            rows = list(range(len(feats))) if row_tasks is None else \
+                [i for i, wanted in enumerate(row_tasks) if n in wanted]
+            if not rows:
+                continue
+            head_logits = logits[n] if len(rows) == len(feats) else logits[n][rows]
+            for i, result in zip(rows, self.tasks[n].decode(head_logits.float(), [feats[i] for i in rows])):
                 if feats[i]["truncated"]:
                     result["truncated"] = True
                 out[i][n] = result

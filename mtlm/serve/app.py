@@ -145,6 +145,14 @@ def _readable(errors) -> list[dict]:
     return out
 
 
+def _path(loc: list) -> str:
+    """A pydantic error location as the field path `predict` uses: ["inputs", 0, "text"] -> "inputs[0].text"."""
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
 def _chain_signal_handlers(service: Service) -> None:
     """Make SIGTERM/SIGINT flip /ready to 503 before uvicorn's own handler starts its graceful shutdown
     (stop listening, finish open requests, then lifespan shutdown drains the batcher). uvicorn restores
@@ -212,7 +220,7 @@ def create_app(source: str | Path | Callable[[], Predictor], settings: ServeSett
     @app.exception_handler(RequestValidationError)
     async def invalid_body(request: Request, exc: RequestValidationError):
         errors = _readable(exc.errors())
-        detail = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:]) or 'body'}: {e['msg']}" for e in errors)
+        detail = "; ".join(f"{_path(e['loc'][1:]) or 'body'}: {e['msg']}" for e in errors)
         service.metrics.request(None, 422)
         return _error(422, detail or "invalid request body", request.state.request_id, errors=errors)
 

@@ -48,16 +48,19 @@ class Runner:
     def _tokenize(self, items: list[dict], groups: list[Fields]) -> dict[Fields, list[dict]]:
         return {fields: self._thread_predictor.encode(items, fields) for fields in groups}
 
-    async def forward(self, feats: list[dict], names: list[str]) -> list[dict[str, dict]]:
-        """One backbone pass over `feats` (one field group), every head in `names` -> per-input {task: result}.
+    async def forward(self, feats: list[dict], names: list[str], row_tasks: list[list[str]] | None = None
+                      ) -> list[dict[str, dict]]:
+        """One backbone pass over `feats` (one field group), every head in `names` -> per-input {task: result}
+        for the tasks that input asked for (`row_tasks`, default all).
 
         Exceptions from the model (out of memory, a bug) propagate to the awaiting batcher."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._model_thread, self._forward, feats, names)
+        return await loop.run_in_executor(self._model_thread, self._forward, feats, names, row_tasks)
 
-    def _forward(self, feats: list[dict], names: list[str]) -> list[dict[str, dict]]:
+    def _forward(self, feats: list[dict], names: list[str], row_tasks: list[list[str]] | None
+                 ) -> list[dict[str, dict]]:
         with torch.inference_mode():
-            return self.predictor.run(feats, names)
+            return self.predictor.run(feats, names, row_tasks)
 
     def close(self) -> None:
         """Wait for running work, then stop both threads."""
