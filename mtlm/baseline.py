@@ -53,7 +53,7 @@ def run_baseline(recipe: Recipe, split: str = "test", retrain: bool = False, pro
     mt_metrics, tasks, _ = evaluate_bundle(run_dir, split)
     mt = by_task(mt_metrics)
 
-    sizes = _train_sizes(recipe, tasks)
+    sizes = train_sizes(recipe, tasks)
     budgets = step_budgets(recipe, sizes, history["max_steps"])
     st: dict[str, dict[str, float]] = {}
     params_single = 0
@@ -90,7 +90,7 @@ def run_baseline(recipe: Recipe, split: str = "test", retrain: bool = False, pro
     return result
 
 
-def _train_sizes(recipe: Recipe, tasks: dict) -> dict[str, int]:
+def train_sizes(recipe: Recipe, tasks: dict) -> dict[str, int]:
     """Train features per task, as the multi-task run counted them for task sampling (an extractive QA
     example has one feature per window of its context). `tasks`: the fitted tasks of the bundle."""
     from transformers import AutoTokenizer
