@@ -310,7 +310,8 @@ class ExtractiveQA:
         return best_span(start_logits, end_logits, offsets, self.cfg.n_best, self.cfg.max_answer_length)
 
     def predictions(self, logits: Tensor, features: list[dict]) -> list[Any]:
-        """Per window: its `best_span` result. logits (windows, seq_len, 2)."""
+        """Per window: its `best_span` result. logits (windows, seq_len, 2), on any device."""
+        logits = logits.float().cpu()      # one copy per batch: the span search is many small ops
         return [self._best(logits[i, :, 0], logits[i, :, 1], f["offsets"]) for i, f in enumerate(features)]
 
     def postprocess(self, predictions: list[dict], features: list[dict]) -> list[str]:
@@ -346,6 +347,7 @@ class ExtractiveQA:
         """logits (total windows, seq_len, 2), the windows of each meta in order ->
         [{"answer": text, "start", "end": characters [start, end) in the context (None for no answer),
         "score": probability, "no_answer": bool}]."""
+        logits = logits.float().cpu()
         out, row = [], 0
         for meta in metas:
             windows = [self._best(logits[row + w, :, 0], logits[row + w, :, 1], offsets)
