@@ -53,7 +53,7 @@ def run_baseline(recipe: Recipe, split: str = "test", retrain: bool = False, pro
     mt_metrics, tasks, _ = evaluate_bundle(run_dir, split)
     mt = by_task(mt_metrics)
 
-    sizes = {n: len(r) for n, r in _train_sizes(recipe, tasks).items()}
+    sizes = train_sizes(recipe, tasks)
     budgets = step_budgets(recipe, sizes, history["max_steps"])
     st: dict[str, dict[str, float]] = {}
     params_single = 0
@@ -90,11 +90,16 @@ def run_baseline(recipe: Recipe, split: str = "test", retrain: bool = False, pro
     return result
 
 
-def _train_sizes(recipe: Recipe, tasks: dict) -> dict:
+def train_sizes(recipe: Recipe, tasks: dict) -> dict[str, int]:
+    """Train features per task, as the multi-task run counted them for task sampling (an extractive QA
+    example has one feature per window of its context). `tasks`: the fitted tasks of the bundle."""
+    from transformers import AutoTokenizer
+
     from mtlm.data import prepare_rows
     from mtlm.tasks import build_task
     data = prepare_rows(recipe, {n: build_task(n, t.cfg) for n, t in tasks.items()})
-    return {n: s["train"].records for n, s in data.rows.items()}
+    tokenizer = AutoTokenizer.from_pretrained(find_bundle(recipe.run_dir()) / "backbone")
+    return {n: len(tasks[n].encode(s["train"].records, tokenizer, recipe.max_length)) for n, s in data.rows.items()}
 
 
 def format_baseline(result: dict) -> str:

@@ -38,8 +38,9 @@ class Runner:
         """Normalised inputs -> {fields: one feature dict per input} for each field group.
 
         Feature dicts are `Predictor.encode`'s (input ids, offsets, word_ids, "length" in tokens,
-        "truncated"). Inputs must already be validated (pair groups need "text_pair" on every item)."""
-        chars = sum(len(it["text"]) + len(it.get("text_pair", "")) for it in items)
+        "truncated"; QA and multiple-choice features hold several "sequences"). Inputs must already be
+        validated (`mtlm.predict.check_fields`: every item has its groups' fields)."""
+        chars = sum(len(v) if isinstance(v, str) else sum(map(len, v)) for it in items for v in it.values())
         if chars <= self.inline_chars:
             return {fields: self.predictor.encode(items, fields) for fields in groups}
         loop = asyncio.get_running_loop()
