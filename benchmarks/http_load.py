@@ -25,8 +25,11 @@ class HttpPool:
         body = json.dumps(payload).encode()
         head = (f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\nContent-Type: application/json\r\n"
                 f"Content-Length: {len(body)}\r\n\r\n").encode()
-        for attempt in range(2):          # a reused connection may have been closed by the server's keep-alive
-            reused = bool(self.idle)
+        for attempt in range(2):
+            # A reused connection may have been closed by the server's keep-alive timeout (5 s in uvicorn)
+            # before the request reached it: the server never saw that request, so retry once on a NEW
+            # connection (a second idle one can be just as stale once latencies pass 5 s under overload).
+            reused = bool(self.idle) and attempt == 0
             conn = self.idle.pop() if reused else await asyncio.open_connection(self.host, self.port)
             try:
                 return await asyncio.wait_for(self._exchange(conn, head + body), self.timeout_s)
@@ -71,12 +74,17 @@ async def send_text(targets: list[Target], text: str, timeout_ms: float) -> dict
     async def one(pool: HttpPool, path: str, extra: dict) -> str:
         try:
             code = await pool.post(path, {"inputs": [text], "timeout_ms": timeout_ms, **extra})
-        except (OSError, asyncio.TimeoutError, ConnectionError):
-            return "error"
+        except asyncio.TimeoutError:
+            return "error:timeout"
+        except (OSError, ConnectionError) as e:
+            return f"error:{type(e).__name__}: {e}"[:120]
         return "ok" if code == 200 else "429" if code == 429 else f"{code // 100}xx"
 
     statuses = await asyncio.gather(*(one(*t) for t in targets))
-    for s in ("error", "5xx", "4xx", "429"):
+    errors = [s for s in statuses if s.startswith("error:")]
+    if errors:
+        return {"status": "error", "error": errors[0][6:], "sent": t0, "done": time.monotonic()}
+    for s in ("5xx", "4xx", "429"):
         if s in statuses:
             return {"status": s, "sent": t0, "done": time.monotonic()}
     return {"status": "ok", "sent": t0, "done": time.monotonic()}

@@ -53,13 +53,14 @@ def run_baseline(recipe: Recipe, split: str = "test", retrain: bool = False, pro
     from mtlm.train import fit
 
     run_dir = recipe.run_dir()
-    sizes = {n: len(r) for n, r in _train_sizes(recipe, recipe.tasks).items()}   # data errors before training
+    _refuse_joint_groups(recipe)
     if retrain or not (run_dir / "model" / "tasks.json").is_file():
         fit(recipe, progress=progress, overwrite=True)
     history = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
     mt_metrics, tasks, _ = evaluate_bundle(run_dir, split)
     mt = by_task(mt_metrics)
 
+    sizes = train_sizes(recipe, tasks)
     budgets = step_budgets(recipe, sizes, history["max_steps"])
     st: dict[str, dict[str, float]] = {}
     params_single = 0
@@ -96,15 +97,28 @@ def run_baseline(recipe: Recipe, split: str = "test", retrain: bool = False, pro
     return result
 
 
-def _train_sizes(recipe: Recipe, task_configs: dict) -> dict:
-    from mtlm.config import RecipeError
+def train_sizes(recipe: Recipe, tasks: dict) -> dict[str, int]:
+    """Train features per task, as the multi-task run counted them for task sampling (an extractive QA
+    example has one feature per window of its context). `tasks`: the fitted tasks of the bundle."""
+    from transformers import AutoTokenizer
+
     from mtlm.data import prepare_rows
     from mtlm.tasks import build_task
-    data = prepare_rows(recipe, {n: build_task(n, cfg) for n, cfg in task_configs.items()})
-    if data.groups:
-        raise RecipeError([f"tasks {', '.join(j.tasks)}: they share one data file (joint group {g}); single-task "
-                           f"baselines of jointly-labelled tasks are not supported yet" for g, j in data.groups.items()])
-    return {n: s["train"].records for n, s in data.rows.items()}
+    data = prepare_rows(recipe, {n: build_task(n, t.cfg) for n, t in tasks.items()})
+    tokenizer = AutoTokenizer.from_pretrained(find_bundle(recipe.run_dir()) / "backbone")
+    return {n: len(tasks[n].encode(s["train"].records, tokenizer, recipe.max_length)) for n, s in data.rows.items()}
+
+
+def _refuse_joint_groups(recipe: Recipe) -> None:
+    """Raises RecipeError (before any training) when the recipe has jointly-labelled tasks (`mtlm.joint`):
+    their single-task baselines are not supported yet."""
+    from mtlm.config import RecipeError
+    from mtlm.joint import find_groups
+    from mtlm.tasks import build_task
+    groups = find_groups(recipe, {n: build_task(n, cfg) for n, cfg in recipe.tasks.items()}, [])
+    if groups:
+        raise RecipeError([f"tasks {', '.join(names)}: they share one data block (joint group {g}); single-task "
+                           f"baselines of jointly-labelled tasks are not supported yet" for g, names in groups.items()])
 
 
 def format_baseline(result: dict) -> str:

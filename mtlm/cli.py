@@ -39,7 +39,8 @@ def cmd_eval(args) -> None:
 
 
 def read_inputs(path: str) -> list:
-    """A JSONL file of strings or {text, text_pair} objects. Raises InputError naming the file and line."""
+    """A JSONL file of strings or input objects ({text, text_pair?}, {question, context}, {text, choices}),
+    one per line. Raises InputError naming the file and line."""
     from mtlm.predict import InputError
     inputs = []
     try:
@@ -120,7 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("run", help="run folder or bundle folder")
     q.add_argument("texts", nargs="*", help="texts to predict")
     q.add_argument("--tasks", help="comma-separated task names (default: all)")
-    q.add_argument("--input", help="JSONL file: one string or {text, text_pair} per line")
+    q.add_argument("--input", help="JSONL file, one input per line: a string, {text, text_pair}, "
+                                   "{question, context} (extractive QA) or {text, choices} (multiple choice)")
     q.add_argument("--output", help="JSONL output file (default: stdout)")
     q.set_defaults(func=cmd_predict)
 

@@ -48,12 +48,18 @@ class DataConfig(_Strict):
 class TaskConfig(_Strict):
     type: str                                    # a key of mtlm.tasks.TASK_TYPES
     data: DataConfig
-    columns: dict[str, str] = Field(default_factory=dict)  # role -> column name; defaults per task type
+    columns: dict[str, str | list[str]] = Field(default_factory=dict)  # role -> column name (a list only for
+    #                                            multiple_choice `choices` given as several columns)
     weight: float = Field(1.0, ge=0)             # alpha_i in L = sum_i alpha_i * L_i
     metric: str | None = None                    # selection metric; the task type's default when None
     on_bad_rows: Literal["error", "skip"] = "error"
     label_separator: str = ","                   # multilabel: separator when labels come as one string
     threshold: float = Field(0.5, gt=0, lt=1)    # multilabel: initial per-label probability threshold
+    doc_stride: int = Field(128, gt=0)           # extractive_qa: tokens shared by consecutive windows of a long context
+    max_answer_length: int = Field(30, gt=0)     # extractive_qa: longest predicted answer, in tokens
+    n_best: int = Field(20, gt=0)                # extractive_qa: start and end candidates searched per window
+    allow_no_answer: bool = False                # extractive_qa: rows may have no answer (SQuAD v2)
+    no_answer_threshold: float = 0.0             # extractive_qa: answer nothing when p(null) - p(best span) > this
 
 
 class WeightingConfig(BaseModel):
@@ -200,10 +206,12 @@ def _task_problems(raw: dict) -> list[str]:
         if kind is None:
             problems.append(f"tasks.{name}.type: unknown task type '{t['type']}' (known: {', '.join(TASK_TYPES)})")
             continue
-        for role in (t.get("columns") if isinstance(t.get("columns"), dict) else {}):
+        for role, col in (t.get("columns").items() if isinstance(t.get("columns"), dict) else ()):
             if role not in kind.roles:
                 problems.append(f"tasks.{name}.columns.{role}: unknown role for {t['type']} "
                                 f"(roles: {', '.join(kind.roles)})")
+            elif isinstance(col, list) and role not in getattr(kind, "list_roles", ()):
+                problems.append(f"tasks.{name}.columns.{role}: give one column name, not a list")
         metric = t.get("metric")
         if isinstance(metric, str) and metric not in kind.metric_names:
             problems.append(f"tasks.{name}.metric: '{metric}' is not a {t['type']} metric "

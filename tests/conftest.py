@@ -88,7 +88,7 @@ def toy_data(tmp_path_factory) -> Path:
             words = [w for lab, w in (("joy", "fun"), ("anger", "hated")) if lab in labels] + filler[:3]
             rng.shuffle(words)
             f.write(json.dumps({"text": " ".join(words), "labels": labels}) + "\n")
-    names, places = ["john", "smith"], ["paris", "london"]
+    places = ["paris", "london"]
     with open(d / "ner.jsonl", "w") as f:
         for i in range(200):
             tokens, tags = [], []

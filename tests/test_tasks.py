@@ -201,7 +201,10 @@ def test_default_metrics_are_the_first_listed():
     assert default_metric(make_task("regression")) == "pearson"
     assert default_metric(make_task("token_classification")) == "f1"
     assert default_metric(make_task("regression", metric="mse")) == "mse"
-    assert set(TASK_TYPES) == {"classification", "multilabel", "regression", "token_classification"}
+    assert default_metric(make_task("extractive_qa")) == "f1"
+    assert default_metric(make_task("multiple_choice")) == "accuracy"
+    assert set(TASK_TYPES) == {"classification", "multilabel", "regression", "token_classification",
+                               "extractive_qa", "multiple_choice"}
 
 
 # ---------------------------------------------------------------- label maps, state, heads

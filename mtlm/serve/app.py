@@ -129,19 +129,28 @@ class RequestMiddleware:
 
 
 def _readable(errors) -> list[dict]:
-    """pydantic errors for `inputs: list[str | TextPair]` name both union branches; keep the one that
+    """pydantic errors for `inputs: list[str | InputObject]` name both union branches; keep the one that
     applies (the object's fields for an object, one plain message for anything else)."""
     out = []
     for e in errors:
         loc, msg = list(e.get("loc", ())), e.get("msg", "")
-        if len(loc) >= 4 and loc[:2] == ["body", "inputs"] and loc[3] in ("str", "TextPair"):
+        if len(loc) >= 4 and loc[:2] == ["body", "inputs"] and loc[3] in ("str", "InputObject"):
             is_object = isinstance(e.get("input"), dict) or len(loc) > 4
             if (loc[3] == "str") == is_object:
                 continue                                  # the other branch's complaint
             loc = loc[:3] + loc[4:]
             if not is_object:
-                msg = "expected a string or an object with 'text' (and 'text_pair')"
+                msg = ("expected a string or an object with 'text' (and 'text_pair' or 'choices'), "
+                       "or 'question' and 'context'")
         out.append({"loc": loc, "msg": msg, "type": e.get("type", "")})
+    return out
+
+
+def _path(loc: list) -> str:
+    """A pydantic error location as the field path `predict` uses: ["inputs", 0, "text"] -> "inputs[0].text"."""
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
     return out
 
 
@@ -212,7 +221,7 @@ def create_app(source: str | Path | Callable[[], Predictor], settings: ServeSett
     @app.exception_handler(RequestValidationError)
     async def invalid_body(request: Request, exc: RequestValidationError):
         errors = _readable(exc.errors())
-        detail = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:]) or 'body'}: {e['msg']}" for e in errors)
+        detail = "; ".join(f"{_path(e['loc'][1:]) or 'body'}: {e['msg']}" for e in errors)
         service.metrics.request(None, 422)
         return _error(422, detail or "invalid request body", request.state.request_id, errors=errors)
 

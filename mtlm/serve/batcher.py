@@ -33,7 +33,7 @@ from mtlm.serve.schemas import ServeSettings
 log = logging.getLogger("mtlm.serve")
 
 Fields = tuple[str, ...]
-Forward = Callable[[list[dict], list[str]], Awaitable[list[dict[str, dict]]]]
+Forward = Callable[[list[dict], list[str], list[list[str]]], Awaitable[list[dict[str, dict]]]]   # feats, heads, tasks per row
 
 
 class QueueFull(Exception):
@@ -334,7 +334,7 @@ class Batcher:
         t0 = time.perf_counter()
         self._running = batch
         try:
-            results = await self.forward([it.feat for it in batch], names)
+            results = await self.forward([it.feat for it in batch], names, [it.tasks for it in batch])
         except Exception as e:   # a model failure answers this batch's requests with 500, not the server
             log.exception("batch of %d failed", len(batch))
             for it in batch:

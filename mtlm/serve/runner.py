@@ -38,8 +38,9 @@ class Runner:
         """Normalised inputs -> {fields: one feature dict per input} for each field group.
 
         Feature dicts are `Predictor.encode`'s (input ids, offsets, word_ids, "length" in tokens,
-        "truncated"). Inputs must already be validated (pair groups need "text_pair" on every item)."""
-        chars = sum(len(it["text"]) + len(it.get("text_pair", "")) for it in items)
+        "truncated"; QA and multiple-choice features hold several "sequences"). Inputs must already be
+        validated (`mtlm.predict.check_fields`: every item has its groups' fields)."""
+        chars = sum(len(v) if isinstance(v, str) else sum(map(len, v)) for it in items for v in it.values())
         if chars <= self.inline_chars:
             return {fields: self.predictor.encode(items, fields) for fields in groups}
         loop = asyncio.get_running_loop()
@@ -48,16 +49,19 @@ class Runner:
     def _tokenize(self, items: list[dict], groups: list[Fields]) -> dict[Fields, list[dict]]:
         return {fields: self._thread_predictor.encode(items, fields) for fields in groups}
 
-    async def forward(self, feats: list[dict], names: list[str]) -> list[dict[str, dict]]:
-        """One backbone pass over `feats` (one field group), every head in `names` -> per-input {task: result}.
+    async def forward(self, feats: list[dict], names: list[str], row_tasks: list[list[str]] | None = None
+                      ) -> list[dict[str, dict]]:
+        """One backbone pass over `feats` (one field group), every head in `names` -> per-input {task: result}
+        for the tasks that input asked for (`row_tasks`, default all).
 
         Exceptions from the model (out of memory, a bug) propagate to the awaiting batcher."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._model_thread, self._forward, feats, names)
+        return await loop.run_in_executor(self._model_thread, self._forward, feats, names, row_tasks)
 
-    def _forward(self, feats: list[dict], names: list[str]) -> list[dict[str, dict]]:
+    def _forward(self, feats: list[dict], names: list[str], row_tasks: list[list[str]] | None
+                 ) -> list[dict[str, dict]]:
         with torch.inference_mode():
-            return self.predictor.run(feats, names)
+            return self.predictor.run(feats, names, row_tasks)
 
     def close(self) -> None:
         """Wait for running work, then stop both threads."""

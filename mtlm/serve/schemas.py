@@ -33,13 +33,19 @@ class ServeSettings(BaseModel):
         return self.max_queue_tokens or 16 * self.max_batch_tokens
 
 
-class TextPair(BaseModel):
-    """One input for pair tasks (and single-text tasks, which read only `text`)."""
+class InputObject(BaseModel):
+    """One input as an object: the fields its tasks read (`/v1/tasks` lists each task's input_fields).
+
+    Text tasks read `text` (pair tasks also `text_pair`), extractive QA `question` and `context`, multiple
+    choice `text` and `choices`. Which fields are required is checked per requested task."""
 
     model_config = ConfigDict(extra="forbid")
 
-    text: StrictStr
+    text: StrictStr | None = None
     text_pair: StrictStr | None = None
+    question: StrictStr | None = None
+    context: StrictStr | None = None
+    choices: list[StrictStr] | None = None
 
 
 class PredictRequest(BaseModel):
@@ -47,9 +53,13 @@ class PredictRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
         {"inputs": ["What a wonderful film.", {"text": "A man eats.", "text_pair": "Someone is eating."}],
-         "tasks": ["sentiment"], "timeout_ms": 2000}]})
+         "tasks": ["sentiment"], "timeout_ms": 2000},
+        {"inputs": [{"question": "Who wrote it?", "context": "The book was written by Ann Lee in 1990."}],
+         "tasks": ["qa"]},
+        {"inputs": [{"text": "How are you?", "choices": ["I am fine, thanks.", "Paris is in France."]}],
+         "tasks": ["reply"]}]})
 
-    inputs: list[StrictStr | TextPair] = Field(min_length=1)
+    inputs: list[StrictStr | InputObject] = Field(min_length=1)
     tasks: list[StrictStr] | None = None
     timeout_ms: float | None = Field(None, gt=0)  # answer 504 when not computed within this many ms of arrival
 
@@ -59,7 +69,7 @@ class TaskPredictRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    inputs: list[StrictStr | TextPair] = Field(min_length=1)
+    inputs: list[StrictStr | InputObject] = Field(min_length=1)
     timeout_ms: float | None = Field(None, gt=0)
 
 
@@ -86,7 +96,7 @@ class PredictResponse(BaseModel):
 class TaskInfo(BaseModel):
     name: str
     type: str
-    input_fields: list[str]              # ["text"] or ["text", "text_pair"]
+    input_fields: list[str]              # ["text"], ["text", "text_pair"], ["question", "context"], ["text", "choices"]
     labels: list[str] | None = None      # None for regression
 
 

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from mtlm.predict import InputError, Predictor, normalize_input
+from mtlm.predict import InputError, Predictor, check_fields, normalize_input
 from mtlm.serve.batcher import Batcher, Fields
 from mtlm.serve.metrics import ServeMetrics
 from mtlm.serve.runner import Runner
@@ -21,7 +21,9 @@ from mtlm.serve.schemas import ServeSettings
 
 log = logging.getLogger("mtlm.serve")
 
-WARMUP_INPUT = {"text": "Warm-up sentence for the first batch.", "text_pair": "A second warm-up sentence."}
+WARMUP_INPUT = {"text": "Warm-up sentence for the first batch.", "text_pair": "A second warm-up sentence.",
+                "question": "What is this?", "context": "This is a warm-up context for the first batch.",
+                "choices": ["A first warm-up choice.", "A second one."]}
 
 
 class NotReady(Exception):
@@ -115,7 +117,8 @@ class Service:
         """JSON inputs and task names -> (normalised inputs, task names, {field group: tasks}).
 
         Raises NotReady, or InputError naming the problem: unknown task (listing the valid ones), empty
-        input list, too many inputs, non-string or empty text, missing text_pair for a pair task."""
+        input list, too many inputs, non-string or empty text, a field a requested task needs missing
+        (text_pair for a pair task, question / context for QA, choices for multiple choice)."""
         if self.predictor is None:
             raise NotReady(self.error or "model is loading")
         if not inputs:
@@ -130,11 +133,7 @@ class Service:
                 x = x.model_dump(exclude_none=True)
             items.append(normalize_input(x, i))
         groups = self.predictor.groups(names)
-        for fields, group in groups.items():
-            if "text_pair" in fields:
-                missing = [i for i, it in enumerate(items) if not it.get("text_pair", "").strip()]
-                if missing:
-                    raise InputError(f"inputs{missing[:5]}: task(s) {', '.join(group)} need 'text_pair'")
+        check_fields(items, groups)
         return items, names, groups
 
     async def predict(self, items: list[dict], names: list[str], groups: dict[Fields, list[str]],

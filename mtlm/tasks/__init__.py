@@ -1,7 +1,9 @@
 """Task types keyed by the `type` name used in recipes. Each value implements `mtlm.tasks.base.TaskType`."""
 
 from mtlm.tasks.classification import Classification
+from mtlm.tasks.extractive_qa import ExtractiveQA
 from mtlm.tasks.multilabel import MultiLabel
+from mtlm.tasks.multiple_choice import MultipleChoice
 from mtlm.tasks.regression import Regression
 from mtlm.tasks.token_classification import TokenClassification
 
@@ -10,6 +12,8 @@ TASK_TYPES = {
     "multilabel": MultiLabel,
     "regression": Regression,
     "token_classification": TokenClassification,
+    "extractive_qa": ExtractiveQA,
+    "multiple_choice": MultipleChoice,
 }
 
 LOWER_IS_BETTER = {"mse"}   # selection metrics where smaller is better

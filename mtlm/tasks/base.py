@@ -8,6 +8,18 @@ Feature dicts (one per example) hold ``input_ids`` and optional ``token_type_ids
 the attention mask is implied by ``length`` and made when padding), ``length`` (tokens) and task-specific
 label fields. `pad_inputs` pads a micro-batch of them. Compact numpy arrays keep a 67k-row training set
 ~3x smaller in memory than Python int lists.
+
+A feature may instead hold ``sequences``: a list of such input dicts that each take one backbone row
+(multiple choice: one (context, choice) pair per choice; extractive QA at predict time: one window of a long
+context per row). `pad_inputs` flattens them in order, so a task's logits have one row per sequence and the
+task splits them back by ``len(feature["sequences"])``.
+
+Optional hooks beyond the protocol (looked up with getattr, so the other types need nothing):
+- ``postprocess(per_feature_predictions, features) -> per_example_predictions``: for types whose training
+  features are parts of an example (extractive QA windows). `mtlm.evaluate.task_outputs` calls it after
+  `predictions`; `references(features)` then returns one reference per example, in the same order.
+- ``encode_inputs(items, tokenizer, max_length) -> one feature per item``: how `mtlm.predict.Predictor`
+  encodes prediction inputs for the type's field group (default: text / text_pair tokenization).
 """
 
 from __future__ import annotations
@@ -106,8 +118,10 @@ def compact_inputs(enc, i: int) -> dict:
 def pad_inputs(features: list[dict], pad_token_id: int) -> dict[str, Tensor]:
     """Pad input_ids / attention_mask / token_type_ids to the longest in the micro-batch (dynamic padding).
 
-    Features hold lists or arrays; a missing attention_mask is all ones over the example's length.
-    Returns (batch, seq_len) int64 tensors."""
+    Features hold lists or arrays; a missing attention_mask is all ones over the example's length. A feature
+    with ``sequences`` contributes one row per sequence, in order. Returns (rows, seq_len) int64 tensors,
+    rows = the number of features plus the extra sequences."""
+    features = [s for f in features for s in f.get("sequences", (f,))]
     seq_len = max(len(f["input_ids"]) for f in features)
     keys = [k for k in STORED_KEYS if k in features[0]]
     out = {k: np.full((len(features), seq_len), pad_token_id if k == "input_ids" else 0, dtype=np.int64)
