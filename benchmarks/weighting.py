@@ -1,7 +1,7 @@
 """Loss weighting on real tasks of very different sizes: every method in mtlm.weighting against single-task
 baselines, at an equal step budget, on MiniLM-L6.
 
-    python benchmarks/weighting.py            # full: 3 tasks x 7 methods x 2 seeds, 800 steps (GPU: ~5-6 min on an H200)
+    python benchmarks/weighting.py            # full: 3 tasks x 7 methods x 2 seeds, 600 steps (GPU: ~5 min on an H200, estimated)
     python benchmarks/weighting.py --quick    # smoke test: 6 steps on 256-row slices, 1 seed (CPU: < 3 min)
     python benchmarks/weighting.py --methods static,pcgrad,famo --seeds 0 --steps 400
 
@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     from mtlm.weighting import WEIGHTINGS
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=800, help="optimizer steps per run (each: one batch per task)")
+    p.add_argument("--steps", type=int, default=600, help="optimizer steps per run (each: one batch per task)")
     p.add_argument("--seeds", default="0,1", help="comma-separated seeds")
     p.add_argument("--methods", default=",".join(WEIGHTINGS), help="comma-separated weighting names")
     p.add_argument("--batch-size", type=int, default=32)
