@@ -61,7 +61,7 @@ def task_specs(quick: bool) -> dict[str, dict]:
 
 def make_recipe(args, method: str, seed: int, work: Path):
     from mtlm.config import parse_recipe
-    raw = {"name": f"w-{method}-s{seed}", "backbone": "minilm-l6", "max_length": args.max_length,
+    raw = {"name": f"w-{method}-s{seed}", "backbone": args.backbone, "max_length": args.max_length,
            "output_dir": str(work / f"{method}-s{seed}"), "tasks": task_specs(args.quick),
            "train": {"batch_size": args.batch_size, "max_steps": args.steps, "eval_every": args.steps,
                      "lr": args.lr, "warmup_ratio": 0.06, "scheduler": "linear", "early_stopping_patience": None,
@@ -155,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=600, help="optimizer steps per run (each: one batch per task)")
     p.add_argument("--seeds", default="0,1", help="comma-separated seeds")
     p.add_argument("--methods", default=",".join(WEIGHTINGS), help="comma-separated weighting names")
+    p.add_argument("--backbone", default="minilm-l6", help="short name, local HF folder or hub id")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-4)
@@ -196,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     total_units = sum(units[k] for k, *_ in plan)
     result = {"config": {"steps": args.steps, "seeds": seeds, "methods": methods, "batch_size": args.batch_size,
                          "max_length": args.max_length, "lr": args.lr, "mixed_precision": args.mixed_precision,
-                         "quick": args.quick, "backbone": "minilm-l6", "step_mode": "all_tasks",
+                         "quick": args.quick, "backbone": args.backbone, "step_mode": "all_tasks",
                          "tasks": {n: {"metric": s["metric"], "train": s["data"]["train"], "limit": s["data"]["limit"]}
                                    for n, s in tasks.items()}},
               "machine": device_info(), "started": time.strftime("%Y-%m-%d %H:%M:%S"), "runs": [], "summary": {}}
