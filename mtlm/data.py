@@ -108,6 +108,26 @@ def _keep_rare_classes_in_train(task, splits: dict[str, Rows], made: list[str]) 
             seen |= {_strat_label(task, r) for r in moved.records}
 
 
+def read_splits(recipe: Recipe, dcfg, prefix: str, problems: list[str], check) -> dict[str, Rows]:
+    """Read every split a data block names. `check(raw, where)` validates a split's rows (where: e.g.
+    "tasks.topic.data.dev") and returns the usable Rows or None; unreadable sources are appended to
+    `problems` as "<prefix>.<split>: <reason>" and left out."""
+    splits: dict[str, Rows] = {}
+    for split in SPLITS:
+        spec = getattr(dcfg, split)
+        if spec is None:
+            continue
+        try:
+            raw = read_source(spec, recipe.base_dir)
+        except DataError as e:
+            problems.append(f"{prefix}.{split}: {e}")
+            continue
+        checked = check(raw, f"{prefix}.{split}")
+        if checked is not None:
+            splits[split] = checked
+    return splits
+
+
 def prepare_rows(recipe: Recipe, tasks: dict) -> PreparedData:
     """Read, check, split and cap every task's rows, then fit each task (label maps) on its train rows.
 
@@ -131,19 +151,8 @@ def prepare_rows(recipe: Recipe, tasks: dict) -> PreparedData:
                     out.rows.update({n: joint.task_rows(n) for n in groups[group]})
             continue
         dcfg, prefix = task.cfg.data, f"tasks.{name}.data"
-        splits: dict[str, Rows] = {}
-        for split in SPLITS:
-            spec = getattr(dcfg, split)
-            if spec is None:
-                continue
-            try:
-                raw = read_source(spec, recipe.base_dir)
-            except DataError as e:
-                problems.append(f"{prefix}.{split}: {e}")
-                continue
-            checked = _check_rows(task, raw, f"{prefix}.{split}", problems, out.notes)
-            if checked is not None:
-                splits[split] = checked
+        splits = read_splits(recipe, dcfg, prefix, problems,
+                             lambda raw, where: _check_rows(task, raw, where, problems, out.notes))
         if "train" not in splits:
             continue
         wanted = {s: f for s, f in dcfg.split.items() if getattr(dcfg, s) is None and f > 0}

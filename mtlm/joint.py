@@ -30,8 +30,8 @@ import torch
 from torch import Tensor
 
 from mtlm.config import RecipeError
-from mtlm.data import INPUT_ROLES, MAX_ROW_ERRORS, SPLITS, _row_key, collate
-from mtlm.sources import DataError, Rows, read_source, split_rows, subsample
+from mtlm.data import INPUT_ROLES, MAX_ROW_ERRORS, _row_key, collate, read_splits
+from mtlm.sources import Rows, split_rows, subsample
 from mtlm.tasks.base import INPUT_KEYS, pad_inputs
 
 # Task types whose examples are one backbone row each, with one feature per data row: they can share a
@@ -178,19 +178,8 @@ def prepare_group(recipe, group: str, tasks: dict, problems: list[str], notes: l
     dev/test unseen in train); returns None when the group cannot be used."""
     first = next(iter(tasks.values()))
     dcfg, prefix = first.cfg.data, f"tasks.{first.name}.data"
-    splits: dict[str, Rows] = {}
-    for split in SPLITS:
-        spec = getattr(dcfg, split)
-        if spec is None:
-            continue
-        try:
-            raw = read_source(spec, recipe.base_dir)
-        except DataError as e:
-            problems.append(f"{prefix}.{split}: {e}")
-            continue
-        checked = _check_joint_rows(group, tasks, raw, problems, notes)
-        if checked is not None:
-            splits[split] = checked
+    splits = read_splits(recipe, dcfg, prefix, problems,
+                         lambda raw, where: _check_joint_rows(group, tasks, raw, problems, notes))
     if "train" not in splits:
         return None
     wanted = {s: f for s, f in dcfg.split.items() if getattr(dcfg, s) is None and f > 0}

@@ -188,3 +188,20 @@ class TextTask:
 
     def label_fields(self, row: dict) -> dict:
         raise NotImplementedError
+
+
+class NothingToFit:
+    """The fitted-state half of the contract for task types that learn nothing from train rows beyond the
+    head (answer spans, choice scoring): no label map, no eval-label checks, empty state in tasks.json."""
+
+    def fit(self, rows: list[dict]) -> None:
+        pass
+
+    def check_eval_rows(self, rows: list[dict]) -> list[str]:
+        return []
+
+    def state(self) -> dict:
+        return {}
+
+    def load_state(self, state: dict) -> None:
+        pass

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mtlm.tasks.base import LinearHead, compact_inputs
+from mtlm.tasks.base import LinearHead, NothingToFit, compact_inputs
 
 CHUNK = 512       # examples tokenized per call (the stride is capped per call, see encode_windows)
 
@@ -204,7 +204,7 @@ def pick_answer(windows: list[dict], context: str, allow_no_answer: bool, thresh
 
 # ---------------------------------------------------------------- the task type
 
-class ExtractiveQA:
+class ExtractiveQA(NothingToFit):
     roles: ClassVar[dict[str, bool]] = {"question": True, "context": True, "answers": True}
     default_columns: ClassVar[dict[str, str]] = {"question": "question", "context": "context", "answers": "answers"}
     metric_names: ClassVar[tuple[str, ...]] = ("f1", "exact_match", "has_ans_f1", "has_ans_exact_match",
@@ -249,18 +249,6 @@ class ExtractiveQA:
                     problems.append((col, f"answer {k} {text!r} is not the context at answer_start {start} "
                                           f"(the context has {found!r} there)"))
         return problems
-
-    def fit(self, rows: list[dict]) -> None:
-        """Nothing to fit: spans need no label map."""
-
-    def check_eval_rows(self, rows: list[dict]) -> list[str]:
-        return []
-
-    def state(self) -> dict:
-        return {}
-
-    def load_state(self, state: dict) -> None:
-        pass
 
     def make_head(self, hidden_size: int, dropout: float) -> nn.Module:
         return LinearHead(hidden_size, 2, dropout)

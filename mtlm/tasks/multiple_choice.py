@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mtlm.tasks.base import LinearHead, compact_inputs
+from mtlm.tasks.base import LinearHead, NothingToFit, compact_inputs
 
 MISSING, WRONG, RIGHT = -1, 0, 1     # label-matrix entries: no choice in this slot, a wrong one, the right one
 
@@ -50,7 +50,7 @@ def grouped_scores(logits: Tensor, features: list[dict]) -> list[Tensor]:
     return list(logits.float().reshape(-1).split(sizes))
 
 
-class MultipleChoice:
+class MultipleChoice(NothingToFit):
     roles: ClassVar[dict[str, bool]] = {"context": True, "choices": True, "label": True}
     default_columns: ClassVar[dict[str, str]] = {"context": "context", "choices": "choices", "label": "label"}
     list_roles: ClassVar[tuple[str, ...]] = ("choices",)   # roles that may name several columns
@@ -104,18 +104,6 @@ class MultipleChoice:
             problems.append((cols["label"], f"{label!r} is neither the text of a choice nor an index in "
                                             f"0..{len(choices) - 1}"))
         return problems
-
-    def fit(self, rows: list[dict]) -> None:
-        """Nothing to fit: the head scores pairs, whatever the choices."""
-
-    def check_eval_rows(self, rows: list[dict]) -> list[str]:
-        return []
-
-    def state(self) -> dict:
-        return {}
-
-    def load_state(self, state: dict) -> None:
-        pass
 
     def make_head(self, hidden_size: int, dropout: float) -> nn.Module:
         return LinearHead(hidden_size, 1, dropout)

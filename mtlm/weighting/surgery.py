@@ -127,7 +127,36 @@ def cagrad(grads: Tensor, c: float, rescale: int = 1) -> tuple[Tensor, Tensor]:
     return coef @ grads, coef
 
 
-class PCGrad:
+class GradientCombiner:
+    """What PCGrad and CAGrad share: per-task gradients of the backbone collected by one backward per task
+    (`TaskGradients`), all-reduced and combined in `step` by the subclass. Needs the model."""
+
+    needs_all_tasks: ClassVar[bool] = True
+    combines_shared_gradients: ClassVar[bool] = True
+    Options: ClassVar[type[BaseModel]] = NoOptions
+
+    def __init__(self, weights: dict[str, float], model: nn.Module | None = None, device="cpu", seed: int = 0,
+                 **options):
+        self.options = self.Options(**options)
+        if model is None:
+            raise ValueError(f"{type(self).__name__.lower()} needs the model (its backbone's parameters)")
+        self.weights = dict(weights)
+        self.names = list(weights)
+        shared = [p for p in model.backbone.parameters() if p.requires_grad]
+        self.grads = TaskGradients(self.names, shared, device)
+
+    def backward(self, losses: dict[str, Tensor], accelerator, scale: float = 1.0) -> Tensor | None:
+        """One backward per task; the shared gradients go to per-task buffers."""
+        if not losses:
+            return None
+        self.grads.backward(losses, accelerator, self.weights, scale)
+        return sum(losses.values()).detach()
+
+    def param_groups(self) -> list[dict]:
+        return []
+
+
+class PCGrad(GradientCombiner):
     """Projecting conflicting gradients (Yu, Kumar, Gupta, Levine, Hausman & Finn 2020, "Gradient surgery for
     multi-task learning", NeurIPS): each task's gradient of the shared parameters loses its component along
     every other task's gradient it conflicts with (negative dot product), in random order; the update is the
@@ -138,26 +167,10 @@ class PCGrad:
     one), k x P float32 gradient buffers (P = backbone parameters), O(k^2 P) projections, and one all-reduce
     of k x P floats per optimizer step with several processes (see the module docstring)."""
 
-    needs_all_tasks: ClassVar[bool] = True
-    combines_shared_gradients: ClassVar[bool] = True
-    Options: ClassVar[type[BaseModel]] = NoOptions
-
     def __init__(self, weights: dict[str, float], model: nn.Module | None = None, device="cpu", seed: int = 0,
                  **options):
-        self.options = self.Options(**options)
-        if model is None:
-            raise ValueError("pcgrad needs the model (its backbone's parameters)")
-        self.weights = dict(weights)
-        shared = [p for p in model.backbone.parameters() if p.requires_grad]
-        self.grads = TaskGradients(list(weights), shared, device)
+        super().__init__(weights, model, device, seed, **options)
         self.generator = torch.Generator().manual_seed(seed)
-
-    def backward(self, losses: dict[str, Tensor], accelerator, scale: float = 1.0) -> Tensor | None:
-        """One backward per task; the shared gradients go to per-task buffers."""
-        if not losses:
-            return None
-        self.grads.backward(losses, accelerator, self.weights, scale)
-        return sum(losses.values()).detach()
 
     def step(self, accelerator) -> None:
         """All-reduce the per-task gradients, project, and write the sum into the backbone's .grad."""
@@ -169,9 +182,6 @@ class PCGrad:
 
     def current(self) -> dict[str, float]:
         return dict(self.weights)
-
-    def param_groups(self) -> list[dict]:
-        return []
 
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state()}
@@ -186,7 +196,7 @@ class CAGradOptions(BaseModel):
     rescale: int = Field(1, ge=0, le=2)  # 0: none, 1: divide by 1 + c^2 (the paper's code), 2: by 1 + c
 
 
-class CAGrad:
+class CAGrad(GradientCombiner):
     """Conflict-averse gradient descent (Liu, Liu, Jin, Stone & Liu 2021, "Conflict-averse gradient descent
     for multi-task learning", NeurIPS): the update d maximises the worst task's improvement within a ball of
     radius c ||g0|| around the average gradient g0 (see `cagrad`). Heads get their own task's gradient. Like
@@ -197,27 +207,12 @@ class CAGrad:
     k x k Gram matrix and a k-variable SLSQP solve on the CPU per step. Logged weights: the coefficient of
     each task's gradient in d."""
 
-    needs_all_tasks: ClassVar[bool] = True
-    combines_shared_gradients: ClassVar[bool] = True
     Options: ClassVar[type[BaseModel]] = CAGradOptions
 
     def __init__(self, weights: dict[str, float], model: nn.Module | None = None, device="cpu", seed: int = 0,
                  **options):
-        self.options = self.Options(**options)
-        if model is None:
-            raise ValueError("cagrad needs the model (its backbone's parameters)")
-        self.weights = dict(weights)
-        self.names = list(weights)
-        shared = [p for p in model.backbone.parameters() if p.requires_grad]
-        self.grads = TaskGradients(self.names, shared, device)
+        super().__init__(weights, model, device, seed, **options)
         self.coefficients = {n: 1.0 / len(self.names) for n in self.names}
-
-    def backward(self, losses: dict[str, Tensor], accelerator, scale: float = 1.0) -> Tensor | None:
-        """One backward per task; the shared gradients go to per-task buffers."""
-        if not losses:
-            return None
-        self.grads.backward(losses, accelerator, self.weights, scale)
-        return sum(losses.values()).detach()
 
     def step(self, accelerator) -> None:
         """All-reduce the per-task gradients, solve for d, and write it into the backbone's .grad."""
@@ -233,9 +228,6 @@ class CAGrad:
 
     def current(self) -> dict[str, float]:
         return dict(self.coefficients)
-
-    def param_groups(self) -> list[dict]:
-        return []
 
     def state_dict(self) -> dict:
         return {}
