@@ -170,7 +170,10 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
             if not isinstance(node.get(p), dict):
                 node[p] = {}
             node = node[p]
-        node[parts[-1]] = yaml.safe_load(value) if value != "" else None
+        try:
+            node[parts[-1]] = yaml.safe_load(value) if value != "" else None
+        except yaml.YAMLError as e:
+            problems.append(f"override '{item}': the value is not valid YAML ({str(e).splitlines()[0]})")
     if problems:
         raise RecipeError(problems)
     return out

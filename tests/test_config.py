@@ -137,6 +137,11 @@ def test_malformed_overrides_all_listed():
                         "override 'train..lr=1': expected key.path=value"]
 
 
+def test_override_value_that_is_not_yaml_is_a_recipe_problem():
+    problems = problems_of(valid_recipe(), ["train.lr={", "train.seed=1"])
+    assert len(problems) == 1 and problems[0].startswith("override 'train.lr={': the value is not valid YAML")
+
+
 def test_override_mixed_precision_no():
     r = parse_recipe(valid_recipe(), Path("."), ["train.mixed_precision=no"])
     assert r.train.mixed_precision == "no"

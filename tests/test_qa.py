@@ -96,6 +96,19 @@ def test_long_question_is_cut_to_half_a_window(tokenizer):
     assert all(w["length"] <= 32 for w in windows) and {w["example"] for w in windows} == {0, 1}
 
 
+def test_overlap_larger_than_the_window_still_advances_by_half(tokenizer):
+    """doc_stride above what a window can hold (the default 128 with max_length 32) must not make one window
+    per token: the overlap is capped at half the context room."""
+    context = " ".join(f"w{i}" for i in range(200))
+    windows, _ = encode_windows(tokenizer, ["who"], [context], 32, 128)
+    n_context = len(tokenizer(context, add_special_tokens=False)["input_ids"])
+    room = 32 - 3 - len(tokenizer("who", add_special_tokens=False)["input_ids"])
+    assert len(windows) <= 2 * n_context // room + 2
+    starts = [int(o[0]) for w in windows for o in w["offsets"] if o[0] >= 0]
+    ends = [int(o[1]) for w in windows for o in w["offsets"] if o[0] >= 0]
+    assert min(starts) == 0 and max(ends) == len(context)             # the whole context, never cut
+
+
 def test_unanswerable_rows_point_at_cls(tokenizer):
     row = qa_row(random.Random(2), 40)
     row["answers"] = {"text": [], "answer_start": []}

@@ -126,7 +126,8 @@ def encode_windows(tokenizer, questions: list[str], contexts: list[str], max_len
     inputs) and "offsets": int32 (length, 2) character [start, end) of each context token, -1 for question,
     special and padding tokens. Windows of one example are consecutive and cover its whole context.
     Questions are cut to half a window; `doc_stride` (overlap in tokens) is capped per chunk of examples
-    at the context room left by the chunk's longest question minus one, so every window advances."""
+    at half the context room left by the chunk's longest question, so each window advances by at least half
+    its context (an overlap near the whole room would make one window per token)."""
     specials = tokenizer.num_special_tokens_to_add(pair=True)
     if max_length - specials < 2:
         raise ValueError(f"max_length {max_length} leaves no room for a question and a context")
@@ -134,7 +135,7 @@ def encode_windows(tokenizer, questions: list[str], contexts: list[str], max_len
     windows: list[dict] = []
     for lo in range(0, len(questions), CHUNK):
         room = max_length - specials - max(q_lengths[lo:lo + CHUNK])
-        stride = max(0, min(doc_stride, room - 1))
+        stride = max(0, min(doc_stride, room // 2))   # overlap <= half the context room: windows advance >= half
         enc = tokenizer(questions[lo:lo + CHUNK], contexts[lo:lo + CHUNK], truncation="only_second",
                         max_length=max_length, stride=stride, return_overflowing_tokens=True,
                         return_offsets_mapping=True)
