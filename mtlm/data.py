@@ -82,13 +82,18 @@ def _check_rows(task, rows: Rows, prefix: str, problems: list[str], notes: list[
         notes.append(f"{task.name}: skipped {len(bad)} bad row(s) of {len(rows.records)} in {rows.origin}")
         skip = {i for i, _ in bad}
         return rows.select([i for i in range(len(rows.records)) if i not in skip])
+    report_bad_rows(rows, bad, problems, f"or set tasks.{task.name}.on_bad_rows: skip")
+    return None
+
+
+def report_bad_rows(rows: Rows, bad: list[tuple[int, list[tuple[str, str]]]], problems: list[str], hint: str) -> None:
+    """Append "<file>, line N, field 'col': problem" for the first MAX_ROW_ERRORS bad rows (index, [(column,
+    problem)]), then a count of the rest with `hint`."""
     for i, found in bad[:MAX_ROW_ERRORS]:
         where = f"{rows.origin}, {rows.line_kind} {rows.lines[i]}"
         problems.extend(f"{where}, field '{col}': {msg}" for col, msg in found)
     if len(bad) > MAX_ROW_ERRORS:
-        problems.append(f"{rows.origin}: ... and {len(bad) - MAX_ROW_ERRORS} more bad rows "
-                        f"(or set tasks.{task.name}.on_bad_rows: skip)")
-    return None
+        problems.append(f"{rows.origin}: ... and {len(bad) - MAX_ROW_ERRORS} more bad rows ({hint})")
 
 
 def _keep_rare_classes_in_train(task, splits: dict[str, Rows], made: list[str]) -> None:

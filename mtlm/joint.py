@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from mtlm.config import RecipeError
-from mtlm.data import INPUT_ROLES, MAX_ROW_ERRORS, _row_key, collate, read_splits
+from mtlm.data import INPUT_ROLES, _row_key, collate, read_splits, report_bad_rows
 from mtlm.sources import Rows, split_rows, subsample
 from mtlm.tasks.base import INPUT_KEYS, pad_inputs
 
@@ -138,12 +138,7 @@ def _check_joint_rows(group: str, tasks: dict, rows: Rows, problems: list[str], 
             unlabelled.append(i)
     skip_bad = next(iter(tasks.values())).cfg.on_bad_rows == "skip"
     if bad and not skip_bad:
-        for i, found in bad[:MAX_ROW_ERRORS]:
-            where = f"{rows.origin}, {rows.line_kind} {rows.lines[i]}"
-            problems.extend(f"{where}, field '{col}': {msg}" for col, msg in found)
-        if len(bad) > MAX_ROW_ERRORS:
-            problems.append(f"{rows.origin}: ... and {len(bad) - MAX_ROW_ERRORS} more bad rows "
-                            f"(or set on_bad_rows: skip for the tasks of {group})")
+        report_bad_rows(rows, bad, problems, f"or set on_bad_rows: skip for the tasks of {group}")
         return None
     if bad:
         notes.append(f"{group}: skipped {len(bad)} bad row(s) of {len(rows.records)} in {rows.origin}")
