@@ -102,6 +102,21 @@ def summarize(result: dict) -> dict:
                        "single_task_eval_total": round(sum(r["eval_s"] for r in result["single_task"].values()), 1)}}
 
 
+def resumed(out: Path, fresh: dict) -> dict:
+    """The stages `out` already holds when it was written for the same recipe, overrides and split (and
+    benchmark), else `fresh`. Raises SystemExit when `out` holds another configuration (never overwrites it)."""
+    if not out.is_file():
+        return fresh
+    old = json.loads(out.read_text(encoding="utf-8"))
+    same = all(old.get(k) == fresh[k] for k in ("benchmark", "quick", "split", "recipe", "overrides"))
+    if not same:
+        raise SystemExit(f"{out} holds another configuration (recipe, overrides or split differ): "
+                         f"choose another --out or drop --resume")
+    print(f"resuming {out}: multi-task {'done' if old.get('multi_task') else 'to run'}, "
+          f"single-task done: {', '.join(old.get('single_task') or {}) or 'none'}", flush=True)
+    return {**old, "status": "running", "machine": fresh["machine"]}
+
+
 def _x100(v):
     return None if v is None else round(100 * v, 2)
 
@@ -115,6 +130,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run-dir", default=str(ROOT / "runs" / "qa_bench"), help="where the models are trained")
     p.add_argument("--out", default=str(DEFAULT_OUT))
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--stage", choices=["all", "multi", "single"], default="all",
+                   help="multi: train/score the multi-task model only; single: the single-task models only "
+                        "(needs --out to hold this configuration's multi-task stage)")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the stages --out already holds for the same recipe, overrides and split; run the rest")
     p.add_argument("overrides", nargs="*", help="extra recipe overrides, key.path=value")
     args = p.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -136,25 +156,36 @@ def main(argv: list[str] | None = None) -> int:
     result = {"benchmark": "qa_bench", "status": "running", "quick": args.quick, "split": args.split,
               "recipe": str(Path(args.recipe).resolve()), "overrides": overrides, "machine": device_info(),
               "started": time.strftime("%Y-%m-%d %H:%M:%S"), "multi_task": None, "single_task": {}}
+    if args.resume or args.stage == "single":
+        result = resumed(out, result)
     write(out, result)
     t_all = time.perf_counter()
 
-    print(f"multi-task: {', '.join(recipe.tasks)} ({recipe.train.max_steps} steps) on {result['machine']['device']}",
-          flush=True)
-    result["multi_task"] = train_and_score(recipe, args.split, not args.no_progress)
-    write(out, result)
+    if result["multi_task"] is None:
+        if args.stage == "single":
+            print(f"{out} holds no multi-task stage for this configuration: run --stage multi first", file=sys.stderr)
+            return 2
+        print(f"multi-task: {', '.join(recipe.tasks)} ({recipe.train.max_steps} steps) on {result['machine']['device']}",
+              flush=True)
+        result["multi_task"] = train_and_score(recipe, args.split, not args.no_progress)
+        write(out, result)
+    if args.stage == "multi":
+        print(f"wrote {out} (multi-task stage; the single-task models: --stage single)")
+        return 0
 
     _, _, tasks, _ = load_bundle(Path(result["multi_task"]["run_dir"]) / "model")
     sizes = train_sizes(recipe, tasks)
     budgets = step_budgets(recipe, sizes, result["multi_task"]["max_steps"])
     result["train_features"], result["single_task_steps"] = sizes, budgets
     for name in recipe.tasks:
+        if name in result["single_task"]:
+            continue
         single = single_task_recipe(recipe, name, budgets[name], Path(args.run_dir))
         print(f"single-task {name}: {budgets[name]} steps", flush=True)
         result["single_task"][name] = train_and_score(single, args.split, not args.no_progress)
         write(out, result)
 
-    result.update(summarize(result), status="done", total_wall_s=round(time.perf_counter() - t_all, 1))
+    result.update(summarize(result), status="done", wall_s_this_invocation=round(time.perf_counter() - t_all, 1))
     write(out, result)
     for name, row in result["tasks"].items():
         fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731

@@ -141,6 +141,33 @@ def table(summary: dict, tasks: dict) -> str:
     return "\n".join(lines)
 
 
+def run_key(kind: str, method: str, seed: int, task: str | None) -> tuple:
+    return (kind, method if kind == "multi" else "static", seed, task if kind == "single" else None)
+
+
+def resumed(out: Path, fresh: dict, plan: list[tuple]) -> tuple[dict, list[tuple]]:
+    """(result, plan) continuing `out`: its runs are kept when its configuration equals `fresh`'s but for
+    the seeds and methods (which become the union); `plan` loses the runs already there. Raises SystemExit
+    when `out` holds another configuration."""
+    if not out.is_file():
+        return fresh, plan
+    old = json.loads(out.read_text(encoding="utf-8"))
+    mine = {k: v for k, v in fresh["config"].items() if k not in ("seeds", "methods")}
+    theirs = {k: v for k, v in old.get("config", {}).items() if k not in ("seeds", "methods")}
+    if mine != theirs:
+        diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+        raise SystemExit(f"{out} was written with other settings ({', '.join(diff)}): choose another --out")
+    done = {run_key(r["kind"], r["method"], r["seed"], r.get("task")) for r in old["runs"]}
+    config = {**fresh["config"],
+              "seeds": sorted(set(old["config"]["seeds"]) | set(fresh["config"]["seeds"])),
+              "methods": list(dict.fromkeys(old["config"]["methods"] + fresh["config"]["methods"]))}
+    result = {**old, "config": config, "machine": fresh["machine"]}
+    result.setdefault("resumed", []).append(time.strftime("%Y-%m-%d %H:%M:%S"))
+    left = [x for x in plan if run_key(*x) not in done]
+    print(f"resuming {out}: {len(old['runs'])} runs kept, {len(left)} to run", flush=True)
+    return result, left
+
+
 def device_info() -> dict:
     import torch
     info = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.cuda.is_available()}
@@ -163,6 +190,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-baselines", action="store_true", help="skip the single-task runs (no Delta_m)")
     p.add_argument("--quick", action="store_true", help="6 steps on 256-row slices, seed 0, batch 16, max_length 64")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    p.add_argument("--resume", action="store_true",
+                   help="keep the runs --out already holds for the same steps, tasks and hyper-parameters (e.g. "
+                        "add a seed or a method); run only the missing ones")
     p.add_argument("--keep-runs", type=Path, default=None, help="keep run folders here (default: a temp dir, deleted)")
     args = p.parse_args(argv)
     if args.quick:
@@ -201,6 +231,9 @@ def main(argv: list[str] | None = None) -> int:
                          "tasks": {n: {"metric": s["metric"], "train": s["data"]["train"], "limit": s["data"]["limit"]}
                                    for n, s in tasks.items()}},
               "machine": device_info(), "started": time.strftime("%Y-%m-%d %H:%M:%S"), "runs": [], "summary": {}}
+    if args.resume:
+        result, plan = resumed(args.out, result, plan)
+        total_units = sum(units[k] for k, *_ in plan)
     print(f"device: {result['machine']['device']}; {len(plan)} runs ({sum(k == 'multi' for k, *_ in plan)} multi-task "
           f"x {len(tasks)} batches per step, {sum(k == 'single' for k, *_ in plan)} single-task) of {args.steps} "
           f"steps; the time estimate follows the first run", flush=True)
