@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("predict", help="predict all (or some) tasks for texts")
     q.add_argument("run", help="run folder or bundle folder")
     q.add_argument("texts", nargs="*", help="texts to predict")
-    q.add_argument("--tasks", help="comma-separated task names (default: all)")
+    q.add_argument("--tasks", help="comma-separated task names (default: per input, every task whose fields it carries)")
     q.add_argument("--input", help="JSONL file, one input per line: a string, {text, text_pair}, "
                                    "{question, context} (extractive QA) or {text, choices} (multiple choice)")
     q.add_argument("--output", help="JSONL output file (default: stdout)")

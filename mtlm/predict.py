@@ -10,6 +10,7 @@ row per choice.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,8 @@ from mtlm.tasks.base import INPUT_KEYS, pad_inputs
 
 TEXT_FIELDS = ("text", "text_pair", "question", "context")   # string fields of an input
 FIELDS = TEXT_FIELDS + ("choices",)                           # every field an input may have
+MIN_CHOICES = 2                                               # a multiple-choice input's fewest choices
+Fields = tuple[str, ...]
 
 
 class InputError(ValueError):
@@ -41,10 +44,16 @@ def normalize_input(item: Any, index: int) -> dict:
         if key not in FIELDS:
             raise InputError(f"inputs[{index}].{key}: unknown field (expected {', '.join(FIELDS)})")
         if key == "choices":
-            if not isinstance(value, list) or not value or not all(isinstance(c, str) and c.strip() for c in value):
-                raise InputError(f"inputs[{index}].choices: expected a non-empty list of non-empty strings")
+            if not isinstance(value, list) or not all(isinstance(c, str) and c.strip() for c in value):
+                raise InputError(f"inputs[{index}].choices: expected a list of non-empty strings")
+            if len(value) < MIN_CHOICES:
+                raise InputError(f"inputs[{index}].choices: {len(value)} choice(s), at least {MIN_CHOICES} "
+                                 "(the model picks one of them)")
         elif not isinstance(value, str):
             raise InputError(f"inputs[{index}].{key}: expected a string, got {type(value).__name__}")
+    if "context" in item and "question" not in item and "choices" in item:
+        raise InputError(f"inputs[{index}].context: a multiple-choice input gives its context as 'text' "
+                         "(with 'choices'); 'context' goes with a 'question' for extractive QA")
     qa = [k for k in ("question", "context") if k in item]
     for key in (("question", "context") if qa else ("text",)):
         if not item.get(key, "").strip():
@@ -52,15 +61,45 @@ def normalize_input(item: Any, index: int) -> dict:
     return item
 
 
-def check_fields(items: list[dict], groups: dict[tuple[str, ...], list[str]]) -> None:
+def _carries(item: dict, field: str) -> bool:
+    value = item.get(field)
+    return bool(value) and not (isinstance(value, str) and not value.strip())
+
+
+def min_tokens(item: dict, fields: Fields, max_length: int) -> int:
+    """A lower bound of the tokens `Predictor.encode` makes of one input for one field group, from its
+    whitespace-separated words (each word is at least one token): checked before tokenising, so an
+    oversized input is refused without paying for its tokenisation. Text groups are cut at max_length
+    tokens; a QA context is read whole (windows); a multiple-choice input is one sequence per choice."""
+    words = {f: len(item[f].split()) for f in fields if isinstance(item.get(f), str)}
+    if "choices" in fields:
+        return sum(min(words.get("text", 0) + len(c.split()), max_length) for c in item["choices"])
+    total = sum(words.values())
+    return total if "context" in fields else min(total, max_length)
+
+
+def check_fields(items: list[dict], groups: dict[Fields, list[str]]) -> None:
     """Every input has every field that the tasks of each field group read. Raises InputError naming the
     inputs (first five) and the tasks, e.g. "inputs[0, 2]: task(s) paraphrase need 'text_pair'"."""
     for fields, group in groups.items():
         for field in fields:
-            missing = [i for i, it in enumerate(items) if not it.get(field) or
-                       (isinstance(it[field], str) and not it[field].strip())]
+            missing = [i for i, it in enumerate(items) if not _carries(it, field)]
             if missing:
                 raise InputError(f"inputs{missing[:5]}: task(s) {', '.join(group)} need '{field}'")
+
+
+@dataclass
+class Plan:
+    """What to compute for a list of normalised inputs (`Predictor.plan`).
+
+    names: the tasks of the response, in order; row_tasks: per input, the tasks it gets; groups: field
+    group -> its tasks among `names` (one backbone pass each); members: field group -> the indices of the
+    inputs that need that pass."""
+
+    names: list[str]
+    row_tasks: list[list[str]]
+    groups: dict[Fields, list[str]]
+    members: dict[Fields, list[int]]
 
 
 class Predictor:
@@ -73,9 +112,13 @@ class Predictor:
     carries "truncated": true when the input exceeded max_length tokens (for QA: the question was cut; a
     long context is read window by window, never cut)."""
 
-    def __init__(self, model, tokenizer, tasks: dict, meta: dict, device: torch.device):
+    def __init__(self, model, tokenizer, tasks: dict, meta: dict, device: torch.device,
+                 max_pass_tokens: int = 16384):
+        """max_pass_tokens: padded tokens (rows x seq_len) per backbone call; a larger micro-batch (a QA
+        context of many windows, many choices) runs in row chunks, so activation memory stays bounded."""
         self.model, self.tokenizer, self.tasks, self.meta, self.device = model, tokenizer, tasks, meta, device
         self.max_length = int(meta["max_length"])
+        self.max_pass_tokens = max_pass_tokens
 
     @property
     def name(self) -> str:
@@ -90,12 +133,36 @@ class Predictor:
             raise InputError(f"unknown task(s) {unknown or tasks}; valid tasks: {', '.join(self.tasks)}")
         return list(dict.fromkeys(tasks))
 
-    def groups(self, names: list[str]) -> dict[tuple[str, ...], list[str]]:
+    def groups(self, names: list[str]) -> dict[Fields, list[str]]:
         """Requested tasks grouped by the input fields they read (one backbone pass per group)."""
-        out: dict[tuple[str, ...], list[str]] = {}
+        out: dict[Fields, list[str]] = {}
         for n in names:
             out.setdefault(tuple(self.tasks[n].input_fields()), []).append(n)
         return out
+
+    def plan(self, items: list[dict], tasks: list[str] | None) -> Plan:
+        """The tasks each input gets. Explicit `tasks`: all of them for every input (an input missing a
+        field one of them reads is an error). None: per input, every task whose input fields it carries
+        (plain text -> the text tasks; {"question", "context"} -> extractive QA; both -> both).
+        Raises InputError: unknown task, missing field, or an input that no task can read."""
+        if tasks is not None:
+            names = self.check_tasks(tasks)
+            check_fields(items, self.groups(names))
+            row_tasks = [list(names) for _ in items]
+        else:
+            row_tasks = []
+            for i, it in enumerate(items):
+                mine = [n for n, t in self.tasks.items() if all(_carries(it, f) for f in t.input_fields())]
+                if not mine:
+                    reads = "; ".join(f"{n} reads {' + '.join(t.input_fields())}" for n, t in self.tasks.items())
+                    raise InputError(f"inputs[{i}]: no task of this model reads the fields it carries "
+                                     f"({', '.join(it)}): {reads}")
+                row_tasks.append(mine)
+            names = [n for n in self.tasks if any(n in r for r in row_tasks)]
+        groups = self.groups(names)
+        members = {fields: [i for i, r in enumerate(row_tasks) if any(n in r for n in group)]
+                   for fields, group in groups.items()}
+        return Plan(names, row_tasks, groups, members)
 
     def encode(self, items: list[dict], fields: tuple[str, ...]) -> list[dict]:
         """Tokenize items for one group -> one feature dict per item with a truncation flag and "length".
@@ -118,6 +185,16 @@ class Predictor:
                           "sequence_ids": e.sequence_ids, "truncated": bool(e.overflowing)})
         return feats
 
+    def forward(self, batch: dict[str, torch.Tensor], names: list[str]) -> dict[str, torch.Tensor]:
+        """{head: logits (rows, ...)} for a padded batch (rows, seq_len), in chunks of at most
+        `max_pass_tokens` padded tokens (at least one row per chunk)."""
+        rows, seq_len = batch["input_ids"].shape
+        step = max(1, self.max_pass_tokens // seq_len)
+        if rows <= step:
+            return self.model(tasks=names, **batch)
+        parts = [self.model(tasks=names, **{k: v[i:i + step] for k, v in batch.items()}) for i in range(0, rows, step)]
+        return {n: torch.cat([part[n] for part in parts]) for n in names}
+
     @torch.inference_mode()
     def run(self, feats: list[dict], names: list[str], row_tasks: list[list[str]] | None = None
             ) -> list[dict[str, dict]]:
@@ -127,7 +204,7 @@ class Predictor:
         row_tasks: the tasks each row asked for (default: all of `names`); a head's logits are decoded
         only for the rows that asked for it (the server mixes requests for different task subsets)."""
         batch = {k: v.to(self.device) for k, v in pad_inputs(feats, self.tokenizer.pad_token_id).items()}
-        logits = self.model(tasks=names, **batch)
+        logits = self.forward(batch, names)
         out: list[dict[str, dict]] = [{} for _ in feats]
         expanded = any("sequences" in f for f in feats)   # logits rows != features: decode all, keep asked
         for n in names:
@@ -147,7 +224,8 @@ class Predictor:
 
     def predict(self, inputs: list[Any] | str, tasks: list[str] | None = None, batch_size: int = 32
                 ) -> list[dict[str, dict]]:
-        """Predict `tasks` (default: all) for each input. Raises InputError on bad inputs or task names."""
+        """Predict `tasks` for each input; default: per input, every task whose fields it carries (see
+        `plan`). Returns one {task: result} dict per input. Raises InputError on bad inputs or task names."""
         if isinstance(inputs, (str, dict)):
             inputs = [inputs]
         if isinstance(tasks, str):
@@ -155,16 +233,17 @@ class Predictor:
         if not inputs:
             raise InputError("no inputs to predict")
         items = [normalize_input(x, i) for i, x in enumerate(inputs)]
-        names = self.check_tasks(tasks)
+        plan = self.plan(items, tasks)
         results: list[dict[str, dict]] = [{} for _ in items]
-        groups = self.groups(names)
-        check_fields(items, groups)
-        for fields, group in groups.items():
-            feats = self.encode(items, fields)
+        for fields, group in plan.groups.items():
+            members = plan.members[fields]
+            feats = self.encode([items[i] for i in members], fields)
             for idx in length_sorted_batches([f["length"] for f in feats], batch_size):
-                for i, res in zip(idx, self.run([feats[i] for i in idx], group)):
+                rows = [members[j] for j in idx]
+                out = self.run([feats[j] for j in idx], group, [plan.row_tasks[i] for i in rows])
+                for i, res in zip(rows, out):
                     results[i].update(res)
-        return [{n: r[n] for n in names} for r in results]
+        return [{n: r[n] for n in plan.names if n in r} for r in results]
 
 
 def load(path: str | Path, device: str | None = None) -> Predictor:

@@ -239,6 +239,20 @@ def test_predict_subset_of_tasks_and_plain_strings(predictor):
     assert list(only_pair[0]) == ["paraphrase"]
 
 
+def test_default_tasks_follow_the_fields_each_input_carries(predictor):
+    """Without `tasks`, a plain text gets the single-text tasks and a pair also gets the pair task, in
+    one call; each result equals the same task predicted alone."""
+    mixed = ["a movie", {"text": "b", "text_pair": "c"}, {"text": "d", "text_pair": "  "}]
+    res = predictor.predict(mixed, batch_size=2)
+    single = [n for n, t in predictor.tasks.items() if tuple(t.input_fields()) == ("text",)]
+    assert single and "paraphrase" not in single
+    assert list(res[0]) == single and list(res[2]) == single
+    assert list(res[1]) == [n for n in predictor.tasks if n in single or n == "paraphrase"]
+    (pair,) = predictor.predict([mixed[1]], tasks=["paraphrase"])
+    assert res[1]["paraphrase"]["label"] == pair["paraphrase"]["label"]
+    assert res[1]["paraphrase"]["score"] == pytest.approx(pair["paraphrase"]["score"], abs=1e-5)
+
+
 def test_predict_batched_equals_one_by_one(predictor):
     together = predictor.predict(INPUTS, batch_size=2)
     for item, res in zip(INPUTS, together):
@@ -285,7 +299,8 @@ def test_predict_input_errors(predictor):
     with pytest.raises(InputError, match=r"unknown task\(s\) \['topic'\]; valid tasks: sentiment, paraphrase"):
         predictor.predict(["a"], tasks=["sentiment", "topic"])
     with pytest.raises(InputError, match=r"inputs\[0, 2\]: task\(s\) paraphrase need 'text_pair'"):
-        predictor.predict(["a", {"text": "b", "text_pair": "c"}, {"text": "d", "text_pair": "  "}])
+        predictor.predict(["a", {"text": "b", "text_pair": "c"}, {"text": "d", "text_pair": "  "}],
+                          tasks=["sentiment", "paraphrase"])
     with pytest.raises(InputError, match=r"inputs\[1\]\.text: missing or empty"):
         predictor.predict(["fine", ""], tasks=["sentiment"])
     with pytest.raises(InputError, match=r"inputs\[0\]\.text: missing or empty"):

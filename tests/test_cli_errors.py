@@ -137,7 +137,7 @@ def test_predict_works_on_the_same_bundle(results, capsys):
 
 
 def test_predict_missing_text_pair_and_empty_text(results, capsys):
-    rc, _, err = in_process(["predict", str(results["bundle"]), "hello"], capsys)
+    rc, _, err = in_process(["predict", str(results["bundle"]), "hello", "--tasks", "sentiment,paraphrase"], capsys)
     assert rc == 2 and "error: inputs[0]: task(s) paraphrase need 'text_pair'" in err
     rc, _, err = in_process(["predict", str(results["bundle"]), "  ", "--tasks", "sentiment"], capsys)
     assert rc == 2 and "error: inputs[0].text: missing or empty" in err

@@ -131,8 +131,20 @@ def test_mc_trains_saves_loads_and_predicts(mc_run):
     assert set(both) == {"reply", "topic"}
     with pytest.raises(InputError, match=r"inputs\[0\]: task\(s\) reply need 'choices'"):
         predictor.predict(["stock market"], tasks=["reply"])
-    with pytest.raises(InputError, match=r"inputs\[0\]\.choices: expected a non-empty list"):
-        predictor.predict([{"text": "x", "choices": []}], tasks=["reply"])
+    for choices in ([], ["only one"]):
+        with pytest.raises(InputError, match=r"inputs\[0\]\.choices: \d choice\(s\), at least 2"):
+            predictor.predict([{"text": "x", "choices": choices}], tasks=["reply"])
+    with pytest.raises(InputError, match=r"inputs\[0\]\.choices: expected a list of non-empty strings"):
+        predictor.predict([{"text": "x", "choices": "a b"}], tasks=["reply"])
+    with pytest.raises(InputError, match=r"inputs\[0\]\.context: a multiple-choice input gives its context as 'text'"):
+        predictor.predict([{"context": "x", "choices": ["a", "b"]}])
+    (plain,) = predictor.predict(["stock market"])                # no choices: only the text task
+    assert list(plain) == ["topic"]
+    # a micro-batch over the per-call token budget runs in row chunks with the same results
+    predictor.max_pass_tokens = 8
+    chunked = predictor.predict(inputs, tasks=["reply"])
+    for a, b in zip(out, chunked):
+        assert a["reply"]["scores"] == pytest.approx(b["reply"]["scores"], abs=1e-5)
 
 
 def test_chatterbot_responses_builtin(tmp_path):

@@ -262,7 +262,13 @@ def test_qa_predict_round_trip_and_input_errors(qa_run):
     with pytest.raises(InputError, match=r"inputs\[0\]\.context: missing or empty"):
         predictor.predict([{"question": "who"}], tasks=["qa"])
     with pytest.raises(InputError, match=r"inputs\[0\]: task\(s\) sentiment need 'text'"):
-        predictor.predict([{"question": "who", "context": "john"}])
+        predictor.predict([{"question": "who", "context": "john"}], tasks=["qa", "sentiment"])
+    # without tasks: each input gets the tasks whose fields it carries (one call, mixed inputs)
+    plain, question, _ = predictor.predict(["great fun", {"question": row["question"], "context": row["context"]},
+                                            item])
+    assert list(plain) == ["sentiment"] and list(question) == ["qa"]
+    assert question["qa"]["answer"] == qa["answer"] and question["qa"]["score"] == pytest.approx(qa["score"], abs=1e-5)
+    assert plain["sentiment"]["label"] == both["sentiment"]["label"]
 
 
 def test_qa_cli_predict_from_jsonl(qa_run, tmp_path, capsys):

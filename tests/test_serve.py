@@ -142,6 +142,15 @@ def test_results_equal_predict(bundle, predictor):
                 assert_same(got, want)
             assert body["predictions"][-1]["sentiment"]["truncated"] is True
 
+            mixed = TEXTS[:2] + inputs[:2]           # without tasks: each input gets the tasks its fields feed
+            r = await client.post("/v1/predict", json={"inputs": mixed})
+            assert r.status_code == 200, r.text
+            preds = r.json()["predictions"]
+            assert [list(p) for p in preds[:2]] == [[t for t in TASKS if t != "paraphrase"]] * 2
+            assert [list(p) for p in preds[2:]] == [list(TASKS)] * 2
+            for got, want in zip(preds, predictor.predict(mixed), strict=True):
+                assert_same(got, want)
+
             r = await client.post("/v1/tasks/ner/predict", json={"inputs": TEXTS})
             assert r.status_code == 200 and len(r.headers["x-request-id"]) >= 18        # generated
             for got, want in zip(r.json()["predictions"], predictor.predict(TEXTS, ["ner"])):
@@ -276,7 +285,8 @@ def test_bad_inputs_get_the_stated_4xx(bundle):
         ({"inputs": ["x"], "tasks": ["nope"]}, 422, ["nope", "sentiment", "paraphrase"]),
         ({"inputs": ["x"], "tasks": []}, 422, ["valid tasks"]),
         ({"inputs": ["x"], "tasks": ["paraphrase"]}, 422, ["text_pair"]),
-        ({"inputs": ["x"]}, 422, ["text_pair"]),                   # all tasks include the pair task
+        ({"inputs": [{"question": "q", "context": "c"}]}, 422, ["no task", "paraphrase reads text + text_pair"]),
+        ({"inputs": [{"text": "x", "choices": ["a"] * 101}]}, 422, ["inputs[0].choices", "at most 100"]),
         ({"inputs": [], "tasks": ["topic"]}, 422, ["inputs"]),
         ({"inputs": [123], "tasks": ["topic"]}, 422, ["inputs[0]"]),
         ({"inputs": [{"text": 5}], "tasks": ["topic"]}, 422, ["inputs[0].text"]),
@@ -287,10 +297,12 @@ def test_bad_inputs_get_the_stated_4xx(bundle):
         ({"inputs": ["a"], "tasks": ["topic"], "timeout_ms": 1e9}, 422, ["timeout_ms"]),
         ({"text": "a"}, 422, ["inputs"]),
         ({"inputs": ["a " * 2000], "tasks": ["topic"]}, 413, ["bytes"]),
+        ({"inputs": [" ".join("abcdefghijklmnopqrstuvwxyz1234")] * 4}, 413, ["one per word", "token budget (100)"]),   # before tokenising
     ]
 
     async def main():
-        async with serving(str(bundle), max_inputs_per_request=4, max_body_bytes=2000) as (app, client):
+        async with serving(str(bundle), max_inputs_per_request=4, max_body_bytes=2000,
+                           max_queue_tokens=100) as (app, client):
             for body, status, words in cases:
                 r = await client.post("/v1/predict", json=body)
                 assert r.status_code == status, (body, r.text)

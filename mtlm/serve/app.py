@@ -236,8 +236,9 @@ def create_app(source: str | Path | Callable[[], Predictor], settings: ServeSett
             timeout_ms = settings.default_timeout_ms if timeout_ms is None else timeout_ms
             if timeout_ms > settings.max_timeout_ms:
                 raise InputError(f"timeout_ms: {timeout_ms:g} is over the limit of {settings.max_timeout_ms:g}")
-            items, names, groups = service.validate(inputs, tasks)
-            predictions, timing = await service.predict(items, names, groups, timeout_ms / 1000.0, arrival)
+            items, plan = service.validate(inputs, tasks)
+            names = plan.names
+            predictions, timing = await service.predict(items, plan, timeout_ms / 1000.0, arrival)
             status, n_inputs = 200, len(items)
             return JSONResponse({"model": service.predictor.name, "request_id": rid, "tasks": names,
                                  "predictions": predictions, "timing": timing})
@@ -264,7 +265,8 @@ def create_app(source: str | Path | Callable[[], Predictor], settings: ServeSett
 
     @app.post("/v1/predict", response_model=PredictResponse, responses=_ERRORS)
     async def predict(body: PredictRequest, request: Request):
-        """Every requested task (default: all) for each input, from one backbone pass per field group."""
+        """The requested tasks for each input (default: every task whose fields the input carries), from one
+        backbone pass per field group."""
         return await handle(request, body.inputs, body.tasks, body.timeout_ms)
 
     @app.post("/v1/tasks/{task}/predict", response_model=PredictResponse, responses=_ERRORS)

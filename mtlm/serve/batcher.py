@@ -162,13 +162,18 @@ class Batcher:
                     it.future.set_exception(Stopped("server stopped before this input was answered"))
 
     # ---- admission ---------------------------------------------------------------------------
-    def reserve(self, inputs: int) -> Ticket:
+    def reserve(self, inputs: int, min_tokens: int = 0) -> Ticket:
         """Room for `inputs` inputs, checked before tokenising so a full server answers in microseconds.
-        Raises Stopped (draining), TooLarge (more than max_queue) or QueueFull."""
+        `min_tokens`: a lower bound of the request's tokens (`mtlm.predict.min_tokens`).
+        Raises Stopped (draining), TooLarge (more than max_queue inputs, or at least min_tokens tokens over
+        the queue's token budget: refused without tokenising) or QueueFull."""
         if self._draining:
             raise Stopped("server is draining")
         if inputs > self.settings.max_queue:
             raise TooLarge(f"{inputs} inputs exceed the queue size ({self.settings.max_queue})")
+        if min_tokens > self.settings.queue_tokens:
+            raise TooLarge(f"at least {min_tokens} tokens (one per word), over the queue's token budget "
+                           f"({self.settings.queue_tokens})")
         if self._queued_inputs + self._reserved + inputs > self.settings.max_queue:
             raise QueueFull(f"queue full ({self._queued_inputs} inputs queued and {self._reserved} being admitted, "
                             f"limit {self.settings.max_queue})", self.retry_after())

@@ -34,20 +34,22 @@ class Runner:
         self._tokenizer_thread = ThreadPoolExecutor(1, thread_name_prefix="mtlm-tokenize")
         self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="mtlm-model")
 
-    async def tokenize(self, items: list[dict], groups: list[Fields]) -> dict[Fields, list[dict]]:
-        """Normalised inputs -> {fields: one feature dict per input} for each field group.
+    async def tokenize(self, jobs: dict[Fields, list[dict]]) -> dict[Fields, list[dict]]:
+        """{field group: normalised inputs} -> {field group: one feature dict per input}.
 
         Feature dicts are `Predictor.encode`'s (input ids, offsets, word_ids, "length" in tokens,
         "truncated"; QA and multiple-choice features hold several "sequences"). Inputs must already be
-        validated (`mtlm.predict.check_fields`: every item has its groups' fields)."""
-        chars = sum(len(v) if isinstance(v, str) else sum(map(len, v)) for it in items for v in it.values())
+        validated (`Predictor.plan`: every input carries its group's fields)."""
+        chars = sum(len(v) if isinstance(v, str) else sum(map(len, v))
+                    for items in jobs.values() for it in items for v in it.values())
         if chars <= self.inline_chars:
-            return {fields: self.predictor.encode(items, fields) for fields in groups}
+            return self._tokenize(self.predictor, jobs)
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._tokenizer_thread, self._tokenize, items, groups)
+        return await loop.run_in_executor(self._tokenizer_thread, self._tokenize, self._thread_predictor, jobs)
 
-    def _tokenize(self, items: list[dict], groups: list[Fields]) -> dict[Fields, list[dict]]:
-        return {fields: self._thread_predictor.encode(items, fields) for fields in groups}
+    @staticmethod
+    def _tokenize(predictor: Predictor, jobs: dict[Fields, list[dict]]) -> dict[Fields, list[dict]]:
+        return {fields: predictor.encode(items, fields) for fields, items in jobs.items()}
 
     async def forward(self, feats: list[dict], names: list[str], row_tasks: list[list[str]] | None = None
                       ) -> list[dict[str, dict]]:

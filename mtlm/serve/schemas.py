@@ -23,6 +23,7 @@ class ServeSettings(BaseModel):
     max_queue: int = Field(1024, gt=0)            # queued inputs (over all requests) before answering 429
     max_queue_tokens: int | None = Field(None, gt=0)  # queued real tokens before 429; None = 16 x max_batch_tokens
     max_inputs_per_request: int = Field(256, gt=0)    # more inputs in one request -> 422
+    max_choices: int = Field(100, ge=2)           # more choices in one multiple-choice input -> 422
     max_body_bytes: int = Field(1 << 20, gt=0)    # larger request bodies -> 413
     default_timeout_ms: float = Field(30_000, gt=0)   # a request's timeout_ms when it gives none
     max_timeout_ms: float = Field(600_000, gt=0)  # the largest timeout_ms a request may ask for
@@ -49,7 +50,8 @@ class InputObject(BaseModel):
 
 
 class PredictRequest(BaseModel):
-    """`POST /v1/predict` body. `tasks` defaults to every task of the model."""
+    """`POST /v1/predict` body. `tasks` defaults, per input, to every task whose input fields it carries
+    (plain text: the text tasks; question + context: extractive QA); given tasks apply to every input."""
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
         {"inputs": ["What a wonderful film.", {"text": "A man eats.", "text_pair": "Someone is eating."}],

@@ -13,8 +13,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from mtlm.predict import InputError, Predictor, check_fields, normalize_input
-from mtlm.serve.batcher import Batcher, Fields
+from mtlm.predict import InputError, Plan, Predictor, min_tokens, normalize_input
+from mtlm.serve.batcher import Batcher
 from mtlm.serve.metrics import ServeMetrics
 from mtlm.serve.runner import Runner
 from mtlm.serve.schemas import ServeSettings
@@ -69,6 +69,7 @@ class Service:
             else:
                 from mtlm.predict import load
                 predictor = await asyncio.to_thread(load, self.source)
+            predictor.max_pass_tokens = self.settings.max_batch_tokens   # a many-window input runs in chunks
             self.predictor = predictor
             self.runner = Runner(predictor, self.settings.torch_threads)
             self.batcher = Batcher(self.runner.forward, self.settings, self.metrics)
@@ -88,9 +89,8 @@ class Service:
     async def _warm_up(self) -> None:
         """One real batch through the whole path (tokenizer, batcher, every head), so the first client
         does not pay for lazy initialisation."""
-        names = list(self.predictor.tasks)
-        groups = self.predictor.groups(names)
-        await self.predict([dict(WARMUP_INPUT)], names, groups, timeout_s=600.0, arrival=time.monotonic())
+        items = [dict(WARMUP_INPUT)]
+        await self.predict(items, self.predictor.plan(items, None), timeout_s=600.0, arrival=time.monotonic())
 
     def begin_drain(self) -> None:
         """Stop taking requests (ready -> 503) but keep answering accepted ones. Signal-handler safe."""
@@ -112,13 +112,14 @@ class Service:
         self.state = "stopped"
 
     # ---- the request path ----------------------------------------------------------------------
-    def validate(self, inputs: list[Any], tasks: list[str] | None
-                 ) -> tuple[list[dict], list[str], dict[Fields, list[str]]]:
-        """JSON inputs and task names -> (normalised inputs, task names, {field group: tasks}).
+    def validate(self, inputs: list[Any], tasks: list[str] | None) -> tuple[list[dict], Plan]:
+        """JSON inputs and task names -> (normalised inputs, `Predictor.plan`: the tasks each input gets;
+        default: the tasks whose fields it carries).
 
         Raises NotReady, or InputError naming the problem: unknown task (listing the valid ones), empty
-        input list, too many inputs, non-string or empty text, a field a requested task needs missing
-        (text_pair for a pair task, question / context for QA, choices for multiple choice)."""
+        input list, too many inputs, non-string or empty text, more than max_choices choices, a field a
+        requested task needs missing (text_pair for a pair task, question / context for QA, choices for
+        multiple choice), an input no task reads."""
         if self.predictor is None:
             raise NotReady(self.error or "model is loading")
         if not inputs:
@@ -126,37 +127,41 @@ class Service:
         if len(inputs) > self.settings.max_inputs_per_request:
             raise InputError(f"inputs: {len(inputs)} inputs, at most {self.settings.max_inputs_per_request} "
                              "per request")
-        names = self.predictor.check_tasks(tasks)
         items = []
         for i, x in enumerate(inputs):
             if hasattr(x, "model_dump"):
                 x = x.model_dump(exclude_none=True)
-            items.append(normalize_input(x, i))
-        groups = self.predictor.groups(names)
-        check_fields(items, groups)
-        return items, names, groups
+            item = normalize_input(x, i)
+            if len(item.get("choices", ())) > self.settings.max_choices:
+                raise InputError(f"inputs[{i}].choices: {len(item['choices'])} choices, at most "
+                                 f"{self.settings.max_choices} per input")
+            items.append(item)
+        return items, self.predictor.plan(items, tasks)
 
-    async def predict(self, items: list[dict], names: list[str], groups: dict[Fields, list[str]],
-                      timeout_s: float, arrival: float) -> tuple[list[dict[str, dict]], dict[str, float]]:
-        """(one {task: result} per input in `names` order, timing in ms) for validated inputs.
+    async def predict(self, items: list[dict], plan: Plan, timeout_s: float, arrival: float
+                      ) -> tuple[list[dict[str, dict]], dict[str, float]]:
+        """(one {task: result} per input, in `plan.names` order, timing in ms) for validated inputs.
 
         `arrival`: time.monotonic() when the request arrived; the deadline is arrival + timeout_s.
-        Raises QueueFull (429), TooLarge (413), Stopped (503), asyncio.TimeoutError (504: inputs not yet
+        Raises QueueFull (429), TooLarge (413: also before tokenising, when a lower bound of the request's
+        tokens is over the queue's token budget), Stopped (503), asyncio.TimeoutError (504: inputs not yet
         computed are dropped), or the model's exception (500)."""
         batcher, deadline = self.batcher, arrival + timeout_s
-        ticket = batcher.reserve(len(items) * len(groups))
+        jobs = {fields: [items[i] for i in plan.members[fields]] for fields in plan.groups}
+        least = sum(min_tokens(it, fields, self.predictor.max_length) for fields, its in jobs.items() for it in its)
+        ticket = batcher.reserve(sum(map(len, jobs.values())), least)
         try:
             t0 = time.perf_counter()
-            feats = await self.runner.tokenize(items, list(groups))
+            feats = await self.runner.tokenize(jobs)
             tokenize_s = time.perf_counter() - t0
         except BaseException:
             batcher.release(ticket)
             raise
         self.metrics.tokenize_seconds.observe(tokenize_s)
         entries, owners = [], []
-        for fields, group in groups.items():
-            for i, feat in enumerate(feats[fields]):
-                entries.append((feat, fields, tuple(group)))
+        for fields, group in plan.groups.items():
+            for i, feat in zip(plan.members[fields], feats[fields]):
+                entries.append((feat, fields, tuple(n for n in group if n in plan.row_tasks[i])))
                 owners.append(i)
         queued = batcher.submit(ticket, entries, deadline)
         results = await batcher.wait(queued, deadline)
@@ -170,7 +175,7 @@ class Service:
             "total_ms": (time.monotonic() - arrival) * 1e3,
             "batch_size": max(it.batch_size for it in queued),
         }
-        return [{n: r[n] for n in names} for r in merged], timing
+        return [{n: r[n] for n in plan.names if n in r} for r in merged], timing
 
     def task_info(self) -> list[dict]:
         """Every task: name, type, input fields and labels (None for regression)."""
