@@ -1,6 +1,6 @@
 """Loss weighting: each method against hand-computed values on tiny problems, the recipe checks, learned
 state saved and restored by --resume, loss scaling (CPU with a real GradScaler; fp16 on CUDA when present),
-and 2 processes == 1 process for a gradient-level method."""
+every method under bf16 autocast against fp32, and 2 processes == 1 process for a gradient-level method."""
 
 from __future__ import annotations
 
@@ -389,3 +389,39 @@ def test_pcgrad_fp16_loss_scaling_on_cuda(tiny_backbone, make_recipe, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     m = json.loads((tmp_path / "runs" / "fp16" / "metrics.json").read_text())
     assert all(math.isfinite(v) for k, v in m["train"][-1].items() if k.startswith("loss/"))
+
+
+@pytest.mark.parametrize("name", list(WEIGHTINGS))
+def test_every_method_under_bf16_autocast_matches_fp32(name, accelerator, tiny_backbone):
+    """bf16 autocast (the training loop's `torch.autocast` around the forwards; bf16 needs no loss scaling):
+    each method's backbone and head gradients point where its fp32 gradients point (cosine > 0.99, norm
+    within 5%), i.e. no method reads bf16 gradients as if they were fp32 or loses a task's share."""
+    from transformers import AutoModel
+
+    from mtlm.config import TrainConfig
+    from mtlm.model import MultiTaskModel
+    from mtlm.tasks.base import LinearHead
+
+    torch.manual_seed(0)
+    backbone = AutoModel.from_pretrained(tiny_backbone, add_pooling_layer=False)
+    hidden = backbone.config.hidden_size
+    heads = nn.ModuleDict({"a": LinearHead(hidden, 2, 0.0), "b": LinearHead(hidden, 3, 0.0)})
+    base = MultiTaskModel(backbone, heads, {"a": "pooled", "b": "pooled"}, "mean").eval()
+    ids, labels = torch.randint(5, 60, (8, 12)), {"a": torch.randint(0, 2, (8,)), "b": torch.randint(0, 3, (8,))}
+    train = TrainConfig(weighting={"name": name}, seed=0)
+
+    def grads(dtype):
+        model = copy.deepcopy(base)
+        method = build_weighting(train, {"a": 1.0, "b": 1.0}, model, torch.device("cpu"))
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+            out = model(input_ids=ids, attention_mask=torch.ones_like(ids), tasks=["a", "b"])
+        assert out["a"].dtype == (dtype or torch.float32)           # the forward really ran in bf16
+        losses = {n: F.cross_entropy(out[n].float(), labels[n]) for n in ("a", "b")}
+        method.backward(losses, accelerator)
+        method.step(accelerator)
+        return [torch.cat([p.grad.reshape(-1).float() for p in part.parameters() if p.grad is not None])
+                for part in (model.backbone, model.heads["a"], model.heads["b"])]
+
+    for got, want in zip(grads(torch.bfloat16), grads(None)):
+        cos = float(F.cosine_similarity(got, want, dim=0))
+        assert cos > 0.99 and abs(float(got.norm() / want.norm()) - 1) < 0.05, (name, cos)
