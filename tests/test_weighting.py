@@ -1,6 +1,7 @@
 """Loss weighting: each method against hand-computed values on tiny problems, the recipe checks, learned
 state saved and restored by --resume, loss scaling (CPU with a real GradScaler; fp16 on CUDA when present),
-every method under bf16 autocast against fp32, and 2 processes == 1 process for a gradient-level method."""
+every method under bf16 and fp16 (+ GradScaler) autocast against fp32, and 2 processes == 1 process for a
+gradient-level method."""
 
 from __future__ import annotations
 
@@ -391,11 +392,13 @@ def test_pcgrad_fp16_loss_scaling_on_cuda(tiny_backbone, make_recipe, tmp_path):
     assert all(math.isfinite(v) for k, v in m["train"][-1].items() if k.startswith("loss/"))
 
 
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
 @pytest.mark.parametrize("name", list(WEIGHTINGS))
-def test_every_method_under_bf16_autocast_matches_fp32(name, accelerator, tiny_backbone):
-    """bf16 autocast (the training loop's `torch.autocast` around the forwards; bf16 needs no loss scaling):
-    each method's backbone and head gradients point where its fp32 gradients point (cosine > 0.99, norm
-    within 5%), i.e. no method reads bf16 gradients as if they were fp32 or loses a task's share."""
+def test_every_method_under_autocast_matches_fp32(name, precision, accelerator, tiny_backbone):
+    """Mixed precision as the training loop runs it (`torch.autocast` around the forwards; fp16 also with a
+    GradScaler, here at scale 1024 on the CPU, the same code path as CUDA's): each method's backbone and
+    head gradients, unscaled, point where its fp32 gradients point (cosine > 0.99, norm within 5%), i.e. no
+    method reads scaled or half-precision gradients as if they were fp32, or loses a task's share."""
     from transformers import AutoModel
 
     from mtlm.config import TrainConfig
@@ -410,18 +413,21 @@ def test_every_method_under_bf16_autocast_matches_fp32(name, accelerator, tiny_b
     ids, labels = torch.randint(5, 60, (8, 12)), {"a": torch.randint(0, 2, (8,)), "b": torch.randint(0, 3, (8,))}
     train = TrainConfig(weighting={"name": name}, seed=0)
 
-    def grads(dtype):
+    def grads(dtype, scale):
         model = copy.deepcopy(base)
         method = build_weighting(train, {"a": 1.0, "b": 1.0}, model, torch.device("cpu"))
+        acc = copy.copy(accelerator)
+        acc.scaler = torch.amp.GradScaler("cpu", init_scale=scale) if scale != 1.0 else None
         with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
             out = model(input_ids=ids, attention_mask=torch.ones_like(ids), tasks=["a", "b"])
-        assert out["a"].dtype == (dtype or torch.float32)           # the forward really ran in bf16
+        assert out["a"].dtype == (dtype or torch.float32)           # the forward really ran in half precision
         losses = {n: F.cross_entropy(out[n].float(), labels[n]) for n in ("a", "b")}
-        method.backward(losses, accelerator)
-        method.step(accelerator)
-        return [torch.cat([p.grad.reshape(-1).float() for p in part.parameters() if p.grad is not None])
+        method.backward(losses, acc)
+        method.step(acc)
+        return [torch.cat([p.grad.reshape(-1).float() for p in part.parameters() if p.grad is not None]) / scale
                 for part in (model.backbone, model.heads["a"], model.heads["b"])]
 
-    for got, want in zip(grads(torch.bfloat16), grads(None)):
+    half = grads(torch.bfloat16, 1.0) if precision == "bf16" else grads(torch.float16, 1024.0)
+    for got, want in zip(half, grads(None, 1.0)):
         cos = float(F.cosine_similarity(got, want, dim=0))
         assert cos > 0.99 and abs(float(got.norm() / want.norm()) - 1) < 0.05, (name, cos)
