@@ -154,6 +154,19 @@ class Recipe(_Strict):
         return yaml.safe_dump(self.model_dump(mode="json", exclude_none=True), sort_keys=False)
 
 
+def recipe_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """The settings that differ between two recipe dicts (e.g. yaml.safe_load of two `Recipe.to_yaml()`),
+    one "path: old -> new" line each, paths dotted (`train.lr: 0.0001 -> 0.0002`), in sorted order."""
+    out = []
+    for key in sorted(set(old) | set(new), key=str):
+        a, b, path = old.get(key), new.get(key), f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += recipe_changes(a, b, path + ".")
+        elif a != b:
+            out.append(f"{path}: {a!r} -> {b!r}")
+    return out
+
+
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     """Return a copy of `raw` with ``a.b.c=value`` overrides applied (values parsed as YAML).
 

@@ -19,13 +19,14 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 from accelerate import Accelerator, DistributedDataParallelKwargs
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from mtlm.checkpoint import latest_checkpoint, save_bundle, save_checkpoint
-from mtlm.config import Recipe, RecipeError
+from mtlm.config import Recipe, RecipeError, recipe_changes
 from mtlm.data import TaskBatches, TaskSampler, encode_rows, prepare_rows, steps_for_epochs
 from mtlm.evaluate import evaluate
 from mtlm.joint import collate_source, join_features, masked_losses
@@ -109,6 +110,13 @@ def fit(recipe: Recipe, resume: bool = False, progress: bool = True, stop_after:
     accelerator.wait_for_everyone()
     if resume and ckpt is None and main:
         log.warning("no checkpoint in %s: starting from scratch", run_dir)
+    if ckpt is not None and main and (run_dir / "recipe.yaml").is_file():
+        changes = recipe_changes(yaml.safe_load((run_dir / "recipe.yaml").read_text(encoding="utf-8")) or {},
+                                 yaml.safe_load(recipe.to_yaml()))
+        if changes:
+            log.warning("--resume with a recipe that differs from the run's (the checkpoint's optimizer, schedule, "
+                        "sampler and data order continue; a different batch_size or max_length changes what the "
+                        "remaining steps see): %s", "; ".join(changes))
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")

@@ -100,6 +100,21 @@ def test_two_processes_match_one(make_recipe, tmp_path):
     assert m1["eval"][-1]["mean"] == pytest.approx(m2["eval"][-1]["mean"], abs=0.02)
 
 
+def test_resume_with_a_changed_recipe_warns_with_each_change(make_recipe, caplog):
+    from mtlm.train import fit
+    path = make_recipe(tasks=("sentiment",), name="retuned", max_steps=4, eval_every=4)
+    fit(mtlm.load_recipe(path), progress=False, stop_after=2)
+    with caplog.at_level("WARNING", logger="mtlm"):
+        fit(mtlm.load_recipe(path, ["train.lr=0.0007", "max_length=24"]), resume=True, progress=False)
+    (line,) = [r.getMessage() for r in caplog.records if "--resume with a recipe that differs" in r.getMessage()]
+    assert "train.lr: " in line and "-> 0.0007" in line and "max_length: " in line and "-> 24" in line
+    assert "tasks." not in line and "name:" not in line                # only what changed
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="mtlm"):                 # the same recipe again: nothing to say
+        fit(mtlm.load_recipe(path, ["train.lr=0.0007", "max_length=24"]), resume=True, progress=False)
+    assert not [r for r in caplog.records if "differs" in r.getMessage()]
+
+
 def test_resume_with_other_tasks_is_a_clear_error(make_recipe):
     from mtlm.config import RecipeError
     from mtlm.train import fit
