@@ -113,20 +113,25 @@ def _keep_rare_classes_in_train(task, splits: dict[str, Rows], made: list[str]) 
             seen |= {_strat_label(task, r) for r in moved.records}
 
 
-def read_splits(recipe: Recipe, dcfg, prefix: str, problems: list[str], check) -> dict[str, Rows]:
+def read_splits(recipe: Recipe, dcfg, prefix: str, problems: list[str], check, skip_bad: bool = False,
+                notes: list[str] | None = None) -> dict[str, Rows]:
     """Read every split a data block names. `check(raw, where)` validates a split's rows (where: e.g.
     "tasks.topic.data.dev") and returns the usable Rows or None; unreadable sources are appended to
-    `problems` as "<prefix>.<split>: <reason>" and left out."""
+    `problems` as "<prefix>.<split>: <reason>" and left out. `skip_bad` (on_bad_rows: skip): lines that
+    cannot be parsed are left out too, with a line in `notes` counting them and naming the first ones."""
     splits: dict[str, Rows] = {}
     for split in SPLITS:
         spec = getattr(dcfg, split)
         if spec is None:
             continue
         try:
-            raw = read_source(spec, recipe.base_dir)
+            raw = read_source(spec, recipe.base_dir, skip_bad_lines=skip_bad)
         except DataError as e:
             problems.append(f"{prefix}.{split}: {e}")
             continue
+        if raw.skipped and notes is not None:
+            shown = "; ".join(raw.skipped[:MAX_ROW_ERRORS]) + ("; ..." if len(raw.skipped) > MAX_ROW_ERRORS else "")
+            notes.append(f"{prefix}.{split}: skipped {len(raw.skipped)} unreadable line(s) of {raw.origin} ({shown})")
         checked = check(raw, f"{prefix}.{split}")
         if checked is not None:
             splits[split] = checked
@@ -157,7 +162,8 @@ def prepare_rows(recipe: Recipe, tasks: dict) -> PreparedData:
             continue
         dcfg, prefix = task.cfg.data, f"tasks.{name}.data"
         splits = read_splits(recipe, dcfg, prefix, problems,
-                             lambda raw, where: _check_rows(task, raw, where, problems, out.notes))
+                             lambda raw, where: _check_rows(task, raw, where, problems, out.notes),
+                             skip_bad=task.cfg.on_bad_rows == "skip", notes=out.notes)
         if "train" not in splits:
             continue
         wanted = {s: f for s, f in dcfg.split.items() if getattr(dcfg, s) is None and f > 0}

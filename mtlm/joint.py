@@ -174,7 +174,8 @@ def prepare_group(recipe, group: str, tasks: dict, problems: list[str], notes: l
     first = next(iter(tasks.values()))
     dcfg, prefix = first.cfg.data, f"tasks.{first.name}.data"
     splits = read_splits(recipe, dcfg, prefix, problems,
-                         lambda raw, where: _check_joint_rows(group, tasks, raw, problems, notes))
+                         lambda raw, where: _check_joint_rows(group, tasks, raw, problems, notes),
+                         skip_bad=first.cfg.on_bad_rows == "skip", notes=notes)
     if "train" not in splits:
         return None
     wanted = {s: f for s, f in dcfg.split.items() if getattr(dcfg, s) is None and f > 0}

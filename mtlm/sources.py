@@ -19,7 +19,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Hashable
 
 _FORMATS = {".csv": "csv", ".tsv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
@@ -49,6 +49,7 @@ class Rows:
     records: list[dict]
     lines: list[int]
     line_kind: str = "line"
+    skipped: list[str] = field(default_factory=list)   # "line N: reason" of unreadable lines left out
 
     def __len__(self) -> int:
         return len(self.records)
@@ -72,12 +73,14 @@ def builtin_names() -> list[str]:
     return sorted(_PKGS)
 
 
-def read_source(spec: str, base_dir: pathlib.Path) -> Rows:
+def read_source(spec: str, base_dir: pathlib.Path, skip_bad_lines: bool = False) -> Rows:
     """Read `spec` (a file path, `builtin:<name>[:<split>]`, or a hub id `[owner/]name[:split]`).
 
     Relative paths resolve against `base_dir`. Returns Rows; raises DataError for a missing or
     unreadable file, an unknown extension, an unknown builtin/split, a missing package, a failed
-    download, or a hub dataset that cannot be loaded.
+    download, or a hub dataset that cannot be loaded. A line that cannot be parsed (JSONL: not a JSON
+    object; CSV/TSV: more fields than the header) is an error naming file and line, or with
+    `skip_bad_lines` is left out and listed in `Rows.skipped`.
     """
     spec = spec.strip()
     if not spec:
@@ -91,7 +94,7 @@ def read_source(spec: str, base_dir: pathlib.Path) -> Rows:
     looks_like_file = (path.suffix.lower() in _FORMATS or path.exists() or spec.startswith((".", "~"))
                        or (has_sep and path.suffix != "") or re.search(r"\.[A-Za-z]\w{0,5}$", spec))
     if looks_like_file or not _HUB_ID.match(spec):
-        return _read_file(path.resolve())
+        return _read_file(path.resolve(), skip_bad_lines)
     return _read_hub(spec)
 
 
@@ -177,22 +180,26 @@ def _reason(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
-def _read_file(path: pathlib.Path) -> Rows:
+def _read_file(path: pathlib.Path, skip_bad_lines: bool = False) -> Rows:
     ext = path.suffix.lower()
     if ext not in _FORMATS and (ext or path.is_file()):
         raise DataError(f"{path}: cannot read: unknown extension {ext or '(none)'!r} "
                         f"(use one of {', '.join(_FORMATS)})")
     if not path.is_file():
         raise DataError(f"{path}: cannot read: {'is a directory' if path.is_dir() else 'file not found'}")
-    lines, kind = None, "row"
+    lines, kind, skipped = None, "row", []
     if ext == ".jsonl":
-        lines, kind = _check_jsonl(path), "line"
+        lines, kind = _check_jsonl(path, skipped if skip_bad_lines else None), "line"
+        if skipped:          # datasets' JSON reader would stop at the first bad line: parse the good ones
+            return _jsonl_rows(path, lines, skipped)
     elif ext == ".json":  # JSON Lines under a .json name gets line numbers; an array or object gets rows
         with contextlib.suppress(DataError):
             lines, kind = _check_jsonl(path), "line"
     kwargs = {}
     if ext in (".csv", ".tsv"):
         kwargs = dict(keep_default_na=False, na_values=[""], delimiter="\t" if ext == ".tsv" else ",")
+        if skip_bad_lines:
+            kwargs["on_bad_lines"] = "skip"         # pandas: rows with more fields than the header
     with _quiet_datasets() as datasets:
         try:
             ds = datasets.load_dataset(_FORMATS[ext], data_files=str(path), split="train", **kwargs)
@@ -200,13 +207,15 @@ def _read_file(path: pathlib.Path) -> Rows:
             raise DataError(f"{path}: cannot read: {_reason(e)}") from None
     records = [_clean(r, empty_is_missing=ext in (".csv", ".tsv")) for r in ds.to_list()]
     if ext in (".csv", ".tsv"):
-        lines, kind = _csv_lines(path, "\t" if ext == ".tsv" else ","), "line"
+        lines, kind = _csv_lines(path, "\t" if ext == ".tsv" else ",", skipped if skip_bad_lines else None), "line"
     if lines is None or len(lines) != len(records):
         lines, kind = list(range(1, len(records) + 1)), "row"
-    return Rows(str(path), list(ds.column_names), records, lines, kind)
+    return Rows(str(path), list(ds.column_names), records, lines, kind, skipped)
 
 
-def _check_jsonl(path: pathlib.Path) -> list[int]:
+def _check_jsonl(path: pathlib.Path, skipped: list[str] | None = None) -> list[int]:
+    """Line numbers of the JSON objects of a JSON Lines file. A line that is not a JSON object raises
+    DataError naming it, or, given a `skipped` list, is described there and left out."""
     lines = []
     with open(path, encoding="utf-8", errors="replace") as f:
         for n, line in enumerate(f, 1):
@@ -214,23 +223,45 @@ def _check_jsonl(path: pathlib.Path) -> list[int]:
                 continue
             try:
                 obj = json.loads(line)
+                problem = None if isinstance(obj, dict) else f"expected a JSON object, got {type(obj).__name__}"
             except json.JSONDecodeError as e:
-                raise DataError(f"{path}, line {n}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(obj, dict):
-                raise DataError(f"{path}, line {n}: expected a JSON object, got {type(obj).__name__}")
-            lines.append(n)
+                problem = f"not valid JSON ({e.msg} at column {e.colno})"
+            if problem is None:
+                lines.append(n)
+            elif skipped is None:
+                raise DataError(f"{path}, line {n}: {problem}")
+            else:
+                skipped.append(f"line {n}: {problem}")
     return lines
 
 
-def _csv_lines(path: pathlib.Path, delimiter: str) -> list[int]:
-    starts = []
+def _jsonl_rows(path: pathlib.Path, lines: list[int], skipped: list[str]) -> Rows:
+    """The JSON objects on `lines` of a JSON Lines file; columns in order of first appearance, a key
+    absent from a line is None (as datasets' reader gives it)."""
+    wanted, objects = set(lines), []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        objects = [json.loads(line) for n, line in enumerate(f, 1) if n in wanted]
+    columns = list(dict.fromkeys(k for obj in objects for k in obj))
+    records = [_clean({c: obj.get(c) for c in columns}) for obj in objects]
+    return Rows(str(path), columns, records, lines, "line", skipped)
+
+
+def _csv_lines(path: pathlib.Path, delimiter: str, skipped: list[str] | None = None) -> list[int]:
+    """The first line of each CSV record (after the header). With a `skipped` list, records with more
+    fields than the header (which pandas' on_bad_lines="skip" leaves out) are described there instead."""
+    starts, header = [], None
     with open(path, encoding="utf-8", errors="replace", newline="") as f:
         reader, prev = csv.reader(f, delimiter=delimiter), 0
         for row in reader:
             if len(row) > 1 or (row and row[0].strip()):  # pandas skips blank/whitespace-only lines
-                starts.append(prev + 1)
+                if header is None:
+                    header = len(row)
+                elif skipped is not None and len(row) > header:
+                    skipped.append(f"line {prev + 1}: {len(row)} fields, the header has {header}")
+                else:
+                    starts.append(prev + 1)
             prev = reader.line_num
-    return starts[1:]  # drop the header
+    return starts
 
 
 def _clean(rec: dict, empty_is_missing: bool = False) -> dict:

@@ -148,6 +148,17 @@ def test_on_bad_rows_skip_reports_count(files):
     assert [r["text"] for r in data.rows["j"]["train"].records] == ["ok", "fine"]
 
 
+def test_on_bad_rows_skip_also_skips_unreadable_lines(files, tmp_path):
+    (tmp_path / "broken.jsonl").write_text('{"text": "ok", "label": "a"}\n{"text": oops\n{"text": "b", "label": "c"}\n')
+    with pytest.raises(RecipeError, match=r"broken\.jsonl, line 2: not valid JSON"):
+        prepare({"j": cls("broken.jsonl")}, tmp_path)
+    data = prepare({"j": cls("broken.jsonl", on_bad_rows="skip")}, tmp_path)
+    assert [r["text"] for r in data.rows["j"]["train"].records] == ["ok", "b"]
+    assert data.rows["j"]["train"].lines == [1, 3]
+    (note,) = [n for n in data.notes if "unreadable" in n]
+    assert note.startswith(f"tasks.j.data.train: skipped 1 unreadable line(s) of {tmp_path / 'broken.jsonl'} (line 2: ")
+
+
 def test_dev_label_unseen_in_train(files):
     got = problems({"topic": cls("news.csv", data={"dev": "news_dev.csv"})}, files)
     assert got == ["tasks.topic.data.dev: label(s) not seen in train: 'weather'"]

@@ -67,6 +67,21 @@ def test_jsonl_bad_line_is_named(tmp_path):
     assert str(e.value).startswith(str(tmp_path / "a.jsonl"))
 
 
+def test_unreadable_lines_skipped_on_request(tmp_path):
+    good = json.dumps({"text": "ok", "label": "a"})
+    (tmp_path / "a.jsonl").write_text("\n".join([good, "{text: oops}", "[1, 2]", json.dumps({"text": "b"})]) + "\n")
+    rows = read_source("a.jsonl", tmp_path, skip_bad_lines=True)
+    assert rows.records == [{"text": "ok", "label": "a"}, {"text": "b", "label": None}] and rows.lines == [1, 4]
+    assert rows.columns == ["text", "label"]
+    assert rows.skipped[0].startswith("line 2: not valid JSON (") and rows.skipped[1] == "line 3: expected a JSON object, got list"
+    (tmp_path / "a.csv").write_text('text,label\n"one\ntwo",x\ntoo,many,fields\nlast,y\n')
+    with pytest.raises(DataError, match=r"a\.csv: cannot read: .*3"):
+        read_source("a.csv", tmp_path)
+    rows = read_source("a.csv", tmp_path, skip_bad_lines=True)
+    assert [r["text"] for r in rows.records] == ["one\ntwo", "last"] and rows.lines == [2, 5]
+    assert rows.skipped == ["line 4: 3 fields, the header has 2"]
+
+
 def test_json_array_and_parquet(tmp_path):
     (tmp_path / "a.json").write_text(json.dumps([{"text": "a", "label": "x"}, {"text": "b", "label": "y"}]))
     rows = read_source("a.json", tmp_path)
