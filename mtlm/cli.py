@@ -18,7 +18,8 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from mtlm.model import BackboneError
     from mtlm.predict import InputError
     from mtlm.sources import DataError
-    return RecipeError, DataError, BackboneError, BundleError, InputError
+    from pydantic import ValidationError         # a `mtlm serve` setting out of range
+    return RecipeError, DataError, BackboneError, BundleError, InputError, ValidationError
 
 
 def cmd_train(args) -> None:
@@ -138,15 +139,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-steps", type=int, default=None, help="optimizer steps (default: the tuned budget)")
     s.set_defaults(func=cmd_quickstart)
 
-    v = sub.add_parser("serve", help="serve every task of a bundle over HTTP")
+    v = sub.add_parser("serve", help="serve every task of a bundle over HTTP",
+                       description="Serve every task of a bundle over HTTP (OpenAPI at /docs). Limits answer "
+                                   "413 / 422 / 429 / 504 with the reason; see README 'Serving'.")
     v.add_argument("run", help="run folder or bundle folder")
-    v.add_argument("--host", default="127.0.0.1")
-    v.add_argument("--port", type=int, default=8000)
-    v.add_argument("--workers", type=int, default=1)
-    v.add_argument("--max-batch-size", type=int, default=64)
-    v.add_argument("--max-batch-tokens", type=int, default=8192)
-    v.add_argument("--max-wait-ms", type=float, default=5.0)
-    v.add_argument("--max-queue", type=int, default=1024)
+    v.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: %(default)s)")
+    v.add_argument("--port", type=int, default=8000, help="(default: %(default)s)")
+    v.add_argument("--workers", type=_positive_int, default=1,
+                   help="server processes, each with its own model copy (default: %(default)s)")
+    from mtlm.serve.schemas import ServeSettings
+    for name, info in ServeSettings.model_fields.items():    # one flag per setting, e.g. --max-windows
+        kind = float if info.annotation in (float, float | None) else int
+        default = "" if info.default is None else f" (default: {info.default})"
+        v.add_argument(f"--{name.replace('_', '-')}", type=kind, default=None, dest=f"setting_{name}",
+                       metavar="MS" if name.endswith("_ms") else "N", help=f"{info.description}{default}")
     v.set_defaults(func=cmd_serve)
     return p
 

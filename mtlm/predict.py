@@ -30,6 +30,11 @@ class InputError(ValueError):
     """A prediction input that cannot be served (unknown task, missing text_pair, empty text, ...)."""
 
 
+class Abandoned(RuntimeError):
+    """A micro-batch stopped between backbone chunks because `should_stop()` said so (the server: every
+    input's deadline has passed, so nobody waits for the result)."""
+
+
 def normalize_input(item: Any, index: int) -> dict:
     """A str or a dict of input fields -> dict. Raises InputError naming the input index and field.
 
@@ -185,26 +190,32 @@ class Predictor:
                           "sequence_ids": e.sequence_ids, "truncated": bool(e.overflowing)})
         return feats
 
-    def forward(self, batch: dict[str, torch.Tensor], names: list[str]) -> dict[str, torch.Tensor]:
+    def forward(self, batch: dict[str, torch.Tensor], names: list[str], should_stop=None) -> dict[str, torch.Tensor]:
         """{head: logits (rows, ...)} for a padded batch (rows, seq_len), in chunks of at most
-        `max_pass_tokens` padded tokens (at least one row per chunk)."""
+        `max_pass_tokens` padded tokens (at least one row per chunk). `should_stop()` is asked before every
+        chunk after the first; True raises Abandoned."""
         rows, seq_len = batch["input_ids"].shape
         step = max(1, self.max_pass_tokens // seq_len)
         if rows <= step:
             return self.model(tasks=names, **batch)
-        parts = [self.model(tasks=names, **{k: v[i:i + step] for k, v in batch.items()}) for i in range(0, rows, step)]
+        parts = []
+        for i in range(0, rows, step):
+            if parts and should_stop is not None and should_stop():
+                raise Abandoned(f"stopped after {i} of {rows} rows")
+            parts.append(self.model(tasks=names, **{k: v[i:i + step] for k, v in batch.items()}))
         return {n: torch.cat([part[n] for part in parts]) for n in names}
 
     @torch.inference_mode()
-    def run(self, feats: list[dict], names: list[str], row_tasks: list[list[str]] | None = None
-            ) -> list[dict[str, dict]]:
+    def run(self, feats: list[dict], names: list[str], row_tasks: list[list[str]] | None = None,
+            should_stop=None) -> list[dict[str, dict]]:
         """One backbone pass over a micro-batch of encoded inputs (one field group), every head in `names`.
         A feature with "sequences" takes one row per sequence; its task's `decode` regroups them.
 
         row_tasks: the tasks each row asked for (default: all of `names`); a head's logits are decoded
-        only for the rows that asked for it (the server mixes requests for different task subsets)."""
+        only for the rows that asked for it (the server mixes requests for different task subsets).
+        should_stop: see `forward` (raises Abandoned)."""
         batch = {k: v.to(self.device) for k, v in pad_inputs(feats, self.tokenizer.pad_token_id).items()}
-        logits = self.forward(batch, names)
+        logits = self.forward(batch, names, should_stop)
         out: list[dict[str, dict]] = [{} for _ in feats]
         expanded = any("sequences" in f for f in feats)   # logits rows != features: decode all, keep asked
         for n in names:

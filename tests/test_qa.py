@@ -271,6 +271,61 @@ def test_qa_predict_round_trip_and_input_errors(qa_run):
     assert plain["sentiment"]["label"] == both["sentiment"]["label"]
 
 
+def test_served_long_context_limits_chunks_and_deadline(qa_run):
+    """The server with a QA model: a context of more than max_windows windows -> 413 naming the limit; a
+    long allowed context runs in backbone chunks of max_batch_tokens padded tokens, and once its deadline
+    has passed (504) the model stops between chunks instead of finishing; the next request is served."""
+    import time
+
+    import httpx
+
+    from mtlm.serve import create_app
+    from mtlm.serve.schemas import ServeSettings
+
+    run, _ = qa_run
+    predictor = mtlm.load(run, device="cpu")
+    calls = []
+
+    class SlowModel:                       # 50 ms per backbone call, each call's rows recorded
+        def __init__(self, model):
+            self.model = model
+
+        def __call__(self, **kw):
+            calls.append(int(kw["input_ids"].shape[0]))
+            time.sleep(0.05)
+            return self.model(**kw)
+    predictor.model = SlowModel(predictor.model)
+    rng = random.Random(7)
+    long, huge = qa_row(rng, 150), qa_row(rng, 500)
+    windows = {k: len(predictor.encode([r], ("question", "context"))[0]["sequences"]) for k, r in
+               (("long", long), ("huge", huge))}
+    assert 8 < windows["long"] < 20 < windows["huge"]
+    settings = ServeSettings(max_windows=20, max_batch_tokens=64)    # max_length 32: 2 windows per call
+
+    async def main():
+        app = create_app(lambda: predictor, settings)
+        async with app.router.lifespan_context(app):
+            await app.state.service.wait_ready(30)
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+                item = lambda r: {"question": r["question"], "context": r["context"]}  # noqa: E731
+                r = await client.post("/v1/predict", json={"inputs": [item(huge)], "tasks": ["qa"]})
+                assert r.status_code == 413 and f"{windows['huge']} windows" in r.json()["detail"]
+                assert "at most 20" in r.json()["detail"]
+                calls.clear()
+                r = await client.post("/v1/predict", json={"inputs": [item(long)], "tasks": ["qa"]})
+                assert r.status_code == 200 and r.json()["predictions"][0]["qa"]["answer"]
+                assert max(calls) <= 2 and sum(calls) == windows["long"]        # chunks of 2 windows
+                calls.clear()
+                r = await client.post("/v1/predict", json={"inputs": [item(long)], "tasks": ["qa"],
+                                                           "timeout_ms": 120})
+                assert r.status_code == 504
+                r = await client.post("/v1/predict", json={"inputs": ["great fun"], "tasks": ["sentiment"]})
+                assert r.status_code == 200                    # served once the abandoned batch stopped
+                assert sum(calls[:-1]) < windows["long"]       # the timed-out context was not finished
+
+    asyncio.run(main())
+
+
 def test_qa_cli_predict_from_jsonl(qa_run, tmp_path, capsys):
     from mtlm.cli import main
     run, _ = qa_run

@@ -63,10 +63,10 @@ class Gate:
             self.event.set()
         inner = predictor.run
 
-        def run(feats, names, row_tasks=None):
+        def run(feats, names, row_tasks=None, should_stop=None):
             self.calls.append(([f["text"] for f in feats], list(names), row_tasks))
             assert self.event.wait(20), "gate never opened"
-            return inner(feats, names, row_tasks)
+            return inner(feats, names, row_tasks, should_stop)
         self.predictor.run = run
 
     def open(self):
@@ -263,10 +263,10 @@ def test_model_failure_answers_500_and_the_server_goes_on(predictor):
     broken = copy.copy(predictor)
     inner = predictor.run
 
-    def run(feats, names, row_tasks=None):
+    def run(feats, names, row_tasks=None, should_stop=None):
         if any("boom" in f["text"] for f in feats):
             raise RuntimeError("simulated out of memory")
-        return inner(feats, names, row_tasks)
+        return inner(feats, names, row_tasks, should_stop)
     broken.run = run
 
     async def main():

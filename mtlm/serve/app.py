@@ -313,8 +313,9 @@ def app_from_env() -> FastAPI:
 def serve(args) -> None:
     """`mtlm serve`: run the app under uvicorn until SIGTERM/SIGINT, then drain and exit.
 
-    args: run, host, port, workers, max_batch_size, max_batch_tokens, max_wait_ms, max_queue (argparse).
-    Raises mtlm.checkpoint.BundleError when `run` is not a bundle."""
+    args: run, host, port, workers and `setting_<name>` for each ServeSettings field (argparse; None = the
+    default). Raises mtlm.checkpoint.BundleError when `run` is not a bundle, pydantic.ValidationError for
+    a setting out of range."""
     # OpenMP threads that spin-wait between ops steal the CPU the event loop and tokenizer need (measured
     # here: 6x the server CPU per request). Set before torch is first imported, i.e. before mtlm.checkpoint.
     if "torch" in sys.modules and "OMP_WAIT_POLICY" not in os.environ:
@@ -326,8 +327,8 @@ def serve(args) -> None:
 
     bundle = find_bundle(args.run).resolve()
     workers = max(1, int(args.workers))
-    settings = ServeSettings(max_batch_size=args.max_batch_size, max_batch_tokens=args.max_batch_tokens,
-                             max_wait_ms=args.max_wait_ms, max_queue=args.max_queue)
+    settings = ServeSettings(**{name: getattr(args, f"setting_{name}") for name in ServeSettings.model_fields
+                                if getattr(args, f"setting_{name}", None) is not None})
     metrics_dir = None
     if workers > 1:
         settings.torch_threads = max(1, (os.cpu_count() or 1) // workers)

@@ -28,12 +28,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable, Protocol
 
+from mtlm.predict import Abandoned
 from mtlm.serve.schemas import ServeSettings
 
 log = logging.getLogger("mtlm.serve")
 
 Fields = tuple[str, ...]
-Forward = Callable[[list[dict], list[str], list[list[str]]], Awaitable[list[dict[str, dict]]]]   # feats, heads, tasks per row
+# feats, heads, tasks per row, the batch's last deadline (time.monotonic()) -> per-row {task: result}
+Forward = Callable[[list[dict], list[str], list[list[str]], float], Awaitable[list[dict[str, dict]]]]
 
 
 class QueueFull(Exception):
@@ -198,7 +200,8 @@ class Batcher:
         tokens = sum(feat["length"] for feat, _, _ in entries)
         limit = self.settings.queue_tokens
         if tokens > limit:
-            raise TooLarge(f"{tokens} tokens exceed the queue's token budget ({limit})")
+            raise TooLarge(f"{tokens} padded tokens (a QA context or multiple-choice input counts its sequences x "
+                           f"the longest) exceed the queue's token budget ({limit})")
         if self._queued_tokens + tokens > limit:
             raise QueueFull(f"queue full ({self._queued_tokens} tokens queued, limit {limit})", self.retry_after())
         loop, now = asyncio.get_running_loop(), time.monotonic()
@@ -339,7 +342,14 @@ class Batcher:
         t0 = time.perf_counter()
         self._running = batch
         try:
-            results = await self.forward([it.feat for it in batch], names, [it.tasks for it in batch])
+            results = await self.forward([it.feat for it in batch], names, [it.tasks for it in batch],
+                                         max(it.deadline for it in batch))
+        except Abandoned as e:   # every deadline passed mid-batch: the handlers have answered 504 already
+            log.info("batch of %d abandoned past its deadline (%s)", len(batch), e)
+            for it in batch:
+                if not it.future.done():
+                    it.future.set_exception(asyncio.TimeoutError("deadline passed while computing"))
+            return
         except Exception as e:   # a model failure answers this batch's requests with 500, not the server
             log.exception("batch of %d failed", len(batch))
             for it in batch:

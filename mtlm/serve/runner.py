@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -51,19 +52,22 @@ class Runner:
     def _tokenize(predictor: Predictor, jobs: dict[Fields, list[dict]]) -> dict[Fields, list[dict]]:
         return {fields: predictor.encode(items, fields) for fields, items in jobs.items()}
 
-    async def forward(self, feats: list[dict], names: list[str], row_tasks: list[list[str]] | None = None
-                      ) -> list[dict[str, dict]]:
+    async def forward(self, feats: list[dict], names: list[str], row_tasks: list[list[str]] | None = None,
+                      deadline: float | None = None) -> list[dict[str, dict]]:
         """One backbone pass over `feats` (one field group), every head in `names` -> per-input {task: result}
         for the tasks that input asked for (`row_tasks`, default all).
 
-        Exceptions from the model (out of memory, a bug) propagate to the awaiting batcher."""
+        deadline: time.monotonic() after which nobody waits for the result: a batch run in several backbone
+        chunks (a long QA context) stops between chunks and raises mtlm.predict.Abandoned. Exceptions from
+        the model (out of memory, a bug) propagate to the awaiting batcher."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._model_thread, self._forward, feats, names, row_tasks)
+        return await loop.run_in_executor(self._model_thread, self._forward, feats, names, row_tasks, deadline)
 
-    def _forward(self, feats: list[dict], names: list[str], row_tasks: list[list[str]] | None
-                 ) -> list[dict[str, dict]]:
+    def _forward(self, feats: list[dict], names: list[str], row_tasks: list[list[str]] | None,
+                 deadline: float | None) -> list[dict[str, dict]]:
+        should_stop = None if deadline is None else (lambda: time.monotonic() > deadline)
         with torch.inference_mode():
-            return self.predictor.run(feats, names, row_tasks)
+            return self.predictor.run(feats, names, row_tasks, should_stop=should_stop)
 
     def close(self) -> None:
         """Wait for running work, then stop both threads."""

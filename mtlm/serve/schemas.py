@@ -17,17 +17,30 @@ class ServeSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    max_batch_size: int = Field(64, gt=0)         # inputs per backbone pass
-    max_batch_tokens: int = Field(8192, gt=0)     # padded tokens per pass (batch size x longest input)
-    max_wait_ms: float = Field(5.0, ge=0)         # a non-full batch runs once its oldest input has waited this long
-    max_queue: int = Field(1024, gt=0)            # queued inputs (over all requests) before answering 429
-    max_queue_tokens: int | None = Field(None, gt=0)  # queued real tokens before 429; None = 16 x max_batch_tokens
-    max_inputs_per_request: int = Field(256, gt=0)    # more inputs in one request -> 422
-    max_choices: int = Field(100, ge=2)           # more choices in one multiple-choice input -> 422
-    max_body_bytes: int = Field(1 << 20, gt=0)    # larger request bodies -> 413
-    default_timeout_ms: float = Field(30_000, gt=0)   # a request's timeout_ms when it gives none
-    max_timeout_ms: float = Field(600_000, gt=0)  # the largest timeout_ms a request may ask for
-    torch_threads: int | None = Field(None, gt=0)  # torch intra-op threads per process; None = torch's default
+    max_batch_size: int = Field(64, gt=0,
+                                description="inputs per backbone pass")
+    max_batch_tokens: int = Field(8192, gt=0,
+                                  description="padded tokens per pass (batch size x longest input)")
+    max_wait_ms: float = Field(5.0, ge=0,
+                               description="a non-full batch runs once its oldest input has waited this long")
+    max_queue: int = Field(1024, gt=0,
+                           description="queued inputs (over all requests) before answering 429")
+    max_queue_tokens: int | None = Field(None, gt=0,
+                                         description="queued tokens before 429 (default: 16 x max_batch_tokens)")
+    max_inputs_per_request: int = Field(256, gt=0,
+                                        description="more inputs in one request -> 422")
+    max_choices: int = Field(100, ge=2,
+                             description="more choices in one multiple-choice input -> 422")
+    max_windows: int = Field(64, gt=0,
+                             description="more max_length windows for one QA context -> 413")
+    max_body_bytes: int = Field(1 << 20, gt=0,
+                                description="larger request bodies -> 413")
+    default_timeout_ms: float = Field(30_000, gt=0,
+                                      description="a request's timeout_ms when it gives none")
+    max_timeout_ms: float = Field(600_000, gt=0,
+                                  description="the largest timeout_ms a request may ask for")
+    torch_threads: int | None = Field(None, gt=0,
+                                      description="torch intra-op threads per process (default: torch's, or cores / workers)")
 
     @property
     def queue_tokens(self) -> int:

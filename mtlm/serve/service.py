@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from mtlm.predict import InputError, Plan, Predictor, min_tokens, normalize_input
-from mtlm.serve.batcher import Batcher
+from mtlm.serve.batcher import Batcher, TooLarge
 from mtlm.serve.metrics import ServeMetrics
 from mtlm.serve.runner import Runner
 from mtlm.serve.schemas import ServeSettings
@@ -143,8 +143,9 @@ class Service:
         """(one {task: result} per input, in `plan.names` order, timing in ms) for validated inputs.
 
         `arrival`: time.monotonic() when the request arrived; the deadline is arrival + timeout_s.
-        Raises QueueFull (429), TooLarge (413: also before tokenising, when a lower bound of the request's
-        tokens is over the queue's token budget), Stopped (503), asyncio.TimeoutError (504: inputs not yet
+        Raises QueueFull (429), TooLarge (413: before tokenising when a lower bound of the request's tokens
+        is over the queue's token budget; after it, for a QA context of more than max_windows windows or
+        padded tokens over the budget), Stopped (503), asyncio.TimeoutError (504: inputs not yet
         computed are dropped), or the model's exception (500)."""
         batcher, deadline = self.batcher, arrival + timeout_s
         jobs = {fields: [items[i] for i in plan.members[fields]] for fields in plan.groups}
@@ -158,6 +159,13 @@ class Service:
             batcher.release(ticket)
             raise
         self.metrics.tokenize_seconds.observe(tokenize_s)
+        for fields in plan.groups:
+            for i, feat in zip(plan.members[fields], feats[fields]):
+                if "context" in fields and len(feat["sequences"]) > self.settings.max_windows:
+                    batcher.release(ticket)
+                    raise TooLarge(f"inputs[{i}].context: {len(feat['sequences'])} windows of up to "
+                                   f"{self.predictor.max_length} tokens, at most {self.settings.max_windows} per "
+                                   f"input (max_windows)")
         entries, owners = [], []
         for fields, group in plan.groups.items():
             for i, feat in zip(plan.members[fields], feats[fields]):
