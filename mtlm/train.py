@@ -84,6 +84,29 @@ def cpu_has_bf16() -> bool:
     return bool(probe()) if probe is not None else True
 
 
+# Settings a resumed run may change: they are read anew at every step or evaluation. max_steps / epochs
+# re-make the learning-rate schedule over the new total from the current step.
+RESUMABLE = ("name", "output_dir", "train.max_steps", "train.epochs", "train.eval_every", "train.checkpoint_every",
+             "train.keep_checkpoints", "train.early_stopping_patience", "train.eval_batch_size")
+
+
+def check_resumable(saved: dict, recipe: Recipe, ckpt: Path) -> list[str]:
+    """The changes from the run's saved recipe dict to `recipe` that a resumed run can honour (RESUMABLE);
+    raises RecipeError listing every other change (the checkpoint's optimizer, schedule, sampler and data
+    order belong to the old settings, so e.g. a new lr would be silently ignored), and for other tasks."""
+    now = yaml.safe_load(recipe.to_yaml())
+    if sorted(saved.get("tasks") or {}) != sorted(now["tasks"]):
+        raise RecipeError([f"tasks: the checkpoint {ckpt} was trained with tasks {sorted(saved.get('tasks') or {})}, "
+                           f"the recipe has {sorted(now['tasks'])}; --resume needs the same tasks (or use --overwrite)"])
+    changes = recipe_changes(saved, now)
+    fixed = [c for c in changes if c.split(":", 1)[0] not in RESUMABLE]
+    if fixed:
+        raise RecipeError([f"{c} (--resume needs the run's value: the checkpoint's optimizer, schedule and data order "
+                           f"belong to it; start again with --overwrite, or train into another output_dir)"
+                           for c in fixed])
+    return changes
+
+
 def fit(recipe: Recipe, resume: bool = False, progress: bool = True, stop_after: int | None = None,
         overwrite: bool = False) -> Path:
     """Train one backbone with one head per task; return the run folder (best bundle in run_dir/model).
@@ -110,13 +133,11 @@ def fit(recipe: Recipe, resume: bool = False, progress: bool = True, stop_after:
     accelerator.wait_for_everyone()
     if resume and ckpt is None and main:
         log.warning("no checkpoint in %s: starting from scratch", run_dir)
-    if ckpt is not None and main and (run_dir / "recipe.yaml").is_file():
-        changes = recipe_changes(yaml.safe_load((run_dir / "recipe.yaml").read_text(encoding="utf-8")) or {},
-                                 yaml.safe_load(recipe.to_yaml()))
-        if changes:
-            log.warning("--resume with a recipe that differs from the run's (the checkpoint's optimizer, schedule, "
-                        "sampler and data order continue; a different batch_size or max_length changes what the "
-                        "remaining steps see): %s", "; ".join(changes))
+    if ckpt is not None and (run_dir / "recipe.yaml").is_file():
+        allowed = check_resumable(yaml.safe_load((run_dir / "recipe.yaml").read_text(encoding="utf-8")) or {},
+                                  recipe, ckpt)
+        if allowed and main:
+            log.warning("--resume with changed settings, in effect from the checkpoint on: %s", "; ".join(allowed))
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -100,19 +101,27 @@ def test_two_processes_match_one(make_recipe, tmp_path):
     assert m1["eval"][-1]["mean"] == pytest.approx(m2["eval"][-1]["mean"], abs=0.02)
 
 
-def test_resume_with_a_changed_recipe_warns_with_each_change(make_recipe, caplog):
+def test_resume_with_a_changed_recipe(make_recipe, caplog):
+    """A setting the checkpoint fixes (lr, max_length, ...) is an error naming each change, not a silent
+    no-op; one read anew (max_steps, eval_every, ...) is a warning; an unchanged recipe says nothing."""
+    from mtlm.config import RecipeError
     from mtlm.train import fit
     path = make_recipe(tasks=("sentiment",), name="retuned", max_steps=4, eval_every=4)
     fit(mtlm.load_recipe(path), progress=False, stop_after=2)
+    with pytest.raises(RecipeError) as e:
+        fit(mtlm.load_recipe(path, ["train.lr=0.0007", "max_length=24", "train.eval_every=2"]), resume=True,
+            progress=False)
+    assert [p.split(" (")[0] for p in e.value.problems] == ["max_length: 32 -> 24", "train.lr: 0.001 -> 0.0007"]
+    assert "--resume needs the run's value" in e.value.problems[0]
     with caplog.at_level("WARNING", logger="mtlm"):
-        fit(mtlm.load_recipe(path, ["train.lr=0.0007", "max_length=24"]), resume=True, progress=False)
-    (line,) = [r.getMessage() for r in caplog.records if "--resume with a recipe that differs" in r.getMessage()]
-    assert "train.lr: " in line and "-> 0.0007" in line and "max_length: " in line and "-> 24" in line
-    assert "tasks." not in line and "name:" not in line                # only what changed
+        fit(mtlm.load_recipe(path, ["train.max_steps=6", "train.eval_every=3"]), resume=True, progress=False)
+    (line,) = [r.getMessage() for r in caplog.records if "--resume with changed settings" in r.getMessage()]
+    assert line.endswith("train.eval_every: 4 -> 3; train.max_steps: 4 -> 6")
+    assert json.loads((Path(path).parent / "runs" / "retuned" / "metrics.json").read_text())["step"] == 6
     caplog.clear()
     with caplog.at_level("WARNING", logger="mtlm"):                 # the same recipe again: nothing to say
-        fit(mtlm.load_recipe(path, ["train.lr=0.0007", "max_length=24"]), resume=True, progress=False)
-    assert not [r for r in caplog.records if "differs" in r.getMessage()]
+        fit(mtlm.load_recipe(path, ["train.max_steps=6", "train.eval_every=3"]), resume=True, progress=False)
+    assert not [r for r in caplog.records if "changed settings" in r.getMessage()]
 
 
 def test_resume_with_other_tasks_is_a_clear_error(make_recipe):
