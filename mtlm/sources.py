@@ -192,9 +192,10 @@ def _read_file(path: pathlib.Path, skip_bad_lines: bool = False) -> Rows:
         lines, kind = _check_jsonl(path, skipped if skip_bad_lines else None), "line"
         if skipped:          # datasets' JSON reader would stop at the first bad line: parse the good ones
             return _jsonl_rows(path, lines, skipped)
-    elif ext == ".json":  # JSON Lines under a .json name gets line numbers; an array or object gets rows
-        with contextlib.suppress(DataError):
-            lines, kind = _check_jsonl(path), "line"
+    elif ext == ".json" and _looks_like_json_lines(path):   # JSON Lines under a .json name: as .jsonl
+        lines, kind = _check_jsonl(path, skipped if skip_bad_lines else None), "line"
+        if skipped:
+            return _jsonl_rows(path, lines, skipped)
     kwargs = {}
     if ext in (".csv", ".tsv"):
         kwargs = dict(keep_default_na=False, na_values=[""], delimiter="\t" if ext == ".tsv" else ",")
@@ -213,11 +214,25 @@ def _read_file(path: pathlib.Path, skip_bad_lines: bool = False) -> Rows:
     return Rows(str(path), list(ds.column_names), records, lines, kind, skipped)
 
 
+def _looks_like_json_lines(path: pathlib.Path) -> bool:
+    """Whether a .json file holds JSON Lines (one object per line, some lines possibly broken) rather than
+    one JSON document (an array, or an object written over several lines)."""
+    with open(path, encoding="utf-8-sig", errors="replace") as f:
+        text = f.read()
+    if text.lstrip().startswith("["):
+        return False
+    try:
+        json.loads(text)
+    except json.JSONDecodeError:
+        return True                                       # not one document: lines of JSON
+    return len([line for line in text.splitlines() if line.strip()]) == 1
+
+
 def _check_jsonl(path: pathlib.Path, skipped: list[str] | None = None) -> list[int]:
     """Line numbers of the JSON objects of a JSON Lines file. A line that is not a JSON object raises
     DataError naming it, or, given a `skipped` list, is described there and left out."""
     lines = []
-    with open(path, encoding="utf-8", errors="replace") as f:
+    with open(path, encoding="utf-8-sig", errors="replace") as f:     # -sig: a leading byte-order mark is fine
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -239,7 +254,7 @@ def _jsonl_rows(path: pathlib.Path, lines: list[int], skipped: list[str]) -> Row
     """The JSON objects on `lines` of a JSON Lines file; columns in order of first appearance, a key
     absent from a line is None (as datasets' reader gives it)."""
     wanted, objects = set(lines), []
-    with open(path, encoding="utf-8", errors="replace") as f:
+    with open(path, encoding="utf-8-sig", errors="replace") as f:
         objects = [json.loads(line) for n, line in enumerate(f, 1) if n in wanted]
     columns = list(dict.fromkeys(k for obj in objects for k in obj))
     records = [_clean({c: obj.get(c) for c in columns}) for obj in objects]
@@ -250,7 +265,7 @@ def _csv_lines(path: pathlib.Path, delimiter: str, skipped: list[str] | None = N
     """The first line of each CSV record (after the header). With a `skipped` list, records with more
     fields than the header (which pandas' on_bad_lines="skip" leaves out) are described there instead."""
     starts, header = [], None
-    with open(path, encoding="utf-8", errors="replace", newline="") as f:
+    with open(path, encoding="utf-8-sig", errors="replace", newline="") as f:
         reader, prev = csv.reader(f, delimiter=delimiter), 0
         for row in reader:
             if len(row) > 1 or (row and row[0].strip()):  # pandas skips blank/whitespace-only lines

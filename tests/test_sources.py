@@ -82,6 +82,22 @@ def test_unreadable_lines_skipped_on_request(tmp_path):
     assert rows.skipped == ["line 4: 3 fields, the header has 2"]
 
 
+def test_byte_order_mark_and_json_lines_named_json(tmp_path):
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + b'{"text": "a"}\n{"text": "b"}\n')
+    assert [r["text"] for r in read_source("bom.jsonl", tmp_path).records] == ["a", "b"]
+    (tmp_path / "bom.csv").write_bytes(b"\xef\xbb\xbftext,label\nx,1\n")
+    rows = read_source("bom.csv", tmp_path)
+    assert rows.columns == ["text", "label"] and rows.lines == [2]
+    (tmp_path / "lines.json").write_text('{"text": "a"}\n{"text": oops}\n{"text": "c"}\n')
+    with pytest.raises(DataError, match=r"lines\.json, line 2: not valid JSON"):
+        read_source("lines.json", tmp_path)
+    rows = read_source("lines.json", tmp_path, skip_bad_lines=True)
+    assert [r["text"] for r in rows.records] == ["a", "c"] and rows.lines == [1, 3] and len(rows.skipped) == 1
+    (tmp_path / "doc.json").write_text('{"text": "a",\n "label": 1}\n')    # one document over two lines
+    rows = read_source("doc.json", tmp_path)
+    assert rows.records == [{"text": "a", "label": 1}] and rows.line_kind == "row"
+
+
 def test_json_array_and_parquet(tmp_path):
     (tmp_path / "a.json").write_text(json.dumps([{"text": "a", "label": "x"}, {"text": "b", "label": "y"}]))
     rows = read_source("a.json", tmp_path)
