@@ -38,9 +38,9 @@ class Abandoned(RuntimeError):
 def normalize_input(item: Any, index: int) -> dict:
     """A str or a dict of input fields -> dict. Raises InputError naming the input index and field.
 
-    Fields: text, text_pair, question, context (strings), choices (a non-empty list of non-empty strings).
-    An input needs a non-empty text, or a non-empty question and context; which fields each task needs
-    is checked by `check_fields`."""
+    Fields: text, text_pair, question, context (strings), choices (a list of 2 or more non-empty strings).
+    An input needs a text, or a question and a context; a field that is present must not be blank. Which
+    fields each task needs is checked by `Predictor.plan`."""
     if isinstance(item, str):
         item = {"text": item}
     if not isinstance(item, dict):
@@ -60,9 +60,9 @@ def normalize_input(item: Any, index: int) -> dict:
         raise InputError(f"inputs[{index}].context: a multiple-choice input gives its context as 'text' "
                          "(with 'choices'); 'context' goes with a 'question' for extractive QA")
     qa = [k for k in ("question", "context") if k in item]
-    for key in (("question", "context") if qa else ("text",)):
-        if not item.get(key, "").strip():
-            raise InputError(f"inputs[{index}].{key}: missing or empty")
+    blank = [k for k, v in item.items() if isinstance(v, str) and not v.strip()]
+    for key in blank + [k for k in (("question", "context") if qa else ("text",)) if k not in item]:
+        raise InputError(f"inputs[{index}].{key}: missing or empty")
     return item
 
 

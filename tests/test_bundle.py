@@ -242,7 +242,7 @@ def test_predict_subset_of_tasks_and_plain_strings(predictor):
 def test_default_tasks_follow_the_fields_each_input_carries(predictor):
     """Without `tasks`, a plain text gets the single-text tasks and a pair also gets the pair task, in
     one call; each result equals the same task predicted alone."""
-    mixed = ["a movie", {"text": "b", "text_pair": "c"}, {"text": "d", "text_pair": "  "}]
+    mixed = ["a movie", {"text": "b", "text_pair": "c"}, {"text": "d"}]
     res = predictor.predict(mixed, batch_size=2)
     single = [n for n, t in predictor.tasks.items() if tuple(t.input_fields()) == ("text",)]
     assert single and "paraphrase" not in single
@@ -299,8 +299,9 @@ def test_predict_input_errors(predictor):
     with pytest.raises(InputError, match=r"unknown task\(s\) \['topic'\]; valid tasks: sentiment, paraphrase"):
         predictor.predict(["a"], tasks=["sentiment", "topic"])
     with pytest.raises(InputError, match=r"inputs\[0, 2\]: task\(s\) paraphrase need 'text_pair'"):
-        predictor.predict(["a", {"text": "b", "text_pair": "c"}, {"text": "d", "text_pair": "  "}],
-                          tasks=["sentiment", "paraphrase"])
+        predictor.predict(["a", {"text": "b", "text_pair": "c"}, {"text": "d"}], tasks=["sentiment", "paraphrase"])
+    with pytest.raises(InputError, match=r"inputs\[1\]\.text_pair: missing or empty"):   # present but blank
+        predictor.predict(["a", {"text": "d", "text_pair": "  "}])
     with pytest.raises(InputError, match=r"inputs\[1\]\.text: missing or empty"):
         predictor.predict(["fine", ""], tasks=["sentiment"])
     with pytest.raises(InputError, match=r"inputs\[0\]\.text: missing or empty"):
