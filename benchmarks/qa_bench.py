@@ -103,18 +103,22 @@ def summarize(result: dict) -> dict:
 
 
 def resumed(out: Path, fresh: dict) -> dict:
-    """The stages `out` already holds when it was written for the same recipe, overrides and split (and
-    benchmark), else `fresh`. Raises SystemExit when `out` holds another configuration (never overwrites it)."""
+    """The stages `out` already holds when it was written for the same recipe, overrides (--run-dir and
+    --max-steps are overrides too) and split, else `fresh`. Raises SystemExit naming what differs when `out`
+    holds another configuration (it is never overwritten)."""
     if not out.is_file():
         return fresh
     old = json.loads(out.read_text(encoding="utf-8"))
-    same = all(old.get(k) == fresh[k] for k in ("benchmark", "quick", "split", "recipe", "overrides"))
-    if not same:
-        raise SystemExit(f"{out} holds another configuration (recipe, overrides or split differ): "
-                         f"choose another --out or drop --resume")
+    differ = [k for k in ("benchmark", "quick", "split", "recipe") if old.get(k) != fresh[k]]
+    added = [o for o in fresh["overrides"] if o not in old.get("overrides", [])]
+    dropped = [o for o in old.get("overrides", []) if o not in fresh["overrides"]]
+    if differ or added or dropped:
+        raise SystemExit(f"{out} was written for another configuration ("
+                         + "; ".join(differ + [f"now {o}" for o in added] + [f"was {o}" for o in dropped])
+                         + "): give the same options, or another --out")
     print(f"resuming {out}: multi-task {'done' if old.get('multi_task') else 'to run'}, "
           f"single-task done: {', '.join(old.get('single_task') or {}) or 'none'}", flush=True)
-    return {**old, "status": "running", "machine": fresh["machine"]}
+    return {**old, "status": "running"}
 
 
 def _x100(v):
@@ -158,16 +162,16 @@ def main(argv: list[str] | None = None) -> int:
               "started": time.strftime("%Y-%m-%d %H:%M:%S"), "multi_task": None, "single_task": {}}
     if args.resume or args.stage == "single":
         result = resumed(out, result)
+    if result["multi_task"] is None and args.stage == "single":
+        print(f"{out} holds no multi-task stage for this configuration: run --stage multi first", file=sys.stderr)
+        return 2
     write(out, result)
     t_all = time.perf_counter()
 
     if result["multi_task"] is None:
-        if args.stage == "single":
-            print(f"{out} holds no multi-task stage for this configuration: run --stage multi first", file=sys.stderr)
-            return 2
         print(f"multi-task: {', '.join(recipe.tasks)} ({recipe.train.max_steps} steps) on {result['machine']['device']}",
               flush=True)
-        result["multi_task"] = train_and_score(recipe, args.split, not args.no_progress)
+        result["multi_task"] = {**train_and_score(recipe, args.split, not args.no_progress), "machine": device_info()}
         write(out, result)
     if args.stage == "multi":
         print(f"wrote {out} (multi-task stage; the single-task models: --stage single)")
@@ -182,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
             continue
         single = single_task_recipe(recipe, name, budgets[name], Path(args.run_dir))
         print(f"single-task {name}: {budgets[name]} steps", flush=True)
-        result["single_task"][name] = train_and_score(single, args.split, not args.no_progress)
+        result["single_task"][name] = {**train_and_score(single, args.split, not args.no_progress),
+                                       "machine": device_info()}
         write(out, result)
 
     result.update(summarize(result), status="done", wall_s_this_invocation=round(time.perf_counter() - t_all, 1))

@@ -141,6 +141,13 @@ def table(summary: dict, tasks: dict) -> str:
     return "\n".join(lines)
 
 
+def write_json(path: Path, result: dict) -> None:
+    """Write via a temporary file and a rename, so a kill mid-write leaves the previous file (for --resume)."""
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=1), encoding="utf-8")
+    tmp.replace(path)
+
+
 def run_key(kind: str, method: str, seed: int, task: str | None) -> tuple:
     return (kind, method if kind == "multi" else "static", seed, task if kind == "single" else None)
 
@@ -254,13 +261,14 @@ def main(argv: list[str] | None = None) -> int:
         run_dir = fit(recipe, progress=False, overwrite=True)
         wall = time.perf_counter() - t0
         info = read_run(run_dir, {task: tasks[task]} if kind == "single" else tasks)
-        entry = {"kind": kind, "method": method, "seed": seed, "wall_s": round(wall, 2), **info}
+        entry = {"kind": kind, "method": method, "seed": seed, "wall_s": round(wall, 2), **info,
+                 "device": result["machine"]["device"]}
         if kind == "single":
             entry.update(task=task, metric=info["metrics"].get(task))
         result["runs"].append(entry)
         result["summary"] = summarize(result, tasks)
         result["elapsed_s"] = round(time.perf_counter() - t_start, 1)
-        args.out.write_text(json.dumps(result, indent=1), encoding="utf-8")
+        write_json(args.out, result)
         if args.keep_runs is None:
             shutil.rmtree(run_dir, ignore_errors=True)
         done_units += units[kind]
@@ -271,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{i}/{len(plan)}] {what} seed {seed}: {shown} step {info['step_s'] * 1000:.0f} ms, run {wall:.0f} s; "
               f"elapsed {elapsed / 60:.1f} min, about {eta / 60:.1f} min left", flush=True)
     result["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
-    args.out.write_text(json.dumps(result, indent=1), encoding="utf-8")
+    write_json(args.out, result)
     if args.keep_runs is None:
         shutil.rmtree(work, ignore_errors=True)
     print(table(result["summary"], tasks))
