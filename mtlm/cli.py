@@ -9,7 +9,9 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
+from pathlib import Path
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
@@ -39,41 +41,59 @@ def cmd_eval(args) -> None:
     print(f"wrote {out_path}")
 
 
-def read_inputs(path: str) -> list:
+def read_inputs(path: str) -> tuple[list, list[int]]:
     """A JSONL file of strings or input objects ({text, text_pair?}, {question, context}, {text, choices}),
-    one per line. Raises InputError naming the file and line."""
+    one per line -> (inputs, their line numbers). Raises InputError naming the file and line."""
     from mtlm.predict import InputError
-    inputs = []
+    inputs, lines = [], []
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             for n, line in enumerate(f, 1):
                 if line.strip():
                     try:
                         inputs.append(json.loads(line))
                     except json.JSONDecodeError as e:
                         raise InputError(f"{path}, line {n}: not valid JSON ({e.msg})") from None
+                    lines.append(n)
     except (OSError, UnicodeDecodeError) as e:
         raise InputError(f"{path}: cannot read: {e}") from None
-    return inputs
+    return inputs, lines
+
+
+def _at_lines(message: str, path: str, lines: list[int]) -> str:
+    """"inputs[0, 2]: ..." -> "<path>, line 1, 3: ..." (inputs counted from 0, blank lines skipped)."""
+    def where(m: re.Match) -> str:
+        numbers = [lines[int(i)] for i in m.group(1).split(",") if int(i) < len(lines)]
+        return f"{path}, line {', '.join(map(str, numbers))}" + ("" if m.group(2) is None else f", field '{m.group(2)}'")
+    return re.sub(r"inputs\[([\d, ]+)\](?:\.(\w+))?", where, message, count=1)
 
 
 def cmd_predict(args) -> None:
     from mtlm.predict import InputError, load
-    inputs = read_inputs(args.input) if args.input else list(args.texts)
+    inputs, lines = read_inputs(args.input) if args.input else (list(args.texts), [])
     if not inputs:
         raise InputError("nothing to predict: give TEXT arguments or --input FILE.jsonl")
-    try:   # open the output first: a bad path should not cost the predictions
-        out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
-    except OSError as e:
-        raise InputError(f"--output {args.output}: cannot write: {e}") from None
+    out_path = Path(args.output) if args.output else None
+    if out_path is not None and not os.access(out_path.parent if str(out_path.parent) else ".", os.W_OK):
+        raise InputError(f"--output {args.output}: cannot write to {out_path.parent}")   # before the model loads
     predictor = load(args.run)
     tasks = args.tasks.split(",") if args.tasks else None
-    results = predictor.predict(inputs, tasks=tasks)
-    for item, res in zip(inputs, results):
-        out.write(json.dumps({"input": item, "predictions": res}, ensure_ascii=False) + "\n")
-    if args.output:
-        out.close()
-        print(f"wrote {len(results)} predictions to {args.output}")
+    try:
+        results = predictor.predict(inputs, tasks=tasks)
+    except InputError as e:
+        raise InputError(_at_lines(str(e), args.input, lines) if args.input else str(e)) from None
+    rendered = "".join(json.dumps({"input": item, "predictions": res}, ensure_ascii=False) + "\n"
+                       for item, res in zip(inputs, results))
+    if out_path is None:
+        sys.stdout.write(rendered)
+        return
+    tmp = out_path.with_name(out_path.name + ".tmp")     # an existing output is replaced only when all is done
+    try:
+        tmp.write_text(rendered, encoding="utf-8")
+        tmp.replace(out_path)
+    except OSError as e:
+        raise InputError(f"--output {args.output}: cannot write: {e}") from None
+    print(f"wrote {len(results)} predictions to {args.output}")
 
 
 def cmd_baseline(args) -> None:

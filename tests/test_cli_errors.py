@@ -165,3 +165,21 @@ def test_predict_missing_input_file(results, capsys):
     rc, _, err = in_process(["predict", str(results["bundle"]), "--input", str(results["dir"] / "missing.jsonl")],
                             capsys)
     assert rc == 2 and "missing.jsonl" in err
+
+
+def test_predict_input_file_errors_name_the_line_and_keep_the_output(results, capsys, tmp_path):
+    """A bad input in --input is reported at its file line (blank lines counted); an existing --output file
+    is left as it was, and only replaced once every prediction is done."""
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text('"fine text"\n\n{"text": "   "}\n')
+    out.write_text("earlier results\n")
+    rc, _, err = in_process(["predict", str(results["bundle"]), "--tasks", "sentiment", "--input", str(inp),
+                             "--output", str(out)], capsys)
+    assert rc == 2 and f"error: {inp}, line 3, field 'text': missing or empty" in err, err
+    assert out.read_text() == "earlier results\n"
+    inp.write_text('"fine text"\n\n{"text": "also fine"}\n')
+    rc, stdout, err = in_process(["predict", str(results["bundle"]), "--tasks", "sentiment", "--input", str(inp),
+                                  "--output", str(out)], capsys)
+    assert rc == 0, err
+    assert [json.loads(x)["input"] for x in out.read_text().splitlines()] == ["fine text", {"text": "also fine"}]
+    assert not list(tmp_path.glob("*.tmp"))
