@@ -133,9 +133,12 @@ class Predictor:
         """The requested task names (all when None). Raises InputError listing the valid ones."""
         if tasks is None:
             return list(self.tasks)
+        if not tasks:
+            raise InputError(f"tasks: an empty list; omit it (each input gets the tasks its fields feed) or name "
+                             f"some of the valid tasks: {', '.join(self.tasks)}")
         unknown = [t for t in tasks if t not in self.tasks]
-        if unknown or not tasks:
-            raise InputError(f"unknown task(s) {unknown or tasks}; valid tasks: {', '.join(self.tasks)}")
+        if unknown:
+            raise InputError(f"unknown task(s) {unknown}; valid tasks: {', '.join(self.tasks)}")
         return list(dict.fromkeys(tasks))
 
     def groups(self, names: list[str]) -> dict[Fields, list[str]]:

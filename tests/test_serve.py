@@ -309,7 +309,7 @@ def test_bad_inputs_get_the_stated_4xx(bundle):
                 assert all(w in r.json()["detail"] for w in words), (body, r.json())
                 assert r.json()["request_id"] == r.headers["x-request-id"]
             r = await client.post("/v1/tasks/nope/predict", json={"inputs": ["x"]})
-            assert r.status_code == 422 and "sentiment" in r.json()["detail"]
+            assert r.status_code == 404 and "sentiment" in r.json()["detail"]
             r = await client.post("/v1/predict", content=b"{not json", headers={"content-type": "application/json"})
             assert r.status_code == 422
 

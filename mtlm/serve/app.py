@@ -56,6 +56,7 @@ ENV_BUNDLE = "MTLM_SERVE_BUNDLE"       # bundle path for app_from_env (set by se
 ENV_SETTINGS = "MTLM_SERVE_SETTINGS"   # ServeSettings as JSON
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 _ERRORS = {s: {"model": ErrorResponse} for s in (413, 422, 429, 503, 504)}
+_TASK_ERRORS = {**_ERRORS, 404: {"model": ErrorResponse}}
 
 
 def _error(status: int, detail: str, request_id: str | None, headers: dict | None = None,
@@ -269,9 +270,13 @@ def create_app(source: str | Path | Callable[[], Predictor], settings: ServeSett
         backbone pass per field group."""
         return await handle(request, body.inputs, body.tasks, body.timeout_ms)
 
-    @app.post("/v1/tasks/{task}/predict", response_model=PredictResponse, responses=_ERRORS)
+    @app.post("/v1/tasks/{task}/predict", response_model=PredictResponse, responses=_TASK_ERRORS)
     async def predict_task(task: str, body: TaskPredictRequest, request: Request):
-        """One task for each input (the same response shape as /v1/predict)."""
+        """One task for each input (the same response shape as /v1/predict); 404 for a task the model lacks."""
+        if service.ready and task not in service.predictor.tasks:
+            service.metrics.request(None, 404)
+            return _error(404, f"unknown task {task!r}; valid tasks: {', '.join(service.predictor.tasks)}",
+                          request.state.request_id)
         return await handle(request, body.inputs, [task], body.timeout_ms)
 
     @app.get("/v1/tasks", response_model=TasksResponse, responses={503: {"model": ErrorResponse}})
