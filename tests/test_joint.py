@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import random
 
 import pytest
 import torch
@@ -26,20 +25,17 @@ PER_SOURCE = 150
 @pytest.fixture(scope="module")
 def reviews(tmp_path_factory):
     """reviews.jsonl: 150 IMDb + 150 Rotten Tomatoes reviews with `sentiment` (the dataset's label) and
-    `source`; sentiment removed (key absent) from 30% of rows, source set to null on another 30%."""
-    from mtlm.sources import read_source
-    rng = random.Random(0)
-    rows = []
-    for source in ("imdb", "rotten_tomatoes"):
-        records = read_source(f"builtin:{source}", tmp_path_factory.getbasetemp()).records
-        rows += [{"text": r["text"], "sentiment": r["label"], "source": source}
-                 for r in rng.sample(records, PER_SOURCE)]
-    rng.shuffle(rows)
-    for i, row in enumerate(rows):
-        if i % 10 < 3:
-            del row["sentiment"]
-        elif i % 10 < 6:
-            row["source"] = None
+    `source`; sentiment removed (key absent) from 30% of rows, source set to null on another 30% (built by
+    benchmarks/joint_bench.py, which trains MiniLM on the same construction)."""
+    import importlib.util as util
+    import sys
+    from pathlib import Path
+    bench = Path(__file__).parents[1] / "benchmarks" / "joint_bench.py"
+    spec = util.spec_from_file_location("joint_bench", bench)
+    module = util.module_from_spec(spec)
+    sys.modules.setdefault("joint_bench", module)
+    spec.loader.exec_module(module)
+    rows = module.build_reviews(PER_SOURCE, seed=0)
     path = tmp_path_factory.mktemp("joint") / "reviews.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
