@@ -14,7 +14,8 @@ import numpy as np
 from torch import Tensor
 
 from mtlm.config import Recipe, RecipeError
-from mtlm.sources import DataError, Rows, read_source, split_rows, subsample
+from mtlm.sources import DataError, Rows, read_source
+from mtlm.splits import split_rows, subsample
 from mtlm.tasks.base import pad_inputs
 
 SPLITS = ("train", "dev", "test")

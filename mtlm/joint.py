@@ -31,7 +31,8 @@ from torch import Tensor
 
 from mtlm.config import RecipeError
 from mtlm.data import INPUT_ROLES, _row_key, collate, read_splits, report_bad_rows
-from mtlm.sources import Rows, split_rows, subsample
+from mtlm.sources import Rows
+from mtlm.splits import split_rows, subsample
 from mtlm.tasks.base import INPUT_KEYS, pad_inputs
 
 # Task types whose examples are one backbone row each, with one feature per data row: they can share a

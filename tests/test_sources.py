@@ -11,7 +11,8 @@ import subprocess
 import pytest
 
 from mtlm import sources
-from mtlm.sources import DataError, Rows, builtin_names, read_source, split_rows, subsample, user_cache_dir
+from mtlm.sources import DataError, Rows, builtin_names, read_source, user_cache_dir
+from mtlm.splits import split_rows, subsample
 
 
 def _needs(module):
