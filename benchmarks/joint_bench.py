@@ -69,7 +69,7 @@ def write_files(rows: list[dict], folder: Path) -> dict[str, dict[str, str]]:
 
 
 def make_recipe(variant: str, files: dict, args, work: Path):
-    from mtlm.config import parse_recipe
+    from mtlm.recipe import parse_recipe
     if variant == "joint":
         data = {**files["joint"], "split": {}}
         tasks = {t: {"type": "classification", "data": dict(data), "columns": {"label": t}} for t in ("sentiment", "source")}

@@ -75,7 +75,7 @@ def train_and_score(recipe, split: str, progress: bool) -> dict:
 
 def summarize(result: dict) -> dict:
     """Per task: the selection metric of both models and their difference; SQuAD EM/F1 x100; the aims."""
-    from mtlm.config import load_recipe
+    from mtlm.recipe import load_recipe
     from mtlm.tasks import build_task, default_metric
     recipe = load_recipe(result["recipe"], result["overrides"])
     rows = {}
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     from mtlm.baseline import single_task_recipe, step_budgets, train_sizes
     from mtlm.checkpoint import load_bundle
     from mtlm.cli import _quiet_libraries
-    from mtlm.config import load_recipe
+    from mtlm.recipe import load_recipe
     _quiet_libraries()
 
     overrides = (QUICK if args.quick else []) + list(args.overrides) + [f"output_dir={Path(args.run_dir) / 'multi'}"]

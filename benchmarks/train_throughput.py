@@ -120,7 +120,7 @@ def read_jsonl(path: Path) -> list[dict]:
 def child_mtlm(args, probe: Probe, tmp: Path) -> dict:
     import yaml
     import mtlm.train as mt
-    from mtlm.config import load_recipe
+    from mtlm.recipe import load_recipe
 
     recipe = {
         "name": "bench-throughput", "backbone": "minilm-l6", "pooling": "mean", "max_length": args.max_length,

@@ -60,7 +60,7 @@ def task_specs(quick: bool) -> dict[str, dict]:
 
 
 def make_recipe(args, method: str, seed: int, work: Path):
-    from mtlm.config import parse_recipe
+    from mtlm.recipe import parse_recipe
     raw = {"name": f"w-{method}-s{seed}", "backbone": args.backbone, "max_length": args.max_length,
            "output_dir": str(work / f"{method}-s{seed}"), "tasks": task_specs(args.quick),
            "train": {"batch_size": args.batch_size, "max_steps": args.steps, "eval_every": args.steps,

@@ -21,8 +21,8 @@ def fit(recipe, resume: bool = False, progress: bool = True, overwrite: bool = F
 
 
 def load_recipe(path, overrides=()):
-    """Read and validate a YAML recipe (see `mtlm.config.load_recipe`)."""
-    from mtlm.config import load_recipe as _load_recipe
+    """Read and validate a YAML recipe (see `mtlm.recipe.load_recipe`)."""
+    from mtlm.recipe import load_recipe as _load_recipe
     return _load_recipe(path, overrides)
 
 

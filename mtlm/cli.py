@@ -25,7 +25,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
 
 
 def cmd_train(args) -> None:
-    from mtlm.config import load_recipe
+    from mtlm.recipe import load_recipe
     from mtlm.train import fit
     recipe = load_recipe(args.recipe, args.overrides)
     run_dir = fit(recipe, resume=args.resume, progress=not args.no_progress, overwrite=args.overwrite)
@@ -98,7 +98,7 @@ def cmd_predict(args) -> None:
 
 def cmd_baseline(args) -> None:
     from mtlm.baseline import run_baseline
-    from mtlm.config import load_recipe
+    from mtlm.recipe import load_recipe
     run_baseline(load_recipe(args.recipe, args.overrides), split=args.split, retrain=args.retrain)
 
 

@@ -90,7 +90,8 @@ def evaluate_bundle(path, split: str = "test", batch_size: int = 64) -> tuple[di
     import yaml
 
     from mtlm.checkpoint import find_bundle, load_bundle
-    from mtlm.config import RecipeError, parse_recipe
+    from mtlm.config import RecipeError
+    from mtlm.recipe import parse_recipe
     from mtlm.data import prepare_rows
     from mtlm.tasks import build_task
 

@@ -40,7 +40,7 @@ EXAMPLES = [
 
 def quickstart(output_dir: str | Path = "runs/quickstart", max_steps: int | None = None) -> Path:
     """Write the recipe into `output_dir`, train, evaluate on test, print the table and example predictions."""
-    from mtlm.config import load_recipe
+    from mtlm.recipe import load_recipe
     from mtlm.evaluate import by_task, evaluate_bundle, format_table
     from mtlm.predict import load
     from mtlm.train import fit

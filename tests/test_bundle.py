@@ -14,7 +14,7 @@ import yaml
 
 import mtlm
 from mtlm.checkpoint import BundleError, find_bundle, load_bundle, save_bundle
-from mtlm.config import load_recipe, parse_recipe
+from mtlm.recipe import load_recipe, parse_recipe
 from mtlm.data import collate, encode_rows, prepare_rows
 from mtlm.model import build_model, load_backbone
 from mtlm.predict import InputError

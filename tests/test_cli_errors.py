@@ -25,7 +25,7 @@ def start(args: list[str], cwd: Path) -> subprocess.Popen:
 def make_bundle(backbone: str, toy: Path, d: Path) -> Path:
     """An (untrained) bundle with a single-text and a pair task, saved without running the training loop."""
     from mtlm.checkpoint import save_bundle
-    from mtlm.config import load_recipe
+    from mtlm.recipe import load_recipe
     from mtlm.data import prepare_rows
     from mtlm.model import build_model, load_backbone
     from mtlm.tasks import build_task

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mtlm.config import Recipe, RecipeError, apply_overrides, load_recipe, parse_recipe
+from mtlm.config import Recipe, RecipeError, apply_overrides
+from mtlm.recipe import load_recipe, parse_recipe
 
 
 def valid_recipe() -> dict:

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from mtlm.config import RecipeError, load_recipe, parse_recipe
+from mtlm.config import RecipeError
+from mtlm.recipe import load_recipe, parse_recipe
 from mtlm.data import (MAX_ROW_ERRORS, TaskBatches, TaskSampler, collate, length_sorted_batches, mean_probabilities,
                        prepare_rows, steps_for_epochs, task_probabilities)
 from mtlm.tasks import build_task
@@ -377,7 +378,7 @@ def test_collate_token_labels_padded_with_ignore():
 
 
 def test_rare_class_of_a_made_split_stays_in_train(tmp_path):
-    from mtlm.config import parse_recipe
+    from mtlm.recipe import parse_recipe
     from mtlm.data import prepare_rows
     from mtlm.tasks import build_task
     rows = [{"text": f"text number {i}", "label": "a" if i % 2 else "b"} for i in range(40)]

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 
 import mtlm
 from conftest import write_recipe
-from mtlm.config import RecipeError, TaskConfig, load_recipe, parse_recipe
+from mtlm.config import RecipeError, TaskConfig
+from mtlm.recipe import load_recipe, parse_recipe
 from mtlm.data import collate, prepare_rows
 from mtlm.predict import InputError
 from mtlm.tasks import build_task

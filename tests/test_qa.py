@@ -16,7 +16,8 @@ import yaml
 
 import mtlm
 from conftest import SHARED_DATA, write_recipe
-from mtlm.config import RecipeError, TaskConfig, load_recipe, parse_recipe
+from mtlm.config import RecipeError, TaskConfig
+from mtlm.recipe import load_recipe, parse_recipe
 from mtlm.data import prepare_rows
 from mtlm.predict import InputError
 from mtlm.tasks import build_task

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import mtlm
-from mtlm.config import RecipeError, parse_recipe
+from mtlm.config import RecipeError
+from mtlm.recipe import parse_recipe
 from mtlm.weighting import WEIGHTINGS, build_weighting
 from mtlm.weighting.gradnorm import gradnorm_logit_grad, last_shared_layer
 from mtlm.weighting.loss_history import DWA, FAMO, dwa_weights, famo_logit_grad, famo_loss_weights

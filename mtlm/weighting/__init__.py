@@ -77,7 +77,7 @@ def _option_problems(name: str, options: dict) -> list[str]:
 
 def weighting_problems(raw: dict) -> list[str]:
     """Problems of a raw recipe dict's train.weighting / step_mode / sampling / task weights, one
-    `path: message` line each (reported by `mtlm.config.parse_recipe` with every other problem)."""
+    `path: message` line each (reported by `mtlm.recipe.parse_recipe` with every other problem)."""
     train = raw.get("train") if isinstance(raw.get("train"), dict) else {}
     spec = train.get("weighting", "static")
     spec = {"name": spec} if isinstance(spec, str) else spec
