@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 
 import pytest
 
@@ -30,7 +31,9 @@ def test_minilm_on_builtin_rotten_tomatoes(tmp_path):
     assert [set(r) for r in out] == [{"sentiment"}, {"sentiment"}]
     assert {r["sentiment"]["label"] for r in out} <= {"negative", "positive"}
     metrics, _, path = mtlm.evaluate_bundle(run, "test")
-    assert 0.0 <= metrics["sentiment/accuracy"] <= 1.0
+    # a head that learned nothing scores ~0.5 on these balanced reviews; MiniLM's sentence embedding reaches
+    # well above that within a few steps
+    assert metrics["sentiment/accuracy"] > 0.6, metrics
     assert json.loads(path.read_text())["rows"]["sentiment"] == 64
 
 
@@ -43,7 +46,7 @@ def test_minilm_on_shared_data_three_task_types(tmp_path):
         "tasks": {
             "sentiment": {"type": "classification",
                           "data": {"train": str(d / "sst2/train.jsonl"), "dev": str(d / "sst2/dev.jsonl"),
-                                   "limit": {"train": 200, "dev": 50}, "split": {"test": 0.1}}},
+                                   "limit": {"train": 200, "dev": 50, "test": 20}, "split": {"test": 0.1}}},
             "sts": {"type": "regression", "columns": {"text": "text_a", "text_pair": "text_b"},
                     "data": {"train": str(d / "stsb/train.jsonl"), "dev": str(d / "stsb/dev.jsonl"),
                              "test": str(d / "stsb/test.jsonl"), "limit": {"train": 200, "dev": 50, "test": 50}}},
@@ -60,6 +63,8 @@ def test_minilm_on_shared_data_three_task_types(tmp_path):
     predictor = mtlm.load(run)
     [out] = predictor.predict([{"text": "John Smith flew to Paris.", "text_pair": "He went to France."}],
                               tasks=["ner", "sts"])
-    assert isinstance(out["sts"]["value"], float)
-    for ent in out["ner"]["entities"]:
-        assert "John Smith flew to Paris."[ent["start"]:ent["end"]] == ent["text"]
+    assert isinstance(out["sts"]["value"], float) and math.isfinite(out["sts"]["value"])
+    assert isinstance(out["ner"]["entities"], list)
+    metrics, _, path = mtlm.evaluate_bundle(run, "test")
+    assert json.loads(path.read_text())["rows"] == {"sts": 50, "ner": 50, "emotions": 50, "sentiment": 20}
+    assert {"sentiment/accuracy", "sts/pearson", "ner/f1", "emotions/micro_f1"} <= set(metrics)

@@ -300,7 +300,10 @@ def test_cagrad_trains(make_recipe):
                    progress=False)
     log = json.loads((run / "metrics.json").read_text())
     coef = [log["train"][-1][f"weight/{n}"] for n in ("sentiment", "topic", "ner")]
-    assert all(c > 0 for c in coef) and math.isfinite(log["eval"][-1]["mean"])
+    # CAGrad moves the update off the plain average of the task gradients: the coefficients it logs are not
+    # the static weights (1 each) and differ between tasks whose gradients conflict
+    assert max(abs(c - 1.0) for c in coef) > 1e-3 and max(coef) - min(coef) > 1e-4, coef
+    assert math.isfinite(log["eval"][-1]["mean"])
 
 
 @pytest.mark.skipif(shutil.which("accelerate") is None, reason="accelerate CLI not installed")
