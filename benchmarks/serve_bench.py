@@ -87,14 +87,16 @@ def load_texts(bundle: Path, tasks: list[str], limit: int, seed: int, texts_file
         for line in Path(texts_file).read_text(encoding="utf-8").splitlines():
             if line.strip():
                 texts.append(json.loads(line)["text"] if line.lstrip().startswith("{") else line.strip())
-    else:
-        from mtlm.sources import read_source
+    else:      # the train rows stored in the run's evaluation contract (paths relative to the run folder)
+        from mtlm.contract import find_contract, load_split_rows
         meta = json.loads((bundle / "tasks.json").read_text())
+        found = find_contract(bundle.parent)
+        if found is None:
+            raise SystemExit(f"{bundle.parent}: no contract.json (an old run): pass --texts FILE")
+        rows = load_split_rows(*found, "train", tasks)
         for name in tasks:
-            cfg = meta["tasks"][name]["config"]
-            col = cfg.get("columns", {}).get("text", "text")
-            rows = read_source(cfg["data"]["train"], Path(meta.get("recipe_dir", ".")))
-            texts += [r[col] for r in rows.records if isinstance(r.get(col), str) and r[col].strip()]
+            col = meta["tasks"][name]["config"].get("columns", {}).get("text", "text")
+            texts += [r[col] for r in rows[name].records if isinstance(r.get(col), str) and r[col].strip()]
     random.Random(seed).shuffle(texts)
     if not texts:
         raise SystemExit("no texts found: pass --texts FILE")

@@ -1,7 +1,8 @@
 """mtlm: one pretrained backbone, many NLP tasks.
 
 Public surface: `load` (a trained bundle -> Predictor), `fit` (train a recipe), `load_recipe`,
-`evaluate_bundle`, `create_app` (the HTTP server's FastAPI app). Nothing heavy is imported until used."""
+`evaluate_bundle`, `derive_run` (a compressed/distilled run judged on its parent's rows), `create_app` (the
+HTTP server's FastAPI app). Nothing heavy is imported until used."""
 
 from __future__ import annotations
 
@@ -26,10 +27,16 @@ def load_recipe(path, overrides=()):
     return _load_recipe(path, overrides)
 
 
-def evaluate_bundle(path, split: str = "test", batch_size: int = 64):
-    """Evaluate a run or bundle on a split (see `mtlm.evaluate.evaluate_bundle`)."""
+def evaluate_bundle(path, split: str = "test", batch_size: int = 64, data_dir=None):
+    """Evaluate a run or bundle on the split rows stored at training (see `mtlm.evaluate.evaluate_bundle`)."""
     from mtlm.evaluate import evaluate_bundle as _evaluate_bundle
-    return _evaluate_bundle(path, split, batch_size)
+    return _evaluate_bundle(path, split, batch_size, data_dir=data_dir)
+
+
+def derive_run(parent, run_dir, bundle=None, method: str = "copy", details=None):
+    """A run folder for a model derived from run `parent`, judged on its rows (see `mtlm.contract.derive_run`)."""
+    from mtlm.contract import derive_run as _derive_run
+    return _derive_run(parent, run_dir, bundle, method, details)
 
 
 def create_app(source, settings=None, handle_signals: bool = False):

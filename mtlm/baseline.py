@@ -68,7 +68,7 @@ def run_baseline(recipe: Recipe, split: str = "test", retrain: bool = False, pro
         single = single_task_recipe(recipe, name, budgets[name], run_dir)
         if retrain or not (single.run_dir() / "model" / "tasks.json").is_file():
             fit(single, progress=progress, overwrite=True)
-        metrics, _, _ = evaluate_bundle(single.run_dir(), split)
+        metrics, _, _ = evaluate_bundle(single.run_dir(), split, contract_from=run_dir)   # the same rows
         st[name] = by_task(metrics).get(name, {})
         model, *_ = load_bundle(find_bundle(single.run_dir()))
         params_single += count_parameters(model)

@@ -48,7 +48,6 @@ def save_bundle(model: MultiTaskModel, tokenizer, tasks: dict, recipe: Recipe, p
         "name": recipe.name,
         "pooling": model.pooling,
         "max_length": recipe.max_length,
-        "recipe_dir": str(recipe.base_dir),
         "tasks": {name: {"type": t.cfg.type, "config": t.cfg.model_dump(mode="json"),
                          "input_fields": list(t.input_fields()), "head_input": t.head_input,
                          "metric": default_metric(t), "state": t.state()}

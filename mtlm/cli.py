@@ -33,11 +33,14 @@ def cmd_train(args) -> None:
 
 
 def cmd_eval(args) -> None:
-    from mtlm.evaluate import by_task, evaluate_bundle, format_table
-    metrics, tasks, out_path = evaluate_bundle(args.run, args.split, args.batch_size)
+    from mtlm.evaluate import by_task, evaluate_bundle, format_deltas, format_table
+    metrics, tasks, out_path = evaluate_bundle(args.run, args.split, args.batch_size, data_dir=args.data_dir)
     print(format_table(by_task(metrics), tasks))
     if "mean" in metrics:
         print(f"{'mean':<20} {'':<22} {metrics['mean']:.4f}")
+    deltas = format_deltas(json.loads(out_path.read_text(encoding="utf-8")), tasks)
+    if deltas:
+        print(deltas)
     print(f"wrote {out_path}")
 
 
@@ -136,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("run", help="run folder or bundle folder")
     e.add_argument("--split", choices=["dev", "test"], default="test")
     e.add_argument("--batch-size", type=_positive_int, default=64)
+    e.add_argument("--data-dir", help="where the data moved: a folder standing in for the recipe folder (the run's "
+                                      "data paths are tried under it, then by file name)")
     e.set_defaults(func=cmd_eval)
 
     q = sub.add_parser("predict", help="predict all (or some) tasks for texts")

@@ -6,13 +6,20 @@ selection metric; metrics where lower is better enter negated)."""
 from __future__ import annotations
 
 import contextlib
+import json
+import logging
+import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from mtlm.contract import (ContractError, bundle_sha256, check_parent_model, find_contract, load_split_rows,
+                           metric_deltas, read_parent, split_sha256)
 from mtlm.data import collate, length_sorted_batches
 from mtlm.tasks import LOWER_IS_BETTER, default_metric
+
+log = logging.getLogger("mtlm")
 
 
 @torch.inference_mode()
@@ -71,6 +78,24 @@ def format_table(rows: dict[str, dict[str, float]], tasks: dict) -> str:
     return "\n".join(lines)
 
 
+def format_deltas(report: dict, tasks: dict) -> str:
+    """For a derived run's eval report: one line per task with its selection metric, the parent's value and
+    the difference (this run - parent). Empty when the report has no parent."""
+    parent = report.get("parent")
+    if not parent:
+        return ""
+    lines = [f"vs parent {parent['run']} ({parent.get('method') or 'derived'}):"]
+    for name, task in tasks.items():
+        key = f"{name}/{default_metric(task)}"
+        if key in parent["delta"]:
+            lines.append(f"{name:<20} {key.split('/', 1)[1]:<22} {report['metrics'][key]:.4f}  parent "
+                         f"{parent['metrics'][key]:.4f}  delta {parent['delta'][key]:+.4f}")
+    if "mean" in parent["delta"]:
+        lines.append(f"{'mean':<20} {'':<22} {report['metrics']['mean']:.4f}  parent {parent['metrics']['mean']:.4f}"
+                     f"  delta {parent['delta']['mean']:+.4f}")
+    return "\n".join(lines)
+
+
 def by_task(flat: dict[str, float]) -> dict[str, dict[str, float]]:
     """{"task/metric": v} -> {task: {metric: v}} (drops "mean")."""
     out: dict[str, dict[str, float]] = {}
@@ -81,34 +106,89 @@ def by_task(flat: dict[str, float]) -> dict[str, dict[str, float]]:
     return out
 
 
-def evaluate_bundle(path, split: str = "test", batch_size: int = 64) -> tuple[dict[str, float], dict, Path]:
-    """Evaluate a run or bundle on `split` of the data named in its recipe (the splits are re-made with
-    the recipe's seed, so they are the ones used in training). Writes eval_<split>.json beside the bundle's
-    run folder and returns (metrics, tasks, that path). Raises BundleError, RecipeError."""
-    import json
+def evaluate_bundle(path, split: str = "test", batch_size: int = 64, data_dir=None,
+                    contract_from=None) -> tuple[dict[str, float], dict, Path]:
+    """Evaluate a run or bundle on the `split` rows stored in its evaluation contract (`mtlm.contract`): the
+    exact rows it was trained and selected with, re-read from its data files after checking their digests.
 
-    import yaml
-
+    data_dir: a folder standing in for the recipe folder when the data moved (see `contract.resolve_source`).
+    contract_from: evaluate on another run's stored rows (`mtlm baseline`: the multi-task run's).
+    A derived run (parent.json) is evaluated on its parent's rows; its report adds the parent's metrics and
+    per-task deltas (this run - parent), evaluating the parent first when its eval_<split>.json is missing or
+    was made on other rows. A run without a contract (trained before mtlm stored one) is evaluated the old
+    way, re-splitting the recipe's data, with a warning. Writes eval_<split>.json in the run folder and returns
+    (metrics, tasks, that path). Raises BundleError, RecipeError, ContractError (a data file changed or is
+    missing, naming it; a parent run missing or retrained)."""
     from mtlm.checkpoint import find_bundle, load_bundle
     from mtlm.config import RecipeError
-    from mtlm.recipe import parse_recipe
-    from mtlm.data import prepare_rows
-    from mtlm.tasks import build_task
 
     bundle = find_bundle(path)
+    run_dir = bundle.parent if bundle.name == "model" else bundle
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer, tasks, meta = load_bundle(bundle, device)
-    raw = yaml.safe_load((bundle / "recipe.yaml").read_text(encoding="utf-8"))
-    recipe = parse_recipe(raw, Path(meta["recipe_dir"]))
-    data = prepare_rows(recipe, {n: build_task(n, t.cfg) for n, t in tasks.items()})
-    features = {n: tasks[n].encode(data.rows[n][split].records, tokenizer, recipe.max_length)
-                for n in tasks if split in data.rows[n]}
+    found = find_contract(Path(contract_from) if contract_from is not None else run_dir)
+    if found is None:
+        rows, digests, contract_dir = _resplit_rows(bundle, meta, tasks, split), None, None
+    else:
+        contract, contract_dir = found
+        rows = load_split_rows(contract, contract_dir, split, list(tasks), Path(data_dir) if data_dir else None)
+        digests = split_sha256(contract, split, list(rows))
+    features = {n: tasks[n].encode(rows[n].records, tokenizer, meta["max_length"]) for n in rows}
     if not features:
         raise RecipeError([f"no task has a {split} split (set tasks.<name>.data.{split} or data.split.{split})"])
     metrics = evaluate(model, tasks, features, batch_size, tokenizer.pad_token_id, device)
-    run_dir = bundle.parent if bundle.name == "model" else bundle
+    report = {"split": split, "bundle": _relative(bundle, run_dir),
+              "contract": None if contract_dir is None else _relative(contract_dir, run_dir),
+              "rows": {n: len(rows[n].records) for n in features},   # examples (a QA example has windows)
+              "rows_sha256": digests, "model_sha256": bundle_sha256(bundle), "metrics": metrics}
+    parent = read_parent(run_dir) if contract_from is None else None
+    if parent is not None:
+        parent_dir, info = parent
+        check_parent_model(run_dir, parent_dir, info)
+        parent_metrics = _parent_metrics(parent_dir, split, digests, batch_size, data_dir)
+        report["parent"] = {"run": _relative(parent_dir, run_dir), "method": info.get("method"),
+                            "metrics": parent_metrics, "delta": metric_deltas(metrics, parent_metrics)}
     out_path = run_dir / f"eval_{split}.json"
-    sizes = {n: len(data.rows[n][split].records) for n in features}   # examples (a QA example has windows)
-    out_path.write_text(json.dumps({"split": split, "bundle": str(bundle), "rows": sizes, "metrics": metrics},
-                                   indent=2), encoding="utf-8")
+    out_path.write_text(json.dumps(report, indent=2), encoding="utf-8")
     return metrics, tasks, out_path
+
+
+def _relative(path: Path, start: Path) -> str:
+    return Path(os.path.relpath(Path(path).resolve(), Path(start).resolve())).as_posix()
+
+
+def _parent_metrics(parent: Path, split: str, digests: dict[str, str], batch_size: int, data_dir) -> dict[str, float]:
+    """The parent run's metrics on the same rows: its eval_<split>.json when that was made with its current model
+    (model_sha256) on every row the derived run was evaluated on (rows_sha256 per task), else a fresh
+    evaluation of the parent (which rewrites that file)."""
+    from mtlm.checkpoint import find_bundle
+
+    saved = parent / f"eval_{split}.json"
+    if saved.is_file():
+        report = json.loads(saved.read_text(encoding="utf-8"))
+        theirs = report.get("rows_sha256") or {}
+        if report.get("model_sha256") == bundle_sha256(find_bundle(parent)) and \
+                all(theirs.get(n) == d for n, d in digests.items()):
+            return report["metrics"]
+    return evaluate_bundle(parent, split, batch_size, data_dir)[0]
+
+
+def _resplit_rows(bundle: Path, meta: dict, tasks: dict, split: str) -> dict:
+    """{task: `split` Rows} re-made from the recipe stored in an old bundle (no contract): the data re-read from
+    its absolute recipe folder and re-split with the recipe's seed, as mtlm did before contracts."""
+    import yaml
+
+    from mtlm.data import prepare_rows
+    from mtlm.recipe import parse_recipe
+    from mtlm.tasks import build_task
+
+    if "recipe_dir" not in meta:
+        raise ContractError([f"{bundle}: no stored evaluation contract (contract.json in its run folder) and no "
+                             f"recipe folder in tasks.json: evaluate the run folder, not a copy of its model/"])
+    log.warning("%s: no stored evaluation contract (trained before mtlm stored one): re-reading and re-splitting "
+                "the data from %s; a data file changed since training would silently change the %s split",
+                bundle, meta["recipe_dir"], split)
+    raw = yaml.safe_load((bundle / "recipe.yaml").read_text(encoding="utf-8"))
+    recipe = parse_recipe(raw, Path(meta["recipe_dir"]))
+    data = prepare_rows(recipe, {n: build_task(n, t.cfg) for n, t in tasks.items()})
+    return {n: data.rows[n][split] for n in tasks if split in data.rows.get(n, {})}

@@ -27,6 +27,7 @@ from transformers import get_scheduler
 
 from mtlm.checkpoint import latest_checkpoint, save_bundle, save_checkpoint
 from mtlm.config import Recipe, RecipeError, recipe_changes
+from mtlm.contract import write_contract
 from mtlm.data import TaskBatches, TaskSampler, encode_rows, prepare_rows, steps_for_epochs
 from mtlm.evaluate import evaluate
 from mtlm.joint import collate_source, join_features, masked_losses
@@ -141,6 +142,7 @@ def fit(recipe: Recipe, resume: bool = False, progress: bool = True, stop_after:
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
+        write_contract(run_dir, recipe, data.rows)      # the rows of every split, for `mtlm eval`
         for note in data.notes:
             log.info(note)
     set_seed(cfg.seed)
