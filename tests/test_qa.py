@@ -234,6 +234,16 @@ def test_qa_trains_with_classification_and_baseline_compares(qa_run):
     assert rows["qa"]["steps_single"] >= 1 and result["backbone_passes_per_input"]["multi_task"] == 2
 
 
+def test_baseline_judges_single_task_models_on_the_multi_task_runs_stored_rows(qa_run):
+    run, result = qa_run
+    contract = json.loads((run / "contract.json").read_text())["tasks"]
+    for task in ("qa", "sentiment"):
+        report = json.loads((run / "baseline" / task / "eval_test.json").read_text())
+        assert report["contract"] == "../.." and report["rows"] == {task: len(contract[task]["test"]["lines"])}
+        assert report["metrics"] == {f"{task}/{k}": v for k, v in result["single_task_metrics"][task].items()} | \
+            {"mean": report["metrics"]["mean"]}
+
+
 def test_qa_bundle_evaluates_as_during_training(qa_run):
     from mtlm.evaluate import evaluate_bundle
     run, _ = qa_run
