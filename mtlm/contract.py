@@ -25,11 +25,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
 
+from mtlm.checkpoint import find_bundle
 from mtlm.sources import DataError, Rows, read_source
+
+log = logging.getLogger("mtlm")
 
 CONTRACT_FILE = "contract.json"
 PARENT_FILE = "parent.json"
@@ -115,11 +119,26 @@ def write_contract(run_dir: Path, recipe, rows: dict[str, dict[str, Rows]]) -> P
             tasks[name][split] = {"source": keys[origin], "line_kind": part.line_kind, "lines": list(part.lines),
                                   "row_sha256": [row_sha256(r) for r in part.records]}
     out = run_dir / CONTRACT_FILE
+    _warn_if_rows_changed(out, tasks)
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text(json.dumps({"format": FORMAT_VERSION, "sources": sources, "tasks": tasks},
                               separators=(",", ":")), encoding="utf-8")
     os.replace(tmp, out)
     return out
+
+
+def _warn_if_rows_changed(path: Path, tasks: dict) -> None:
+    """A run folder that already holds a contract (a resumed or restarted run): say which task splits now hold
+    other rows than before (the data changed since the run began), since the old ones are replaced."""
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))["tasks"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    changed = [f"{name} {split}" for name, splits in tasks.items() for split, part in splits.items()
+               if old.get(name, {}).get(split) not in (None, part)]
+    if changed:
+        log.warning("%s: the rows of %s differ from the ones stored when this run began (the data changed); "
+                    "storing the new ones: evaluation uses them from now on", path, ", ".join(changed))
 
 
 def _source_key(origin: str, base: Path) -> str:
@@ -274,8 +293,6 @@ def record_parent(run_dir: Path, parent: Path, method: str, details: dict | None
     `method` (e.g. "int8", "distill", "prune"; `details`: its settings, JSON-serialisable). Records the parent's
     path relative to `run_dir` and the digests of its contract and model, so evaluation can refuse a parent that
     was retrained since. Raises ContractError when `parent` has no contract (own or inherited)."""
-    from mtlm.checkpoint import find_bundle
-
     run_dir, parent = Path(run_dir), Path(parent)
     found = find_contract(parent)
     if found is None:
@@ -298,8 +315,6 @@ def derive_run(parent: Path, run_dir: Path, bundle: Path | None = None, method: 
     `mtlm eval run_dir` then evaluates on the parent's stored rows and reports per-task deltas from the parent.
     Raises ContractError (no contract in `parent`), BundleError (no bundle), FileExistsError (run_dir/model
     exists)."""
-    from mtlm.checkpoint import find_bundle
-
     run_dir = Path(run_dir)
     source = find_bundle(bundle if bundle is not None else parent)
     if (run_dir / "model").exists():
@@ -313,8 +328,6 @@ def derive_run(parent: Path, run_dir: Path, bundle: Path | None = None, method: 
 def check_parent_model(run_dir: Path, parent: Path, info: dict) -> None:
     """Raises ContractError when the parent's model changed since `run_dir` was derived from it (the deltas
     would compare against another model)."""
-    from mtlm.checkpoint import find_bundle
-
     if bundle_sha256(find_bundle(parent)) != info.get("model_sha256"):
         raise ContractError([f"{run_dir}: the model of its parent {parent} changed since this run was derived "
                              f"from it (retrained?); derive it again"])

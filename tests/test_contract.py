@@ -15,7 +15,8 @@ from safetensors.torch import load_file, save_file
 
 import mtlm
 from mtlm.cli import main as cli
-from mtlm.contract import (CONTRACT_FILE, ContractError, derive_run, file_sha256, load_split_rows, row_sha256)
+from mtlm.contract import (CONTRACT_FILE, ContractError, derive_run, file_sha256, load_split_rows, row_sha256,
+                           write_contract)
 from mtlm.data import prepare_rows
 from mtlm.evaluate import evaluate_bundle
 from mtlm.recipe import load_recipe
@@ -105,6 +106,18 @@ def test_a_changed_data_file_is_named_not_resplit(project, tmp_path, capsys):
     assert cli(["eval", str(copy / "runs" / "c")]) == 2
     assert "data/topic.jsonl" in capsys.readouterr().err
     assert not (copy / "runs" / "c" / "eval_test.json").exists()       # nothing evaluated on the changed data
+
+
+def test_restarting_a_run_on_changed_data_says_which_splits_changed(project, tmp_path, caplog):
+    copy = _copy(project, tmp_path / "proj")
+    with open(copy / "data" / "topic.jsonl", "a") as f:       # new rows: the seeded split moves
+        f.writelines(json.dumps({"text": f"bank profit {i}", "label": "finance"}) + "\n" for i in range(30))
+    recipe = load_recipe(copy / "recipe.yaml")
+    data = prepare_rows(recipe, {n: build_task(n, c) for n, c in recipe.tasks.items()})
+    with caplog.at_level(logging.WARNING, logger="mtlm"):
+        write_contract(copy / "runs" / "c", recipe, data.rows)
+    assert "the rows of topic train, topic dev, topic test differ" in caplog.text
+    assert "sentiment" not in caplog.text and "ner" not in caplog.text
 
 
 def test_stored_row_whose_content_differs_is_named_with_its_line(project):
