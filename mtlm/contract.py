@@ -56,7 +56,7 @@ class ContractError(DataError):
 
 def row_sha256(record: dict) -> str:
     """The content hash of one row: sha256 of its canonical JSON (sorted keys), first ROW_HASH_CHARS hex digits."""
-    text = json.dumps(record, sort_keys=True, ensure_ascii=False, default=str, allow_nan=True)
+    text = json.dumps(record, sort_keys=True, ensure_ascii=True, default=str)   # ascii: lone surrogates too
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:ROW_HASH_CHARS]
 
 
@@ -334,5 +334,9 @@ def check_parent_model(run_dir: Path, parent: Path, info: dict) -> None:
 
 
 def metric_deltas(metrics: dict[str, float], parent: dict[str, float]) -> dict[str, float]:
-    """{"task/metric": this run's value - the parent's} for every key both have (and "mean")."""
-    return {k: v - parent[k] for k, v in metrics.items() if k in parent}
+    """{"task/metric": this run's value - the parent's} for every key both have, and "mean" when both
+    means are over the same tasks (a derived run that dropped a head has no comparable mean)."""
+    def tasks(m: dict) -> set[str]:
+        return {k.split("/", 1)[0] for k in m if "/" in k}
+    same = tasks(metrics) == tasks(parent)
+    return {k: v - parent[k] for k, v in metrics.items() if k in parent and (k != "mean" or same)}

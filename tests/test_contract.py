@@ -261,3 +261,17 @@ def test_builtin_source_keeps_its_name_and_rows_are_checked_by_hash(tiny_backbon
     contract["tasks"]["sentiment"]["test"]["row_sha256"][3] = "f" * 16       # as if the package's data changed
     with pytest.raises(ContractError, match=r"builtin:rotten_tomatoes, row \d+: content differs"):
         load_split_rows(contract, run, "test", ["sentiment"])
+
+
+def test_metric_deltas_compare_means_only_over_the_same_tasks():
+    from mtlm.contract import metric_deltas
+    parent = {"a/accuracy": 0.5, "b/f1": 0.25, "mean": 0.375}
+    assert metric_deltas({"a/accuracy": 0.75, "b/f1": 0.25, "mean": 0.5}, parent) == \
+        {"a/accuracy": 0.25, "b/f1": 0.0, "mean": 0.125}
+    assert metric_deltas({"a/accuracy": 0.75, "mean": 0.75}, parent) == {"a/accuracy": 0.25}
+
+
+def test_row_hash_is_content_only_and_survives_lone_surrogates():
+    assert row_sha256({"text": "a", "label": 1}) == row_sha256({"label": 1, "text": "a"})
+    assert row_sha256({"text": "a", "label": 1}) != row_sha256({"text": "a", "label": "1"})
+    assert len(row_sha256({"text": "\ud800 broken"})) == 16
