@@ -27,9 +27,9 @@ def task_outputs(model, task, features: list[dict], batch_size: int, pad_token_i
                  device: torch.device, autocast_dtype: torch.dtype | None = None) -> tuple[list[Any], list[Any]]:
     """(predictions, references) for one task over `features`, in the input order.
 
-    Batches are length-sorted to cut padding. A task whose features are parts of examples (extractive QA
-    windows) has a `postprocess(per_feature_predictions, features)` hook: then predictions and references
-    are one per example."""
+    Batches are length-sorted to cut padding. The task's `postprocess(per_feature_predictions, features)`
+    merges features that are parts of one example (extractive QA windows), so predictions and references are
+    one per example."""
     model.eval()
     preds: list[Any] = [None] * len(features)
     for idx in length_sorted_batches([f["length"] for f in features], batch_size):
@@ -40,10 +40,7 @@ def task_outputs(model, task, features: list[dict], batch_size: int, pad_token_i
             logits = model(task=task.name, **batch)
         for i, p in zip(idx, task.predictions(logits.float(), chunk)):
             preds[i] = p
-    postprocess = getattr(task, "postprocess", None)
-    if postprocess is not None:
-        preds = postprocess(preds, features)
-    return preds, task.references(features)
+    return task.postprocess(preds, features), task.references(features)
 
 
 def evaluate(model, tasks: dict, features: dict[str, list[dict]], batch_size: int, pad_token_id: int,

@@ -65,8 +65,10 @@ class MultiTaskModel(nn.Module):
     """Shared backbone + heads[task_name].
 
     `forward(task=name, ...)` runs one task's micro-batch and returns its logits;
-    `forward(tasks=[...], ...)` runs the backbone once and returns {task_name: logits} for every listed head.
-    Inputs: input_ids, attention_mask, optional token_type_ids, each (batch, seq_len)."""
+    `forward(tasks=[...], ...)` runs the backbone once and returns {task_name: logits} for every listed head;
+    `infer(...)` is the inference forward (tensors in, every head's logits by name out; see `InferenceGraph`
+    for one exportable graph). Inputs: input_ids, attention_mask, optional token_type_ids, each
+    (batch, seq_len) int64."""
 
     def __init__(self, backbone: nn.Module, heads: nn.ModuleDict, head_inputs: dict[str, str], pooling: str):
         super().__init__()
@@ -92,6 +94,32 @@ class MultiTaskModel(nn.Module):
         names = [task] if task is not None else list(tasks or self.heads.keys())
         out = {n: self.heads[n](pooled if self.head_inputs[n] == "pooled" else hidden) for n in names}
         return out[task] if task is not None else out
+
+    def infer(self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor | None = None,
+              tasks: list[str] | None = None) -> dict[str, Tensor]:
+        """The inference forward: one backbone pass -> {task: logits} for `tasks` (default: every head, in
+        head order). Pooled heads give (batch, num_outputs), token heads (batch, seq_len, num_outputs).
+        Tensors only, no task objects: what engines run and what `InferenceGraph` exports.
+        Raises KeyError on an unknown task name."""
+        return self(input_ids, attention_mask, token_type_ids, tasks=tasks)
+
+
+class InferenceGraph(nn.Module):
+    """`MultiTaskModel.infer` over every head as a module with positional tensor outputs, for
+    `torch.onnx.export` (one graph: one backbone pass feeding every head).
+
+    forward(input_ids, attention_mask, token_type_ids) -> a tuple of logits in `names` order (ONNX outputs
+    are positional; name them `names` when exporting). token_type_ids is required here (zeros for
+    tokenizers without segment ids) so the graph has a fixed signature."""
+
+    def __init__(self, model: MultiTaskModel):
+        super().__init__()
+        self.model = model
+        self.names = list(model.heads.keys())
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor) -> tuple[Tensor, ...]:
+        out = self.model.infer(input_ids, attention_mask, token_type_ids)
+        return tuple(out[n] for n in self.names)
 
 
 def build_model(backbone: nn.Module, tasks: dict, pooling: str, dropout: float) -> MultiTaskModel:

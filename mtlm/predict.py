@@ -6,6 +6,10 @@ may carry the fields of several kinds). Tasks that read the same input fields sh
 single-text tasks (classification, multilabel, regression, tagging) run on one encoding of the text; pair
 tasks on one encoding of the pair; a QA input runs all windows of its context, a multiple-choice input one
 row per choice.
+
+Encoding goes through the task types' `encode_inputs` (the same tokenization as training) into typed
+`mtlm.encoded.Encoded` inputs; the backbone and heads run only through an engine (`mtlm.engine`, torch eager
+by default); each head's `decode` turns its outputs and the inputs' metadata into results.
 """
 
 from __future__ import annotations
@@ -18,7 +22,9 @@ import torch
 
 from mtlm.checkpoint import load_bundle
 from mtlm.data import length_sorted_batches
-from mtlm.tasks.base import INPUT_KEYS, pad_inputs
+from mtlm.encoded import Encoded, ModelInputs
+from mtlm.engine import Engine, make_engine
+from mtlm.tasks.base import pad_inputs
 
 TEXT_FIELDS = ("text", "text_pair", "question", "context")   # string fields of an input
 FIELDS = TEXT_FIELDS + ("choices",)                           # every field an input may have
@@ -118,12 +124,15 @@ class Predictor:
     long context is read window by window, never cut)."""
 
     def __init__(self, model, tokenizer, tasks: dict, meta: dict, device: torch.device,
-                 max_pass_tokens: int = 16384):
-        """max_pass_tokens: padded tokens (rows x seq_len) per backbone call; a larger micro-batch (a QA
-        context of many windows, many choices) runs in row chunks, so activation memory stays bounded."""
+                 max_pass_tokens: int = 16384, engine: str | Engine = "torch"):
+        """model: the loaded `MultiTaskModel` the engine is built from. max_pass_tokens: padded tokens
+        (rows x seq_len) per engine call; a larger micro-batch (a QA context of many windows, many choices)
+        runs in row chunks, so activation memory stays bounded. engine: a name in `mtlm.engine.ENGINES` or
+        an Engine. Raises ValueError on an unknown engine name."""
         self.model, self.tokenizer, self.tasks, self.meta, self.device = model, tokenizer, tasks, meta, device
         self.max_length = int(meta["max_length"])
         self.max_pass_tokens = max_pass_tokens
+        self.engine = make_engine(engine, model, device) if isinstance(engine, str) else engine
 
     @property
     def name(self) -> str:
@@ -172,66 +181,60 @@ class Predictor:
                    for fields, group in groups.items()}
         return Plan(names, row_tasks, groups, members)
 
-    def encode(self, items: list[dict], fields: tuple[str, ...]) -> list[dict]:
-        """Tokenize items for one group -> one feature dict per item with a truncation flag and "length".
+    def encoder(self, fields: Fields):
+        """The task whose `encode_inputs` encodes the field group `fields` for every task reading it (one
+        backbone pass per group): a task with a per-token head when the group has one (a word tagger must
+        read the words it was trained on; with a WordPiece tokenizer, as MiniLM/BERT, its input ids equal the
+        plain text encoding that the pooled text tasks were trained on), else the group's first task."""
+        readers = [t for t in self.tasks.values() if tuple(t.input_fields()) == fields]
+        return next((t for t in readers if t.head_input == "tokens"), readers[0])
 
-        Text groups: input ids, offsets, word_ids. A group whose task type has `encode_inputs` (QA,
-        multiple choice) is encoded by it: features hold several "sequences" (backbone rows)."""
-        owner = next((t for t in self.tasks.values()
-                      if tuple(t.input_fields()) == fields and hasattr(t, "encode_inputs")), None)
-        if owner is not None:
-            return owner.encode_inputs(items, self.tokenizer, self.max_length)
-        texts = [it["text"] for it in items]
-        pairs = [it["text_pair"] for it in items] if "text_pair" in fields else None
-        enc = self.tokenizer(texts, pairs, truncation=True, max_length=self.max_length,
-                             return_offsets_mapping=True, return_overflowing_tokens=False)
-        feats = []
-        for i, it in enumerate(items):
-            e = enc.encodings[i]
-            feats.append({**{k: enc[k][i] for k in INPUT_KEYS if k in enc}, "length": len(enc["input_ids"][i]),
-                          "offsets": enc["offset_mapping"][i], "word_ids": e.word_ids, "text": it["text"],
-                          "sequence_ids": e.sequence_ids, "truncated": bool(e.overflowing)})
-        return feats
+    def encode(self, items: list[dict], fields: Fields) -> list[Encoded]:
+        """Tokenize items for one field group -> one `Encoded` per item (backbone rows, decode metadata,
+        truncation flag), by the group's `encoder`."""
+        return self.encoder(fields).encode_inputs(items, self.tokenizer, self.max_length)
 
-    def forward(self, batch: dict[str, torch.Tensor], names: list[str], should_stop=None) -> dict[str, torch.Tensor]:
-        """{head: logits (rows, ...)} for a padded batch (rows, seq_len), in chunks of at most
-        `max_pass_tokens` padded tokens (at least one row per chunk). `should_stop()` is asked before every
-        chunk after the first; True raises Abandoned."""
-        rows, seq_len = batch["input_ids"].shape
+    def forward(self, inputs: ModelInputs, names: list[str], should_stop=None) -> dict[str, torch.Tensor]:
+        """{head: logits (rows, ...)} for a padded batch (rows, seq_len) through the engine, in chunks of at
+        most `max_pass_tokens` padded tokens (at least one row per chunk). `should_stop()` is asked before
+        every chunk after the first; True raises Abandoned."""
+        rows, seq_len = inputs.shape
         step = max(1, self.max_pass_tokens // seq_len)
         if rows <= step:
-            return self.model(tasks=names, **batch)
+            return self.engine.run(inputs, names)
         parts = []
         for i in range(0, rows, step):
             if parts and should_stop is not None and should_stop():
                 raise Abandoned(f"stopped after {i} of {rows} rows")
-            parts.append(self.model(tasks=names, **{k: v[i:i + step] for k, v in batch.items()}))
+            parts.append(self.engine.run(inputs.rows(i, i + step), names))
         return {n: torch.cat([part[n] for part in parts]) for n in names}
 
     @torch.inference_mode()
-    def run(self, feats: list[dict], names: list[str], row_tasks: list[list[str]] | None = None,
+    def run(self, encoded: list[Encoded], names: list[str], row_tasks: list[list[str]] | None = None,
             should_stop=None) -> list[dict[str, dict]]:
-        """One backbone pass over a micro-batch of encoded inputs (one field group), every head in `names`.
-        A feature with "sequences" takes one row per sequence; its task's `decode` regroups them.
+        """One engine pass over a micro-batch of encoded inputs (one field group), every head in `names`.
+        An input of several rows (QA windows, choices) takes them consecutively; its task's `decode`
+        regroups them.
 
-        row_tasks: the tasks each row asked for (default: all of `names`); a head's logits are decoded
-        only for the rows that asked for it (the server mixes requests for different task subsets).
+        row_tasks: the tasks each input asked for (default: all of `names`); a head's outputs are decoded
+        only for the inputs that asked for it (the server mixes requests for different task subsets).
         should_stop: see `forward` (raises Abandoned)."""
-        batch = {k: v.to(self.device) for k, v in pad_inputs(feats, self.tokenizer.pad_token_id).items()}
-        logits = self.forward(batch, names, should_stop)
-        out: list[dict[str, dict]] = [{} for _ in feats]
-        expanded = any("sequences" in f for f in feats)   # logits rows != features: decode all, keep asked
+        inputs = ModelInputs.from_dict(pad_inputs([s for e in encoded for s in e.sequences],
+                                                  self.tokenizer.pad_token_id))
+        outputs = self.forward(inputs, names, should_stop)
+        first = [0]
+        for e in encoded:
+            first.append(first[-1] + e.rows)
+        out: list[dict[str, dict]] = [{} for _ in encoded]
         for n in names:
-            rows = [i for i in range(len(feats)) if row_tasks is None or n in row_tasks[i]]
-            if not rows:
+            asked = [i for i in range(len(encoded)) if row_tasks is None or n in row_tasks[i]]
+            if not asked:
                 continue
-            if expanded:
-                rows = list(range(len(feats)))
-            head_logits = logits[n] if len(rows) == len(feats) else logits[n][rows]
-            for i, result in zip(rows, self.tasks[n].decode(head_logits.float(), [feats[i] for i in rows])):
-                if row_tasks is not None and n not in row_tasks[i]:
-                    continue
-                if feats[i]["truncated"]:
+            head = outputs[n]
+            if len(asked) < len(encoded):
+                head = head[[r for i in asked for r in range(first[i], first[i + 1])]]
+            for i, result in zip(asked, self.tasks[n].decode(head.float(), [encoded[i] for i in asked])):
+                if encoded[i].truncated:
                     result["truncated"] = True
                 out[i][n] = result
         return out
@@ -252,7 +255,7 @@ class Predictor:
         for fields, group in plan.groups.items():
             members = plan.members[fields]
             feats = self.encode([items[i] for i in members], fields)
-            for idx in length_sorted_batches([f["length"] for f in feats], batch_size):
+            for idx in length_sorted_batches([e.length for e in feats], batch_size):
                 rows = [members[j] for j in idx]
                 out = self.run([feats[j] for j in idx], group, [plan.row_tasks[i] for i in rows])
                 for i, res in zip(rows, out):
@@ -260,8 +263,9 @@ class Predictor:
         return [{n: r[n] for n in plan.names if n in r} for r in results]
 
 
-def load(path: str | Path, device: str | None = None) -> Predictor:
-    """Load a run folder or bundle for prediction. Raises mtlm.checkpoint.BundleError."""
+def load(path: str | Path, device: str | None = None, engine: str = "torch") -> Predictor:
+    """Load a run folder or bundle for prediction, run by `engine` (a name in `mtlm.engine.ENGINES`).
+    Raises mtlm.checkpoint.BundleError, ValueError (unknown engine)."""
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, tokenizer, tasks, meta = load_bundle(path, dev)
-    return Predictor(model, tokenizer, tasks, meta, dev)
+    return Predictor(model, tokenizer, tasks, meta, dev, engine=engine)

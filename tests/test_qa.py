@@ -297,18 +297,18 @@ def test_served_long_context_limits_chunks_and_deadline(qa_run):
     predictor = mtlm.load(run, device="cpu")
     calls = []
 
-    class SlowModel:                       # 50 ms per backbone call, each call's rows recorded
-        def __init__(self, model):
-            self.model = model
+    class SlowEngine:                      # 50 ms per engine call, each call's rows recorded
+        def __init__(self, engine):
+            self.engine = engine
 
-        def __call__(self, **kw):
-            calls.append(int(kw["input_ids"].shape[0]))
+        def run(self, inputs, tasks):
+            calls.append(inputs.shape[0])
             time.sleep(0.05)
-            return self.model(**kw)
-    predictor.model = SlowModel(predictor.model)
+            return self.engine.run(inputs, tasks)
+    predictor.engine = SlowEngine(predictor.engine)
     rng = random.Random(7)
     long, huge = qa_row(rng, 150), qa_row(rng, 500)
-    windows = {k: len(predictor.encode([r], ("question", "context"))[0]["sequences"]) for k, r in
+    windows = {k: predictor.encode([r], ("question", "context"))[0].rows for k, r in
                (("long", long), ("huge", huge))}
     assert 8 < windows["long"] < 20 < windows["huge"]
     settings = ServeSettings(max_windows=20, max_batch_tokens=64)    # max_length 32: 2 windows per call

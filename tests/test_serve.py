@@ -64,7 +64,7 @@ class Gate:
         inner = predictor.run
 
         def run(feats, names, row_tasks=None, should_stop=None):
-            self.calls.append(([f["text"] for f in feats], list(names), row_tasks))
+            self.calls.append(([f.meta["text"] for f in feats], list(names), row_tasks))
             assert self.event.wait(20), "gate never opened"
             return inner(feats, names, row_tasks, should_stop)
         self.predictor.run = run
@@ -264,7 +264,7 @@ def test_model_failure_answers_500_and_the_server_goes_on(predictor):
     inner = predictor.run
 
     def run(feats, names, row_tasks=None, should_stop=None):
-        if any("boom" in f["text"] for f in feats):
+        if any("boom" in f.meta["text"] for f in feats):
             raise RuntimeError("simulated out of memory")
         return inner(feats, names, row_tasks, should_stop)
     broken.run = run

@@ -349,10 +349,10 @@ def test_decode_entity_spans_slice_the_text(word_tokenizer):
     task.fit([{"tokens": ["a", "b", "c"], "tags": ["B-PER", "I-PER", "B-LOC"]}])
     text = "Johnny  Smith went to Zürich, London."
     predictor = Predictor(None, word_tokenizer, {"ner": task}, {"max_length": 64}, torch.device("cpu"))
-    (meta,) = predictor.encode([{"text": text}], ("text",))
+    (encoded,) = predictor.encode([{"text": text}], ("text",))
     words = ["johnny", "smith", "went", "to", "zurich", ",", "london", "."]
     tags = ["B-PER", "I-PER", "O", "O", "B-LOC", "O", "B-LOC", "O"]
-    word_ids = meta["word_ids"]
+    word_ids = encoded.meta["word_ids"]
     assert max(w for w in word_ids if w is not None) == len(words) - 1
     logits = torch.zeros(1, len(word_ids), len(task.labels))
     first = set(first_subtokens(word_ids).values())
@@ -362,7 +362,7 @@ def test_decode_entity_spans_slice_the_text(word_tokenizer):
         # the first sub-token carries the tag; later sub-tokens say something else (they must be ignored)
         tag = tags[w] if pos in first else "B-PER"
         logits[0, pos, task.labels.index(tag)] = 8.0
-    (out,) = task.decode(logits, [meta])
+    (out,) = task.decode(logits, [encoded])
     ents = out["entities"]
     assert [(e["entity"], e["text"], e["start"], e["end"]) for e in ents] == [
         ("PER", "Johnny  Smith", 0, 13), ("LOC", "Zürich", 22, 28), ("LOC", "London", 30, 36)]

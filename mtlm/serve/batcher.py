@@ -28,6 +28,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable, Protocol
 
+from mtlm.encoded import Encoded
 from mtlm.predict import Abandoned
 from mtlm.serve.schemas import ServeSettings
 
@@ -72,7 +73,7 @@ class _NoObserver:
 class Item:
     """One input of one request, for one field group. Times are `time.monotonic()` seconds."""
 
-    feat: dict                  # `Predictor.encode` feature dict; feat["length"] is its token count
+    feat: Encoded               # `Predictor.encode`'s typed input; feat.length is its padded token count
     group: Fields
     tasks: tuple[str, ...]      # heads this input wants from this group
     deadline: float
@@ -85,7 +86,7 @@ class Item:
 
     @property
     def tokens(self) -> int:
-        return self.feat["length"]
+        return self.feat.length
 
 
 @dataclass(eq=False)
@@ -188,16 +189,16 @@ class Batcher:
             ticket.open = False
             self._reserved -= ticket.inputs
 
-    def submit(self, ticket: Ticket, entries: list[tuple[dict, Fields, tuple[str, ...]]], deadline: float
+    def submit(self, ticket: Ticket, entries: list[tuple[Encoded, Fields, tuple[str, ...]]], deadline: float
                ) -> list[Item]:
-        """Queue (feature dict, field group, task names) entries of one request, all or none.
+        """Queue (encoded input, field group, task names) entries of one request, all or none.
 
         `deadline`: time.monotonic() seconds after which queued entries are dropped. Consumes `ticket`.
         Raises Stopped, TooLarge (more tokens than the whole queue holds) or QueueFull (tokens)."""
         self.release(ticket)
         if self._draining:
             raise Stopped("server is draining")
-        tokens = sum(feat["length"] for feat, _, _ in entries)
+        tokens = sum(feat.length for feat, _, _ in entries)
         limit = self.settings.queue_tokens
         if tokens > limit:
             raise TooLarge(f"{tokens} padded tokens (a QA context or multiple-choice input counts its sequences x "

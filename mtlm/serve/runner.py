@@ -2,9 +2,10 @@
 
 Tokenising a small request (a few sentences: ~0.1 ms) happens on the event loop: a thread hop costs more
 than that in GIL hand-offs. Larger requests go to a tokenizer thread, which uses its own copy of the
-tokenizer (one fast tokenizer used from two threads can raise "Already borrowed"). `Predictor.run` runs in
-a single model thread under `torch.inference_mode()`: batches run one at a time, which is what the
-batcher wants (while a batch runs, the next one gathers); torch's intra-op threads still use every core.
+tokenizer (one fast tokenizer used from two threads can raise "Already borrowed"). `Predictor.run` (which
+runs the backbone and heads through the predictor's engine, `mtlm.engine`) runs in a single model thread
+under `torch.inference_mode()`: batches run one at a time, which is what the batcher wants (while a batch
+runs, the next one gathers); torch's intra-op threads still use every core.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from mtlm.encoded import Encoded
 from mtlm.predict import Predictor
 
 Fields = tuple[str, ...]
@@ -35,12 +37,12 @@ class Runner:
         self._tokenizer_thread = ThreadPoolExecutor(1, thread_name_prefix="mtlm-tokenize")
         self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="mtlm-model")
 
-    async def tokenize(self, jobs: dict[Fields, list[dict]]) -> dict[Fields, list[dict]]:
-        """{field group: normalised inputs} -> {field group: one feature dict per input}.
+    async def tokenize(self, jobs: dict[Fields, list[dict]]) -> dict[Fields, list[Encoded]]:
+        """{field group: normalised inputs} -> {field group: one `Encoded` per input}.
 
-        Feature dicts are `Predictor.encode`'s (input ids, offsets, word_ids, "length" in tokens,
-        "truncated"; QA and multiple-choice features hold several "sequences"). Inputs must already be
-        validated (`Predictor.plan`: every input carries its group's fields)."""
+        `Predictor.encode`'s typed inputs: backbone rows (one per text; one per QA window or choice), decode
+        metadata, truncation; `.length` is the input's padded tokens. Inputs must already be validated
+        (`Predictor.plan`: every input carries its group's fields)."""
         chars = sum(len(v) if isinstance(v, str) else sum(map(len, v))
                     for items in jobs.values() for it in items for v in it.values())
         if chars <= self.inline_chars:
@@ -49,12 +51,12 @@ class Runner:
         return await loop.run_in_executor(self._tokenizer_thread, self._tokenize, self._thread_predictor, jobs)
 
     @staticmethod
-    def _tokenize(predictor: Predictor, jobs: dict[Fields, list[dict]]) -> dict[Fields, list[dict]]:
+    def _tokenize(predictor: Predictor, jobs: dict[Fields, list[dict]]) -> dict[Fields, list[Encoded]]:
         return {fields: predictor.encode(items, fields) for fields, items in jobs.items()}
 
-    async def forward(self, feats: list[dict], names: list[str], row_tasks: list[list[str]] | None = None,
+    async def forward(self, feats: list[Encoded], names: list[str], row_tasks: list[list[str]] | None = None,
                       deadline: float | None = None) -> list[dict[str, dict]]:
-        """One backbone pass over `feats` (one field group), every head in `names` -> per-input {task: result}
+        """One engine pass over `feats` (one field group), every head in `names` -> per-input {task: result}
         for the tasks that input asked for (`row_tasks`, default all).
 
         deadline: time.monotonic() after which nobody waits for the result: a batch run in several backbone
@@ -63,7 +65,7 @@ class Runner:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._model_thread, self._forward, feats, names, row_tasks, deadline)
 
-    def _forward(self, feats: list[dict], names: list[str], row_tasks: list[list[str]] | None,
+    def _forward(self, feats: list[Encoded], names: list[str], row_tasks: list[list[str]] | None,
                  deadline: float | None) -> list[dict[str, dict]]:
         should_stop = None if deadline is None else (lambda: time.monotonic() > deadline)
         with torch.inference_mode():

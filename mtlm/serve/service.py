@@ -161,9 +161,9 @@ class Service:
         self.metrics.tokenize_seconds.observe(tokenize_s)
         for fields in plan.groups:
             for i, feat in zip(plan.members[fields], feats[fields]):
-                if "context" in fields and len(feat["sequences"]) > self.settings.max_windows:
+                if "context" in fields and feat.rows > self.settings.max_windows:
                     batcher.release(ticket)
-                    raise TooLarge(f"inputs[{i}].context: {len(feat['sequences'])} windows of up to "
+                    raise TooLarge(f"inputs[{i}].context: {feat.rows} windows of up to "
                                    f"{self.predictor.max_length} tokens, at most {self.settings.max_windows} per "
                                    f"input (max_windows)")
         entries, owners = [], []

@@ -14,12 +14,17 @@ A feature may instead hold ``sequences``: a list of such input dicts that each t
 context per row). `pad_inputs` flattens them in order, so a task's logits have one row per sequence and the
 task splits them back by ``len(feature["sequences"])``.
 
-Optional hooks beyond the protocol (looked up with getattr, so the other types need nothing):
-- ``postprocess(per_feature_predictions, features) -> per_example_predictions``: for types whose training
-  features are parts of an example (extractive QA windows). `mtlm.evaluate.task_outputs` calls it after
-  `predictions`; `references(features)` then returns one reference per example, in the same order.
-- ``encode_inputs(items, tokenizer, max_length) -> one feature per item``: how `mtlm.predict.Predictor`
-  encodes prediction inputs for the type's field group (default: text / text_pair tokenization).
+Prediction inputs are encoded by the type's `encode_inputs` into typed `mtlm.encoded.Encoded` inputs
+(backbone rows apart from decode metadata), through the same tokenization function as `encode`, so a
+model sees at prediction time exactly the encoding it was trained on. `decode` reads them.
+
+Hooks every type declares (the defaults below are what most types use):
+- ``postprocess(per_feature_predictions, features) -> per_example_predictions``: merges the predictions of
+  features that are parts of one example (extractive QA windows); identity for one feature per example.
+  `mtlm.evaluate.task_outputs` calls it after `predictions`; `references(features)` returns one reference
+  per example, in the same order.
+- ``encode_inputs(items, tokenizer, max_length) -> one Encoded per item``: how `mtlm.predict.Predictor`
+  encodes prediction inputs of the type's field group (text tasks: `encode_texts`' tokenization).
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from mtlm.config import TaskConfig
+from mtlm.encoded import Encoded
 
 INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
 STORED_KEYS = ("input_ids", "token_type_ids")     # kept per feature; attention_mask follows from length
@@ -59,8 +65,10 @@ class TaskType(Protocol):
     def loss(self, logits: Tensor, batch: dict[str, Tensor]) -> Tensor: ...
     def predictions(self, logits: Tensor, features: list[dict]) -> list[Any]: ...
     def references(self, features: list[dict]) -> list[Any]: ...
+    def postprocess(self, predictions: list[Any], features: list[dict]) -> list[Any]: ...  # features -> examples
     def metrics(self, predictions: list[Any], references: list[Any]) -> dict[str, float]: ...
-    def decode(self, logits: Tensor, metas: list[dict]) -> list[dict]: ...
+    def encode_inputs(self, items: list[dict], tokenizer, max_length: int) -> list[Encoded]: ...
+    def decode(self, logits: Tensor, inputs: list[Encoded]) -> list[dict]: ...  # one result per input
 
 
 class LinearHead(nn.Module):
@@ -98,13 +106,26 @@ def check_texts(task: Any, row: dict) -> list[tuple[str, str]]:
     return problems
 
 
+def tokenize_texts(tokenizer, texts: list[str], pairs: list[str] | None, max_length: int):
+    """The one tokenization of text (and text pair) inputs, for training rows and prediction inputs alike:
+    truncation longest-first to max_length tokens. Returns the tokenizer's BatchEncoding."""
+    return tokenizer(texts, pairs, truncation=True, max_length=max_length)
+
+
 def encode_texts(task: Any, rows: list[dict], tokenizer, max_length: int) -> list[dict]:
     """Tokenize the text (and text_pair) column of each row. Returns unpadded feature dicts."""
     text_col, pair_col = text_columns(task)
     texts = [r[text_col] for r in rows]
     pairs = [r[pair_col] for r in rows] if pair_col else None
-    enc = tokenizer(texts, pairs, truncation=True, max_length=max_length)
+    enc = tokenize_texts(tokenizer, texts, pairs, max_length)
     return [compact_inputs(enc, i) for i in range(len(rows))]
+
+
+def model_inputs(enc, i: int) -> dict[str, np.ndarray]:
+    """Row i of a BatchEncoding as backbone inputs only: input_ids (and token_type_ids), unpadded."""
+    out = compact_inputs(enc, i)
+    del out["length"]
+    return out
 
 
 def compact_inputs(enc, i: int) -> dict:
@@ -185,6 +206,19 @@ class TextTask:
         for f, r in zip(features, rows):
             f.update(self.label_fields(r))
         return features
+
+    def encode_inputs(self, items: list[dict], tokenizer, max_length: int) -> list[Encoded]:
+        """Prediction inputs {"text", "text_pair"?} -> one single-row Encoded each (meta: the "text"),
+        tokenized as in training (`tokenize_texts`)."""
+        texts = [it["text"] for it in items]
+        pairs = [it["text_pair"] for it in items] if "text_pair" in self.input_fields() else None
+        enc = tokenize_texts(tokenizer, texts, pairs, max_length)
+        return [Encoded([model_inputs(enc, i)], {"text": it["text"]}, bool(enc.encodings[i].overflowing))
+                for i, it in enumerate(items)]
+
+    def postprocess(self, predictions: list[Any], features: list[dict]) -> list[Any]:
+        """One feature per example: the predictions as they are."""
+        return predictions
 
     def label_fields(self, row: dict) -> dict:
         raise NotImplementedError

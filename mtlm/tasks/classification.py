@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 from torch import Tensor, nn
 
+from mtlm.encoded import Encoded
 from mtlm.tasks.base import LinearHead, TextTask, as_label, check_texts, label_sort_key
 
 
@@ -73,7 +74,7 @@ class Classification(TextTask):
             "mcc": float(matthews_corrcoef(references, predictions)),
         }
 
-    def decode(self, logits: Tensor, metas: list[dict]) -> list[dict]:
+    def decode(self, logits: Tensor, inputs: list[Encoded]) -> list[dict]:
         """logits (batch, num_labels) -> [{"label": name, "score": p, "scores": {name: p}}]."""
         probs = logits.float().softmax(-1).tolist()
         out = []

@@ -36,9 +36,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mtlm.tasks.base import LinearHead, NothingToFit, compact_inputs
+from mtlm.encoded import Encoded
+from mtlm.tasks.base import STORED_KEYS, LinearHead, NothingToFit, compact_inputs
 
-CHUNK = 512       # examples tokenized per call (the stride is capped per call, see encode_windows)
+CHUNK = 512       # examples tokenized per call (examples of one call share their capped stride)
 
 
 # ---------------------------------------------------------------- the official SQuAD metric
@@ -125,25 +126,31 @@ def encode_windows(tokenizer, questions: list[str], contexts: list[str], max_len
     Each window is a compact feature (input_ids, token_type_ids, length) plus "example" (index into the
     inputs) and "offsets": int32 (length, 2) character [start, end) of each context token, -1 for question,
     special and padding tokens. Windows of one example are consecutive and cover its whole context.
-    Questions are cut to half a window; `doc_stride` (overlap in tokens) is capped per chunk of examples
-    at half the context room left by the chunk's longest question, so each window advances by at least half
-    its context (an overlap near the whole room would make one window per token)."""
+    Questions are cut to half a window; `doc_stride` (overlap in tokens) is capped per example at half the
+    context room its own question leaves, so each window advances by at least half its context (an overlap
+    near the whole room would make one window per token), and an example's windows do not depend on the
+    other examples encoded with it."""
     specials = tokenizer.num_special_tokens_to_add(pair=True)
     if max_length - specials < 2:
         raise ValueError(f"max_length {max_length} leaves no room for a question and a context")
     questions, q_lengths, cut = _cut_questions(tokenizer, questions, (max_length - specials) // 2)
-    windows: list[dict] = []
-    for lo in range(0, len(questions), CHUNK):
-        room = max_length - specials - max(q_lengths[lo:lo + CHUNK])
-        stride = max(0, min(doc_stride, room // 2))   # overlap <= half the context room: windows advance >= half
-        enc = tokenizer(questions[lo:lo + CHUNK], contexts[lo:lo + CHUNK], truncation="only_second",
-                        max_length=max_length, stride=stride, return_overflowing_tokens=True,
-                        return_offsets_mapping=True)
-        for w, example in enumerate(enc["overflow_to_sample_mapping"]):
-            offsets = np.asarray(enc["offset_mapping"][w], dtype=np.int32).reshape(-1, 2)
-            offsets[np.asarray([s != 1 for s in enc.sequence_ids(w)])] = -1
-            windows.append({**compact_inputs(enc, w), "example": lo + example, "offsets": offsets})
-    return windows, cut
+    # overlap <= half the context room of the example's own question: windows advance >= half a context
+    strides = [max(0, min(doc_stride, (max_length - specials - q) // 2)) for q in q_lengths]
+    by_stride: dict[int, list[int]] = {}
+    for i, stride in enumerate(strides):
+        by_stride.setdefault(stride, []).append(i)
+    per_example: list[list[dict]] = [[] for _ in questions]
+    for stride, members in by_stride.items():   # one tokenizer call per stride value and chunk
+        for lo in range(0, len(members), CHUNK):
+            chunk = members[lo:lo + CHUNK]
+            enc = tokenizer([questions[i] for i in chunk], [contexts[i] for i in chunk], truncation="only_second",
+                            max_length=max_length, stride=stride, return_overflowing_tokens=True,
+                            return_offsets_mapping=True)
+            for w, k in enumerate(enc["overflow_to_sample_mapping"]):
+                offsets = np.asarray(enc["offset_mapping"][w], dtype=np.int32).reshape(-1, 2)
+                offsets[np.asarray([s != 1 for s in enc.sequence_ids(w)])] = -1
+                per_example[chunk[k]].append({**compact_inputs(enc, w), "example": chunk[k], "offsets": offsets})
+    return [w for windows in per_example for w in windows], cut
 
 
 def span_tokens(offsets: np.ndarray, start_char: int, end_char: int) -> tuple[int, int]:
@@ -272,20 +279,18 @@ class ExtractiveQA(NothingToFit):
             w.update(start=start, end=end, context=contexts[ex], answers=texts[ex])
         return windows
 
-    def encode_inputs(self, items: list[dict], tokenizer, max_length: int) -> list[dict]:
-        """Prediction inputs {"question", "context"} -> one feature per input whose "sequences" are its
-        windows, with "offsets" per window, the "context" and "truncated" (question cut)."""
+    def encode_inputs(self, items: list[dict], tokenizer, max_length: int) -> list[Encoded]:
+        """Prediction inputs {"question", "context"} -> one Encoded per input whose rows are its windows
+        (`encode_windows`, as in training); meta: "context" and "offsets" (one array per window);
+        truncated: the question was cut."""
         windows, cut = encode_windows(tokenizer, [it["question"] for it in items], [it["context"] for it in items],
                                       max_length, self.cfg.doc_stride)
-        feats = [{"sequences": [], "offsets": [], "context": it["context"], "truncated": c}
-                 for it, c in zip(items, cut)]
+        out = [Encoded([], {"context": it["context"], "offsets": []}, c) for it, c in zip(items, cut)]
         for w in windows:
-            f = feats[w["example"]]
-            f["offsets"].append(w.pop("offsets"))
-            f["sequences"].append(w)
-        for f in feats:   # padded tokens of the input alone: what the server's batcher budgets by
-            f["length"] = len(f["sequences"]) * max(s["length"] for s in f["sequences"])
-        return feats
+            encoded = out[w["example"]]
+            encoded.meta["offsets"].append(w["offsets"])
+            encoded.sequences.append({k: w[k] for k in STORED_KEYS if k in w})
+        return out
 
     def collate_labels(self, features: list[dict], seq_len: int) -> dict[str, Tensor]:
         return {"labels": torch.tensor([[f["start"], f["end"]] for f in features], dtype=torch.long)}
@@ -332,16 +337,17 @@ class ExtractiveQA(NothingToFit):
                 out["no_ans_exact_match"] = _mean([e for e, _ in no])
         return out
 
-    def decode(self, logits: Tensor, metas: list[dict]) -> list[dict]:
-        """logits (total windows, seq_len, 2), the windows of each meta in order ->
+    def decode(self, logits: Tensor, inputs: list[Encoded]) -> list[dict]:
+        """logits (total windows, seq_len, 2), the windows of each input in order ->
         [{"answer": text, "start", "end": characters [start, end) in the context (None for no answer),
         "score": probability, "no_answer": bool}]."""
         logits = logits.float().cpu()
         out, row = [], 0
-        for meta in metas:
+        for encoded in inputs:
+            meta = encoded.meta
             windows = [self._best(logits[row + w, :, 0], logits[row + w, :, 1], offsets)
                        for w, offsets in enumerate(meta["offsets"])]
-            row += len(meta["offsets"])
+            row += encoded.rows
             out.append(pick_answer(windows, meta["context"], self.cfg.allow_no_answer, self.cfg.no_answer_threshold))
         return out
 

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from sklearn.metrics import accuracy_score, f1_score
 from torch import Tensor, nn
 
+from mtlm.encoded import Encoded
 from mtlm.tasks.base import LinearHead, TextTask, as_label, check_texts, label_sort_key
 
 
@@ -100,7 +101,7 @@ class MultiLabel(TextTask):
             if max(scores) > 0:
                 self.thresholds[j] = float(grid[int(np.argmax(scores))])
 
-    def decode(self, logits: Tensor, metas: list[dict]) -> list[dict]:
+    def decode(self, logits: Tensor, inputs: list[Encoded]) -> list[dict]:
         """logits (batch, num_labels) -> [{"labels": [names over threshold], "scores": {name: p}}]."""
         out = []
         for p in logits.float().sigmoid().tolist():

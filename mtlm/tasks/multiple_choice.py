@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mtlm.encoded import Encoded
 from mtlm.tasks.base import LinearHead, NothingToFit, compact_inputs
 
 MISSING, WRONG, RIGHT = -1, 0, 1     # label-matrix entries: no choice in this slot, a wrong one, the right one
@@ -44,9 +45,9 @@ def encode_choices(tokenizer, contexts: list[str], choices: list[list[str]], max
     return out
 
 
-def grouped_scores(logits: Tensor, features: list[dict]) -> list[Tensor]:
-    """(rows, 1) logits, one row per sequence of the features in order -> one (n_choices,) tensor per feature."""
-    sizes = [len(f["sequences"]) for f in features]
+def grouped_scores(logits: Tensor, sizes: list[int]) -> list[Tensor]:
+    """(rows, 1) logits, examples' choices consecutive, `sizes` choices each -> one (n_choices,) tensor per
+    example."""
     return list(logits.float().reshape(-1).split(sizes))
 
 
@@ -117,12 +118,12 @@ class MultipleChoice(NothingToFit):
             f["label"] = self._label(r, ch)
         return feats
 
-    def encode_inputs(self, items: list[dict], tokenizer, max_length: int) -> list[dict]:
-        """Prediction inputs {"text": context, "choices": [...]} -> features that also keep the "choices"."""
+    def encode_inputs(self, items: list[dict], tokenizer, max_length: int) -> list[Encoded]:
+        """Prediction inputs {"text": context, "choices": [...]} -> one Encoded per input, one row per choice
+        (`encode_choices`, as in training); meta: the "choices"."""
         feats = encode_choices(tokenizer, [it["text"] for it in items], [it["choices"] for it in items], max_length)
-        for f, it in zip(feats, items):
-            f["choices"] = it["choices"]
-        return feats
+        return [Encoded([{k: v for k, v in s.items() if k != "length"} for s in f["sequences"]],
+                        {"choices": it["choices"]}, f["truncated"]) for f, it in zip(feats, items)]
 
     def collate_labels(self, features: list[dict], seq_len: int) -> dict[str, Tensor]:
         """labels (batch, max_choices): RIGHT / WRONG per choice, MISSING past an example's last choice.
@@ -145,7 +146,11 @@ class MultipleChoice(NothingToFit):
 
     def predictions(self, logits: Tensor, features: list[dict]) -> list[Any]:
         """One list of choice logits per example."""
-        return [s.tolist() for s in grouped_scores(logits, features)]
+        return [s.tolist() for s in grouped_scores(logits, [len(f["sequences"]) for f in features])]
+
+    def postprocess(self, predictions: list[Any], features: list[dict]) -> list[Any]:
+        """One feature per example (its choices are its rows): the predictions as they are."""
+        return predictions
 
     def references(self, features: list[dict]) -> list[Any]:
         return [f["label"] for f in features]
@@ -157,11 +162,12 @@ class MultipleChoice(NothingToFit):
         return {"accuracy": sum(r == 1 for r in ranks) / n, "mrr": sum(1 / r for r in ranks) / n,
                 "recall_at_2": sum(r <= 2 for r in ranks) / n}
 
-    def decode(self, logits: Tensor, metas: list[dict]) -> list[dict]:
-        """logits (rows, 1), each meta's choices consecutive -> [{"label": the best choice's text, "index": its
+    def decode(self, logits: Tensor, inputs: list[Encoded]) -> list[dict]:
+        """logits (rows, 1), each input's choices consecutive -> [{"label": the best choice's text, "index": its
         position, "score": its probability, "scores": probabilities of all choices in input order}]."""
         out = []
-        for scores, meta in zip(grouped_scores(logits, metas), metas):
+        for scores, encoded in zip(grouped_scores(logits, [e.rows for e in inputs]), inputs):
+            meta = encoded.meta
             probs = scores.softmax(-1).tolist()
             best = max(range(len(probs)), key=probs.__getitem__)
             out.append({"label": meta["choices"][best], "index": best, "score": probs[best], "scores": probs})

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from scipy.stats import pearsonr, spearmanr
 from torch import Tensor, nn
 
+from mtlm.encoded import Encoded
 from mtlm.tasks.base import LinearHead, TextTask, check_texts
 
 
@@ -86,6 +87,6 @@ class Regression(TextTask):
             "mse": float(((p - r) ** 2).mean()),
         }
 
-    def decode(self, logits: Tensor, metas: list[dict]) -> list[dict]:
+    def decode(self, logits: Tensor, inputs: list[Encoded]) -> list[dict]:
         """logits (batch, 1) -> [{"value": float}] in the original units of the score column."""
         return [{"value": v} for v in self.predictions(logits, [])]
