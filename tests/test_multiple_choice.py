@@ -115,7 +115,19 @@ def test_mc_trains_saves_loads_and_predicts(mc_run):
     history = json.loads((mc_run / "metrics.json").read_text())["eval"]
     assert {"reply/accuracy", "reply/mrr", "reply/recall_at_2", "topic/accuracy"} <= set(history[-1])
     metrics, _, _ = evaluate_bundle(mc_run, "test")
-    assert 0 <= metrics["reply/accuracy"] <= metrics["reply/recall_at_2"] <= 1
+    # evaluation (training features, collate, model forward) and prediction (encode_inputs, engine, decode)
+    # agree on every test row: accuracy and recall@2 recomputed from the predicted choice probabilities
+    recipe = load_recipe(mc_run.parent / "recipe.yaml")
+    rows = prepare_rows(recipe, {n: build_task(n, recipe.tasks[n]) for n in recipe.tasks}).rows["reply"]["test"].records
+    gold = [mc_task()._label(r, r["choices"]) for r in rows]
+    predicted = mtlm.load(mc_run, device="cpu").predict([{"text": r["context"], "choices": r["choices"]} for r in rows],
+                                                        tasks=["reply"])
+    ranks = [sorted(range(len(p["reply"]["scores"])), key=lambda k: -p["reply"]["scores"][k]).index(g) + 1
+             for p, g in zip(predicted, gold)]
+    assert len(ranks) == len(rows) > 0
+    assert metrics["reply/accuracy"] == pytest.approx(sum(r == 1 for r in ranks) / len(ranks))
+    assert metrics["reply/recall_at_2"] == pytest.approx(sum(r <= 2 for r in ranks) / len(ranks))
+    assert metrics["reply/mrr"] == pytest.approx(sum(1 / r for r in ranks) / len(ranks), abs=1e-6)
     inputs = [{"text": "stock market bank", "choices": ["team goal", "shares profit"]},
               {"text": "the movie plot", "choices": ["paris", "acting story", "bank", "match", "season"]}]
     predictor = mtlm.load(mc_run, device="cpu")

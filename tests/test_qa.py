@@ -110,6 +110,24 @@ def test_overlap_larger_than_the_window_still_advances_by_half(tokenizer):
     assert min(starts) == 0 and max(ends) == len(context)             # the whole context, never cut
 
 
+def test_an_inputs_windows_do_not_depend_on_the_other_inputs(tokenizer):
+    """doc_stride is capped per input by its own question: before, it was capped per tokenizer call by the
+    call's longest question, so a long question in the same request shrank the overlap of every other input
+    (in predict and serve, one input's answer depended on its neighbours)."""
+    task = qa_task()                                        # doc_stride 128: capped at half the room
+    context = " ".join(f"w{i}" for i in range(120))
+    short = {"question": "who", "context": context}
+    long = {"question": " ".join(["who"] + ["the"] * 40), "context": context}
+    (alone,) = task.encode_inputs([short], tokenizer, 32)
+    together = task.encode_inputs([long, short, long], tokenizer, 32)
+    assert together[1].rows == alone.rows and together[0].rows > alone.rows   # the long question: less room
+    for got, want in zip(together[1].sequences, alone.sequences):
+        assert got["input_ids"].tolist() == want["input_ids"].tolist()
+    for got, want in zip(together[1].meta["offsets"], alone.meta["offsets"]):
+        assert np.array_equal(got, want)
+    assert together[1].truncated is False and together[0].truncated is True
+
+
 def test_unanswerable_rows_point_at_cls(tokenizer):
     row = qa_row(random.Random(2), 40)
     row["answers"] = {"text": [], "answer_start": []}
@@ -229,7 +247,23 @@ def test_qa_trains_with_classification_and_baseline_compares(qa_run):
     assert {"qa/f1", "qa/exact_match", "sentiment/accuracy", "mean"} <= set(history[-1])
     rows = {r["task"]: r for r in result["tasks"]}
     assert rows["qa"]["metric"] == "f1" and rows["sentiment"]["metric"] == "accuracy"
-    assert all(0 <= r[k] <= 1 for r in rows.values() for k in ("multi_task", "single_task"))
+    # the table's numbers are what the models answer on the test rows: the multi-task model's through its
+    # predictor (windows, engine, decode), the single-task models' through their own bundles
+    from mtlm.evaluate import evaluate_bundle
+    recipe = load_recipe(run.parent / "recipe.yaml")
+    test = prepare_rows(recipe, {n: build_task(n, recipe.tasks[n]) for n in recipe.tasks}).rows
+    qa_rows, sentiment_rows = test["qa"]["test"].records, test["sentiment"]["test"].records
+    predictor = mtlm.load(run, device="cpu")
+    answers = predictor.predict([{"question": r["question"], "context": r["context"]} for r in qa_rows], ["qa"])
+    f1 = [answer_scores(a["qa"]["answer"], r["answers"]["text"])[1] for a, r in zip(answers, qa_rows)]
+    labels = predictor.predict([r["text"] for r in sentiment_rows], ["sentiment"])
+    right = [p["sentiment"]["label"] == r["label"] for p, r in zip(labels, sentiment_rows)]
+    assert len(f1) == len(qa_rows) > 0 and len(right) == len(sentiment_rows) > 0
+    assert rows["qa"]["multi_task"] == pytest.approx(sum(f1) / len(f1), abs=1e-6)
+    assert rows["sentiment"]["multi_task"] == pytest.approx(sum(right) / len(right), abs=1e-6)
+    for name, metric in (("qa", "f1"), ("sentiment", "accuracy")):
+        single, _, _ = evaluate_bundle(run / "baseline" / name, "test")
+        assert rows[name]["single_task"] == pytest.approx(single[f"{name}/{metric}"], abs=1e-6)
     # the QA budget counts windows (more than the 64 train questions), as the sampler did
     assert rows["qa"]["steps_single"] >= 1 and result["backbone_passes_per_input"]["multi_task"] == 2
 
