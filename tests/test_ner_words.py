@@ -18,7 +18,7 @@ from mtlm.predict import Predictor
 from mtlm.tasks import build_task
 from mtlm.tasks.token_classification import split_words
 
-ROW = {"tokens": ["The", "Anglo-Dutch", "group", "said", "U.S.", "sales", "did", "n't", "rise", "."],
+ROW = {"tokens": ["The", "Anglo-Dutch", "group", "'s", "U.S.", "sales", "did", "not", "rise", "."],
        "tags": ["O", "B-MISC", "O", "O", "B-LOC", "O", "O", "O", "O", "O"]}
 
 
@@ -41,7 +41,7 @@ def ner_task():
 def test_split_words_follows_conll_tokenization():
     text = "John  Smith's Anglo-Dutch firm (U.S.) don't sell 1,000 shares on 1996-08-22... in Zürich."
     words = split_words(text)
-    assert [w for w, _, _ in words] == ["John", "Smith", "'s", "Anglo-Dutch", "firm", "(", "U.S.", ")", "do", "n't",
+    assert [w for w, _, _ in words] == ["John", "Smith", "'s", "Anglo-Dutch", "firm", "(", "U.S.", ")", "don't",
                                         "sell", "1,000", "shares", "on", "1996-08-22", "...", "in", "Zürich", "."]
     assert all(text[s:e] == w for w, s, e in words)
 
@@ -86,3 +86,15 @@ def test_conll_sentences_come_back_as_their_gold_tokens():
     tokens = [t for r in rows for t in r["tokens"]]
     whole = sum([w for w, _, _ in split_words(t)] == [t] for t in tokens)
     assert same / len(rows) > 0.88 and whole / len(tokens) > 0.99
+
+
+def test_word_encoding_equals_the_text_encoding_for_wordpiece(tokenizer):
+    """A text group holding a tagger is encoded by words (`Predictor.encoder`); with a WordPiece tokenizer
+    (BERT, MiniLM) that gives the same input ids as the plain text encoding the pooled text tasks were
+    trained on, so they share the backbone pass without seeing a different input."""
+    from mtlm.tasks.base import tokenize_texts
+    from mtlm.tasks.token_classification import encode_words
+
+    texts = ["John  Smith's Anglo-Dutch firm (U.S.) don't sell 1,000 shares... in Zürich.", "a", "x--y ,z"]
+    by_words = encode_words(tokenizer, [[w for w, _, _ in split_words(t)] for t in texts], 64)["input_ids"]
+    assert by_words == tokenize_texts(tokenizer, texts, None, 64)["input_ids"]

@@ -10,8 +10,7 @@ label fields. `pad_inputs` pads a micro-batch of them. Compact numpy arrays keep
 ~3x smaller in memory than Python int lists.
 
 A feature may instead hold ``sequences``: a list of such input dicts that each take one backbone row
-(multiple choice: one (context, choice) pair per choice; extractive QA at predict time: one window of a long
-context per row). `pad_inputs` flattens them in order, so a task's logits have one row per sequence and the
+(multiple choice: one (context, choice) pair per choice). `pad_inputs` flattens them in order, so a task's logits have one row per sequence and the
 task splits them back by ``len(feature["sequences"])``.
 
 Prediction inputs are encoded by the type's `encode_inputs` into typed `mtlm.encoded.Encoded` inputs
