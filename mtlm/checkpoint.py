@@ -2,39 +2,81 @@
 
 A bundle is a folder::
 
-    backbone/           config.json, model.safetensors, tokenizer files (loadable by `AutoModel.from_pretrained`)
+    backbone/           config.json, weights (model.safetensors, or sharded model-0000N-of-0000M.safetensors
+                        with model.safetensors.index.json), tokenizer files: loadable by `AutoModel.from_pretrained`
     heads.safetensors   every head's weights, keys "<task>.<param>"
     tasks.json          format version, pooling, max_length, and per task: type, config, fitted state
                         (label names, thresholds, target stats), input fields, selection metric
     recipe.yaml         the recipe the model was trained from
 
-Loading reads safetensors only (no pickle). Resumable checkpoints (`checkpoints/step_N/`) hold Accelerate's
-state (model, optimizer, scheduler, RNG) plus `trainer_state.json` (step, samplers, early stopping).
+Loading reads safetensors only (no pickle), and strictly: a head tensor missing, of the wrong shape, or
+of a task tasks.json does not list is a BundleError naming the task and tensors, never a random head.
+
+Crash safety: `save_bundle` writes `<bundle>.tmp/`, renames the old bundle to `<bundle>.old/`, renames the
+new one into place, then deletes the old one. A crash between the two renames leaves only `<bundle>.old/`:
+`find_bundle` then loads it (with a warning) and the next `save_bundle` puts it back first. `write_tasks_json`
+rewrites tasks.json through a temp file and `os.replace`, so a reader sees the old or the new file, whole.
+
+Resumable checkpoints (`checkpoints/step_N/`) hold Accelerate's state (model, optimizer, scheduler, RNG)
+plus `trainer_state.json` (step, samplers, early stopping).
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from mtlm.config import Recipe, TaskConfig
-from mtlm.model import MultiTaskModel, backbone_from_config
+from mtlm.model import MultiTaskModel
 from mtlm.tasks import build_task, default_metric
 
 FORMAT_VERSION = 1
+log = logging.getLogger("mtlm")
 
 
 class BundleError(Exception):
-    """A folder that is not a readable mtlm bundle; the message says what is missing."""
+    """A folder that is not a readable mtlm bundle; the message says what is missing or does not match."""
+
+
+def write_tasks_json(bundle: Path, meta: dict) -> Path:
+    """Write `meta` as `bundle`/tasks.json atomically: a temp file in the same folder, flushed and fsync'd,
+    then `os.replace` (atomic on POSIX and Windows), so a crash leaves the old file or the new one, whole.
+    Returns the path. Raises OSError when the folder cannot be written."""
+    bundle = Path(bundle)
+    fd, tmp = tempfile.mkstemp(prefix=".tasks.json.", suffix=".tmp", dir=bundle)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(json.dumps(meta, indent=2))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, bundle / "tasks.json")
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return bundle / "tasks.json"
+
+
+def _recover(path: Path) -> None:
+    """Put back `<path>.old` when a crash between save_bundle's two renames left no `path`."""
+    old = path.with_name(path.name + ".old")
+    if not path.exists() and (old / "tasks.json").is_file():
+        log.warning("%s is missing but %s is complete (an interrupted save): restoring it", path, old)
+        old.rename(path)
 
 
 def save_bundle(model: MultiTaskModel, tokenizer, tasks: dict, recipe: Recipe, path: Path) -> Path:
-    """Write the inference bundle for `model` atomically (to a temp folder, then rename)."""
+    """Write the inference bundle for `model` at `path`, replacing any bundle there (see the module
+    docstring for what a crash at any point leaves). Returns `path`."""
     path = Path(path)
+    _recover(path)
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "backbone").mkdir(parents=True)
@@ -53,7 +95,7 @@ def save_bundle(model: MultiTaskModel, tokenizer, tasks: dict, recipe: Recipe, p
                          "metric": default_metric(t), "state": t.state()}
                   for name, t in tasks.items()},
     }
-    (tmp / "tasks.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
+    write_tasks_json(tmp, meta)
     (tmp / "recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
     old = path.with_name(path.name + ".old")
     if path.exists():
@@ -65,38 +107,116 @@ def save_bundle(model: MultiTaskModel, tokenizer, tasks: dict, recipe: Recipe, p
 
 
 def find_bundle(path: str | Path) -> Path:
-    """A run folder (uses its model/) or a bundle folder -> the bundle folder. Raises BundleError."""
+    """A run folder (uses its model/) or a bundle folder -> the bundle folder. When the bundle is missing
+    but its `.old` copy is complete (a save interrupted between its renames), returns that copy and logs a
+    warning. Raises BundleError."""
     path = Path(path)
     for candidate in (path, path / "model"):
         if (candidate / "tasks.json").is_file():
             return candidate
+    for candidate in (path, path / "model"):
+        old = candidate.with_name(candidate.name + ".old")
+        if not candidate.exists() and (old / "tasks.json").is_file():
+            log.warning("%s is missing: loading %s, left by an interrupted save", candidate, old)
+            return old
     raise BundleError(f"{path}: not an mtlm run or bundle (no tasks.json in it or in {path / 'model'})")
 
 
+def _load_backbone(folder: Path):
+    """The saved encoder through `AutoModel.from_pretrained` (single-file or sharded safetensors, never
+    pickle), in float32. Raises BundleError when weights are missing, unreadable or of the wrong shape."""
+    from transformers import AutoModel
+
+    kwargs = dict(use_safetensors=True, output_loading_info=True, dtype=torch.float32)
+    try:
+        try:   # the pooler is unused (we pool ourselves); the bundle holds none
+            backbone, info = AutoModel.from_pretrained(folder, add_pooling_layer=False, **kwargs)
+        except TypeError:
+            backbone, info = AutoModel.from_pretrained(folder, **kwargs)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise BundleError(f"{folder}: cannot load the backbone: {str(e).splitlines()[0]}") from None
+    missing = [k for k in info.get("missing_keys", ()) if "pooler" not in k]
+    mismatched = [f"{k}: expected {tuple(want)}, found {tuple(got)}"
+                  for k, got, want in info.get("mismatched_keys", ())]
+    if missing or mismatched:
+        parts = ([f"{len(missing)} tensor(s) missing ({', '.join(sorted(missing)[:5])})"] if missing else []) + \
+                ([f"wrong shapes: {'; '.join(mismatched[:5])}"] if mismatched else [])
+        raise BundleError(f"{folder}: backbone weights do not match its config.json: {'; '.join(parts)}")
+    return backbone
+
+
+def check_heads(path: Path, heads: torch.nn.ModuleDict, tasks: dict) -> dict[str, torch.Tensor]:
+    """heads.safetensors checked against the heads tasks.json describes -> its tensors.
+
+    Raises one BundleError listing every problem, per task: tensors missing, tensors of the wrong shape
+    (expected vs found, and for a task with labels the label count tasks.json gives vs the one the weights
+    hold), unexpected tensors, and heads of tasks tasks.json does not list."""
+    file = path / "heads.safetensors"
+    try:
+        with safe_open(str(file), "pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (OSError, ValueError, RuntimeError) as e:   # absent, truncated or not safetensors
+        raise BundleError(f"{file}: cannot read head weights: {str(e).splitlines()[0]}") from None
+    found: dict[str, dict[str, tuple]] = {}
+    for key, shape in shapes.items():
+        task, _, param = key.partition(".")
+        found.setdefault(task, {})[param] = shape
+    problems = []
+    for name, head in heads.items():
+        want = {k: tuple(v.shape) for k, v in head.state_dict().items()}
+        got = found.pop(name, {})
+        missing = [f"{name}.{k}" for k in want if k not in got]
+        extra = [f"{name}.{k}" for k in got if k not in want]
+        wrong = [(k, want[k], got[k]) for k in want if k in got and got[k] != want[k]]
+        what = []
+        if missing:
+            what.append(f"tensor(s) missing: {', '.join(missing)}")
+        for k, w, g in wrong:
+            what.append(f"{name}.{k} has shape {g}, expected {w}")
+        labels = getattr(tasks[name], "labels", None)
+        counts = {g[0] for k, w, g in wrong if w and g and w[0] == len(labels or ()) != g[0]}
+        if labels is not None and counts:
+            what.append(f"tasks.json lists {len(labels)} labels, the weights hold {', '.join(map(str, counts))}")
+        if extra:
+            what.append(f"unexpected tensor(s): {', '.join(extra)}")
+        if what:
+            problems.append(f"task '{name}': " + "; ".join(what))
+    for name, params in found.items():
+        problems.append(f"task '{name}': heads.safetensors holds a head ({', '.join(f'{name}.{k}' for k in params)}) "
+                        f"for a task tasks.json does not list (tasks: {', '.join(heads)})")
+    if problems:
+        raise BundleError(f"{path}: heads.safetensors does not match tasks.json: " + " | ".join(problems))
+    return load_file(file)
+
+
 def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> tuple[MultiTaskModel, object, dict, dict]:
-    """Load (model in eval mode, tokenizer, tasks {name: fitted task}, tasks.json dict). Raises BundleError."""
+    """Load (model in eval mode, tokenizer, tasks {name: fitted task}, tasks.json dict).
+
+    Raises BundleError for a folder that is not a bundle, an unsupported format, an unreadable tasks.json,
+    backbone weights that do not match their config, or heads that do not match tasks.json (`check_heads`)."""
     from transformers import AutoTokenizer
 
     path = find_bundle(path)
-    meta = json.loads((path / "tasks.json").read_text(encoding="utf-8"))
-    if meta.get("format") != FORMAT_VERSION:
-        raise BundleError(f"{path}: bundle format {meta.get('format')} is not supported (expected {FORMAT_VERSION})")
+    try:
+        meta = json.loads((path / "tasks.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise BundleError(f"{path / 'tasks.json'}: cannot read: {e}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT_VERSION:
+        found = meta.get("format") if isinstance(meta, dict) else None
+        raise BundleError(f"{path}: bundle format {found} is not supported (expected {FORMAT_VERSION})")
     tasks = {}
     for name, info in meta["tasks"].items():
         task = build_task(name, TaskConfig.model_validate(info["config"]))
         task.load_state(info["state"])
         tasks[name] = task
-    backbone = backbone_from_config(path / "backbone")
-    weights = load_file(path / "backbone" / "model.safetensors")
-    missing, unexpected = backbone.load_state_dict(weights, strict=False)
-    if [k for k in missing if "pooler" not in k]:
-        raise BundleError(f"{path}: backbone weights missing {missing[:5]}")
+    backbone = _load_backbone(path / "backbone")
     tokenizer = AutoTokenizer.from_pretrained(path / "backbone")
     hidden = backbone.config.hidden_size
     heads = torch.nn.ModuleDict({n: t.make_head(hidden, 0.0) for n, t in tasks.items()})
-    head_weights = load_file(path / "heads.safetensors")
+    weights = check_heads(path, heads, tasks)
     for name, head in heads.items():
-        head.load_state_dict({k.split(".", 1)[1]: v for k, v in head_weights.items() if k.split(".", 1)[0] == name})
+        head.load_state_dict({k.split(".", 1)[1]: v for k, v in weights.items() if k.split(".", 1)[0] == name},
+                             strict=True)
     model = MultiTaskModel(backbone, heads, {n: t.head_input for n, t in tasks.items()}, meta["pooling"])
     return model.to(device).eval(), tokenizer, tasks, meta
 
