@@ -207,6 +207,18 @@ INPUTS = [{"text": "john smith went to paris", "text_pair": "john smith went to 
           {"text": "hated it", "text_pair": "hated it"}]
 
 
+def forced_ner(predictor, tag: str = "B-PER"):
+    """A copy of `predictor` whose tagging head answers `tag` for every word (through its bias)."""
+    import copy
+    forced = copy.copy(predictor)
+    forced.model = copy.deepcopy(predictor.model)
+    head = forced.model.heads["ner"].out
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.copy_(torch.tensor([10.0 if t == tag else 0.0 for t in predictor.tasks["ner"].labels]))
+    return forced
+
+
 def test_predict_every_task_type(predictor):
     results = predictor.predict(INPUTS)
     assert len(results) == len(INPUTS)
@@ -219,15 +231,19 @@ def test_predict_every_task_type(predictor):
         assert res["paraphrase"]["label"] in ("different", "same")
         assert isinstance(res["score"]["value"], float)
         e = res["emotions"]
-        assert set(e["scores"]) == {"anger", "joy"} and all(0 <= p <= 1 for p in e["scores"].values())
+        with torch.inference_mode():          # the scores are the head's sigmoids on the text alone
+            logits = predictor.model(task="emotions", **predictor.tokenizer([item["text"]], return_tensors="pt"))
+        want = dict(zip(predictor.tasks["emotions"].labels, torch.sigmoid(logits[0]).tolist()))
+        assert e["scores"] == pytest.approx(want, abs=1e-5)
         thresholds = dict(zip(predictor.tasks["emotions"].labels, predictor.tasks["emotions"].thresholds))
         assert e["labels"] == [lab for lab, p in e["scores"].items() if p >= thresholds[lab]]
-        assert isinstance(res["ner"]["entities"], list)
-        for ent in res["ner"]["entities"]:
-            assert set(ent) == {"entity", "text", "start", "end", "score"}
-            assert ent["entity"] in ("PER", "LOC")
-            assert item["text"][ent["start"]:ent["end"]] == ent["text"] and ent["text"]
         assert not any("truncated" in r for r in res.values())
+    # entities: with the tagging head forced to B-PER every word is one PER entity, spans into the text
+    for item, res in zip(INPUTS, forced_ner(predictor).predict(INPUTS, tasks=["ner"])):
+        ents = res["ner"]["entities"]
+        assert [e["text"] for e in ents] == item["text"].split()
+        assert all(set(e) == {"entity", "text", "start", "end", "score"} and e["entity"] == "PER" for e in ents)
+        assert all(item["text"][e["start"]:e["end"]] == e["text"] for e in ents)
 
 
 def test_predict_subset_of_tasks_and_plain_strings(predictor):
@@ -291,8 +307,10 @@ def test_predict_marks_truncated_inputs(predictor):
     short, cut = predictor.predict([{"text": "hi there", "text_pair": "x"}, {"text": long, "text_pair": "y"}])
     assert all(r.get("truncated") is True for r in cut.values())
     assert not any("truncated" in r for r in short.values())
-    for ent in cut["ner"]["entities"]:
-        assert long[ent["start"]:ent["end"]] == ent["text"]
+    (res,) = forced_ner(predictor).predict([long], tasks=["ner"])     # every word kept is one entity
+    ents = res["ner"]["entities"]
+    assert [e["text"] for e in ents] == long.split()[:30]              # 32 tokens - [CLS], [SEP]
+    assert all(long[e["start"]:e["end"]] == e["text"] for e in ents)
 
 
 def test_predict_input_errors(predictor):
@@ -346,3 +364,110 @@ def test_multilabel_thresholds_are_tuned_on_dev(run, recipe):
     tuned.load_state({"labels": tasks["emotions"].labels, "thresholds": [0.5, 0.5]})
     tuned.tune_thresholds(preds, refs)
     assert meta["tasks"]["emotions"]["state"]["thresholds"] == pytest.approx(tuned.thresholds)
+
+
+# ---------------------------------------------------------------- broken bundles and crash safety
+
+def broken_copy(run: Path, dest: Path, edit) -> Path:
+    """A copy of the run's bundle whose heads.safetensors went through `edit(tensors) -> tensors`."""
+    from safetensors.torch import load_file, save_file
+    shutil.copytree(run / "model", dest)
+    save_file(edit(load_file(dest / "heads.safetensors")), dest / "heads.safetensors")
+    return dest
+
+
+def test_broken_heads_fail_with_one_error_naming_the_task(run, tmp_path, capsys):
+    """A missing head, a head of the wrong label count and a head tasks.json does not list each fail with
+    one BundleError naming the task, the tensors and the shapes, from mtlm.load, `mtlm eval` and
+    `mtlm predict` alike (exit 2, no traceback): a random head is never served."""
+    from mtlm.cli import main
+
+    hidden = load_bundle(run)[0].backbone.config.hidden_size
+    missing = broken_copy(run, tmp_path / "missing", lambda t: {k: v for k, v in t.items()
+                                                                if not k.startswith("sentiment.")})
+    wrong = broken_copy(run, tmp_path / "wrong", lambda t: {**t, "emotions.out.weight": torch.zeros(3, hidden),
+                                                            "emotions.out.bias": torch.zeros(3)})
+    extra = broken_copy(run, tmp_path / "extra", lambda t: {**t, "topic.out.weight": torch.zeros(2, hidden),
+                                                            "topic.out.bias": torch.zeros(2)})
+    cases = [(missing, ["task 'sentiment'", "sentiment.out.weight", "sentiment.out.bias", "missing"]),
+             (wrong, ["task 'emotions'", f"emotions.out.weight has shape (3, {hidden}), expected (2, {hidden})",
+                      "tasks.json lists 2 labels, the weights hold 3"]),
+             (extra, ["task 'topic'", "topic.out.weight", "tasks.json does not list"])]
+    for bundle, words in cases:
+        with pytest.raises(BundleError) as err:
+            mtlm.load(bundle)
+        assert all(w in str(err.value) for w in words), (words, str(err.value))
+        assert str(err.value).count("task '") == 1
+        for argv in (["eval", str(bundle), "--split", "dev"], ["predict", str(bundle), "a text"]):
+            assert main(argv) == 2
+            out = capsys.readouterr()
+            assert all(w in out.err for w in words) and "Traceback" not in out.err, out.err
+
+
+def test_sharded_backbone_weights_load(run, tmp_path):
+    """A backbone saved in several safetensors shards (model.safetensors.index.json) loads like one file."""
+    model, tokenizer, _, _ = load_bundle(run)
+    bundle = tmp_path / "sharded"
+    shutil.copytree(run / "model", bundle)
+    shutil.rmtree(bundle / "backbone")
+    model.backbone.save_pretrained(bundle / "backbone", max_shard_size="30KB")
+    tokenizer.save_pretrained(bundle / "backbone")
+    assert not (bundle / "backbone" / "model.safetensors").exists()
+    assert len(list((bundle / "backbone").glob("model-*.safetensors"))) > 1
+    loaded, _, _, _ = load_bundle(bundle)
+    batch = sample_batch(tokenizer)
+    for name, value in all_logits(loaded, batch).items():
+        assert torch.equal(value, all_logits(model, batch)[name]), name
+
+
+def test_interrupted_save_falls_back_to_the_old_bundle(run, recipe, tmp_path, monkeypatch):
+    """A crash between save_bundle's two renames (old bundle moved away, new one not yet in place) leaves
+    the old bundle loadable; the next save puts things right."""
+    model, tokenizer, tasks, _ = load_bundle(run)
+    bundle = save_bundle(model, tokenizer, tasks, recipe, tmp_path / "run" / "model")
+    batch = sample_batch(tokenizer)
+    first = all_logits(model, batch)
+    with torch.no_grad():
+        model.heads["sentiment"].out.bias.add_(1.0)
+    real_rename = Path.rename
+
+    def crash(self, target):
+        if self.name.endswith(".tmp"):
+            raise OSError("simulated crash between the renames")
+        return real_rename(self, target)
+    monkeypatch.setattr(Path, "rename", crash)
+    with pytest.raises(OSError, match="simulated crash"):
+        save_bundle(model, tokenizer, tasks, recipe, bundle)
+    monkeypatch.undo()
+    assert not bundle.exists() and (tmp_path / "run" / "model.old" / "tasks.json").is_file()
+    assert find_bundle(tmp_path / "run") == tmp_path / "run" / "model.old"
+    for name, value in all_logits(load_bundle(tmp_path / "run")[0], batch).items():
+        assert torch.equal(value, first[name]), name
+    assert mtlm.load(bundle).predict(["a movie"], tasks=["sentiment"])[0]["sentiment"]["label"]
+    save_bundle(model, tokenizer, tasks, recipe, bundle)                  # recovers, then replaces
+    assert not (tmp_path / "run" / "model.old").exists() and not (tmp_path / "run" / "model.tmp").exists()
+    after = all_logits(load_bundle(bundle)[0], batch)
+    assert torch.equal(after["sentiment"], first["sentiment"] + 1.0)
+
+
+def test_write_tasks_json_is_atomic(run, tmp_path, monkeypatch):
+    """write_tasks_json replaces tasks.json whole; a failure mid-write leaves the old file and no temp file."""
+    import os
+    from mtlm.checkpoint import write_tasks_json
+
+    bundle = tmp_path / "b"
+    shutil.copytree(run / "model", bundle)
+    before = (bundle / "tasks.json").read_text()
+    meta = json.loads(before)
+    meta["tasks"]["emotions"]["state"]["thresholds"] = [0.25, 0.75]
+
+    def fail(fd):
+        raise OSError("disk full")
+    monkeypatch.setattr(os, "fsync", fail)
+    with pytest.raises(OSError, match="disk full"):
+        write_tasks_json(bundle, meta)
+    assert (bundle / "tasks.json").read_text() == before
+    assert sorted(p.name for p in bundle.iterdir()) == sorted(p.name for p in (run / "model").iterdir())
+    monkeypatch.undo()
+    assert write_tasks_json(bundle, meta) == bundle / "tasks.json"
+    assert mtlm.load(bundle).tasks["emotions"].thresholds == [0.25, 0.75]
