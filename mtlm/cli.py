@@ -21,7 +21,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from mtlm.predict import InputError
     from mtlm.sources import DataError
     from pydantic import ValidationError         # a `mtlm serve` setting out of range
-    return RecipeError, DataError, BackboneError, BundleError, InputError, ValidationError
+    return RecipeError, DataError, BackboneError, BundleError, InputError, ValidationError, MissingPackage
 
 
 def cmd_train(args) -> None:
@@ -110,8 +110,16 @@ def cmd_quickstart(args) -> None:
     quickstart(output_dir=args.output_dir, max_steps=args.max_steps)
 
 
+class MissingPackage(Exception):
+    """A package a command needs is not installed; the message names the pip install that brings it."""
+
+
 def cmd_serve(args) -> None:
-    from mtlm.serve.app import serve
+    try:
+        from mtlm.serve.app import serve
+    except ModuleNotFoundError as e:     # an install made with --no-deps, or an old one
+        raise MissingPackage(f"`mtlm serve` needs the {e.name!r} package: pip install fastapi 'uvicorn[standard]' "
+                             "prometheus-client (or reinstall mtlm: pip install -e .)") from None
     serve(args)
 
 

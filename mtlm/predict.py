@@ -45,6 +45,7 @@ def normalize_input(item: Any, index: int) -> dict:
     """A str or a dict of input fields -> dict. Raises InputError naming the input index and field.
 
     Fields: text, text_pair, question, context (strings), choices (a list of 2 or more non-empty strings).
+    Strings must be valid Unicode text: a lone surrogate (JSON "\\ud800") is an InputError naming it.
     An input needs a text, or a question and a context; a field that is present must not be blank. Which
     fields each task needs is checked by `Predictor.plan`."""
     if isinstance(item, str):
@@ -62,6 +63,13 @@ def normalize_input(item: Any, index: int) -> dict:
                                  "(the model picks one of them)")
         elif not isinstance(value, str):
             raise InputError(f"inputs[{index}].{key}: expected a string, got {type(value).__name__}")
+        for where, text in ([(f"choices[{j}]", c) for j, c in enumerate(value)] if key == "choices"
+                            else [(key, value)]):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as e:      # a lone surrogate: valid JSON (\ud800), not Unicode text
+                raise InputError(f"inputs[{index}].{where}: not valid Unicode text (lone surrogate "
+                                 f"{text[e.start]!r} at character {e.start})") from None
     if "context" in item and "question" not in item and "choices" in item:
         raise InputError(f"inputs[{index}].context: a multiple-choice input gives its context as 'text' "
                          "(with 'choices'); 'context' goes with a 'question' for extractive QA")

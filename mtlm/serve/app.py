@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mtlm.serve.batcher import QueueFull, Stopped, TooLarge
 from mtlm.serve.schemas import (ErrorResponse, PredictRequest, PredictResponse, ServeSettings,
@@ -59,12 +60,23 @@ _ERRORS = {s: {"model": ErrorResponse} for s in (413, 422, 429, 503, 504)}
 _TASK_ERRORS = {**_ERRORS, 404: {"model": ErrorResponse}}
 
 
+def _printable(value):
+    """Strings with lone surrogates (from the request, echoed in a reason) escaped, so the JSON encodes."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, (list, tuple)):
+        return [_printable(v) for v in value]
+    if isinstance(value, dict):
+        return {_printable(k): _printable(v) for k, v in value.items()}
+    return value
+
+
 def _error(status: int, detail: str, request_id: str | None, headers: dict | None = None,
            errors: list | None = None) -> JSONResponse:
     body = {"detail": detail, "request_id": request_id}
     if errors is not None:
         body["errors"] = errors
-    return JSONResponse(body, status_code=status, headers=headers)
+    return JSONResponse(_printable(body), status_code=status, headers=headers)
 
 
 class RequestMiddleware:
@@ -158,16 +170,24 @@ def _path(loc: list) -> str:
 def _chain_signal_handlers(service: Service) -> None:
     """Make SIGTERM/SIGINT flip /ready to 503 before uvicorn's own handler starts its graceful shutdown
     (stop listening, finish open requests, then lifespan shutdown drains the batcher). uvicorn restores
-    the original handlers when it exits, which removes these too."""
+    the original handlers when it exits, which removes these too.
+
+    The handler only sets `service.drain_requested` and wakes the event loop (`call_soon_threadsafe`:
+    lock-free), which then runs `begin_drain`. It takes no lock: a signal interrupts the main thread
+    anywhere, also while it holds a lock the handler would need (prometheus_client's process-wide lock in
+    multiprocess mode, `--workers N`), which would deadlock."""
     if threading.current_thread() is not threading.main_thread():
         return
+    loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         previous = signal.getsignal(sig)
         if not callable(previous):
             continue
 
         def handler(signum, frame, previous=previous):
-            service.begin_drain()
+            service.drain_requested = True
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(service.begin_drain)
             previous(signum, frame)
         signal.signal(sig, handler)
 
@@ -225,6 +245,18 @@ def create_app(source: str | Path | Callable[[], Predictor], settings: ServeSett
         detail = "; ".join(f"{_path(e['loc'][1:]) or 'body'}: {e['msg']}" for e in errors)
         service.metrics.request(None, 422)
         return _error(422, detail or "invalid request body", request.state.request_id, errors=errors)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        """FastAPI's own 4xx (400: a body that is not UTF-8 JSON; 404 / 405: no such route) in the
+        ErrorResponse shape, and counted in /metrics like the other rejections on the predict routes."""
+        detail = exc.detail
+        if exc.status_code == 400 and detail == "There was an error parsing the body":
+            detail = "malformed request body: not JSON text in UTF-8"
+        if request.url.path.endswith("/predict"):
+            service.metrics.request(None, exc.status_code)
+        return _error(exc.status_code, str(detail), getattr(request.state, "request_id", None),
+                      getattr(exc, "headers", None))
 
     async def handle(request: Request, inputs: list[Any], tasks: list[str] | None, timeout_ms: float | None):
         rid, arrival = request.state.request_id, request.state.arrival
@@ -308,19 +340,27 @@ def create_app(source: str | Path | Callable[[], Predictor], settings: ServeSett
     return app
 
 
+_PRELOADED: dict[str, Predictor] = {}   # bundle path -> the Predictor serve() loaded in this process
+
+
 def app_from_env() -> FastAPI:
     """uvicorn factory for `serve()`'s worker processes: the bundle and settings come from the environment
-    (MTLM_SERVE_BUNDLE, MTLM_SERVE_SETTINGS as JSON)."""
+    (MTLM_SERVE_BUNDLE, MTLM_SERVE_SETTINGS as JSON). With one worker the app serves the Predictor that
+    `serve()` already loaded in this process."""
     settings = ServeSettings.model_validate_json(os.environ.get(ENV_SETTINGS) or "{}")
-    return create_app(os.environ[ENV_BUNDLE], settings, handle_signals=True)
+    bundle = os.environ[ENV_BUNDLE]
+    predictor = _PRELOADED.pop(bundle, None)
+    return create_app(bundle if predictor is None else (lambda: predictor), settings, handle_signals=True)
 
 
 def serve(args) -> None:
     """`mtlm serve`: run the app under uvicorn until SIGTERM/SIGINT, then drain and exit.
 
     args: run, host, port, workers and `setting_<name>` for each ServeSettings field (argparse; None = the
-    default). Raises mtlm.checkpoint.BundleError when `run` is not a bundle, pydantic.ValidationError for
-    a setting out of range."""
+    default). The bundle is loaded before the server listens, so one that cannot load (not a bundle,
+    heads that do not match tasks.json, ...) raises mtlm.checkpoint.BundleError here (`mtlm serve` exits
+    2 with the reason) instead of a server whose /ready stays 503. With --workers N each worker then
+    loads its own copy. Raises pydantic.ValidationError for a setting out of range."""
     # OpenMP threads that spin-wait between ops steal the CPU the event loop and tokenizer need (measured
     # here: 6x the server CPU per request). Set before torch is first imported, i.e. before mtlm.checkpoint.
     if "torch" in sys.modules and "OMP_WAIT_POLICY" not in os.environ:
@@ -329,11 +369,16 @@ def serve(args) -> None:
     import uvicorn
 
     from mtlm.checkpoint import find_bundle
+    from mtlm.predict import load
 
     bundle = find_bundle(args.run).resolve()
     workers = max(1, int(args.workers))
     settings = ServeSettings(**{name: getattr(args, f"setting_{name}") for name in ServeSettings.model_fields
                                 if getattr(args, f"setting_{name}", None) is not None})
+    predictor = load(bundle)
+    if workers == 1:                    # uvicorn runs the app in this process: serve this copy
+        _PRELOADED[str(bundle)] = predictor
+    del predictor
     metrics_dir = None
     if workers > 1:
         settings.torch_threads = max(1, (os.cpu_count() or 1) // workers)

@@ -113,6 +113,8 @@ class Batcher:
         self._wakeup: asyncio.Event | None = None
         self._event_loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task | None = None
+        self.failed: Exception | None = None   # set when the batching loop ended on an error
+        self.on_failure: Callable[[Exception], None] | None = None   # told once, on the event loop
 
     # ---- state -------------------------------------------------------------------------------
     @property
@@ -326,17 +328,45 @@ class Batcher:
                 pass
 
     async def _loop(self) -> None:
+        """Form and run batches until stopped. An exception while running a batch (in the model, an
+        observer, or results that do not fit the batch) is logged and fails that batch's inputs at once
+        (-> 500); the loop goes on. An exception outside any batch fails every queued input and ends the
+        loop with `failed` set, so the server turns /ready to 503 instead of timing every request out."""
         while True:
-            batch = await self._next_batch()
+            try:
+                batch = await self._next_batch()
+            except Exception as e:
+                log.exception("batcher: the batching loop failed; failing %d queued inputs and stopping",
+                              self._queued_inputs)
+                self._fail_all(e)
+                return
             if batch is None:
                 return
-            await self._run(batch)
+            try:
+                await self._run(batch)
+            except Exception as e:
+                log.exception("batcher: a batch of %d inputs failed outside the model (its unanswered "
+                              "inputs get 500); the loop goes on", len(batch))
+                for it in batch:
+                    if not it.future.done():
+                        it.future.set_exception(e)
+
+    def _fail_all(self, error: Exception) -> None:
+        self.failed = error
+        self._draining = self._stopping = True
+        for it in [*self._running, *(it for g in self._pending.values() for it in g.values())]:
+            self._remove(it)
+            if not it.future.done():
+                it.future.set_exception(error)
+        if self.on_failure is not None:
+            self.on_failure(error)
 
     async def _run(self, batch: list[Item]) -> None:
         now = time.monotonic()
         for it in batch:
             self._remove(it)
             it.started = now
+        for it in batch:
             self.observer.queue_wait(now - it.enqueued)
         self.observer.queue_depth(self._queued_inputs, self._queued_tokens)
         names = list(dict.fromkeys(n for it in batch for n in it.tasks))   # union of heads, stable order
@@ -360,12 +390,15 @@ class Batcher:
         finally:
             self._running = []
         dt = time.perf_counter() - t0
-        real = sum(it.tokens for it in batch)
-        self.observer.batch(len(batch), len(batch) * max(it.tokens for it in batch), real, dt)
-        if dt > 0:
-            rate = real / dt
-            self._tokens_per_s = rate if self._tokens_per_s == 0 else 0.8 * self._tokens_per_s + 0.2 * rate
-        for it, res in zip(batch, results):
+        if len(results) != len(batch):
+            raise RuntimeError(f"the model returned {len(results)} results for a batch of {len(batch)} inputs")
+        answers = [{n: res[n] for n in it.tasks} for it, res in zip(batch, results)]
+        for it, answer in zip(batch, answers):
             it.forward_s, it.batch_size = dt, len(batch)
             if not it.future.done():
-                it.future.set_result({n: res[n] for n in it.tasks})
+                it.future.set_result(answer)
+        if dt > 0:
+            rate = sum(it.tokens for it in batch) / dt
+            self._tokens_per_s = rate if self._tokens_per_s == 0 else 0.8 * self._tokens_per_s + 0.2 * rate
+        real = sum(it.tokens for it in batch)
+        self.observer.batch(len(batch), len(batch) * max(it.tokens for it in batch), real, dt)

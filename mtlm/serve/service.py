@@ -41,6 +41,7 @@ class Service:
         self.metrics = ServeMetrics()
         self.state = "loading"
         self.error: str | None = None
+        self.drain_requested = False       # set by the signal handler; the event loop then drains
         self.predictor: Predictor | None = None
         self.runner: Runner | None = None
         self.batcher: Batcher | None = None
@@ -49,6 +50,13 @@ class Service:
     @property
     def ready(self) -> bool:
         return self.state == "ready"
+
+    def _batcher_failed(self, error: Exception) -> None:
+        """The batching loop died: /ready and /health answer 503 with the reason (an orchestrator restarts
+        the process), predict answers 503 rather than letting every request time out."""
+        if self.state in ("loading", "ready"):
+            self.state, self.error = "failed", f"batching loop failed: {type(error).__name__}: {error}"
+        self.metrics.ready.set(0)
 
     # ---- lifecycle -----------------------------------------------------------------------------
     async def start(self) -> None:
@@ -73,6 +81,7 @@ class Service:
             self.predictor = predictor
             self.runner = Runner(predictor, self.settings.torch_threads)
             self.batcher = Batcher(self.runner.forward, self.settings, self.metrics)
+            self.batcher.on_failure = self._batcher_failed
             self.batcher.start()
             t1 = time.perf_counter()
             await self._warm_up()
