@@ -441,3 +441,118 @@ def test_uvicorn_subprocess_drains_on_sigterm(bundle, tmp_path):
             proc.kill()
             proc.wait(timeout=10)
         log.close()
+
+
+def test_batch_loop_errors_answer_500_at_once_and_the_loop_goes_on(predictor, caplog):
+    """An exception in the batch loop outside the model call (an observer error, a result list of the
+    wrong length) is logged and answers that batch's requests 500 at once (not 504 at the deadline); the
+    loop goes on. An error outside any batch ends the loop and turns /ready and /health to 503."""
+    short = copy.copy(predictor)
+    inner = predictor.run
+
+    def run(feats, names, row_tasks=None, should_stop=None):
+        out = inner(feats, names, row_tasks, should_stop)
+        return out[:-1] if any("short" in f["text"] for f in feats) else out
+    short.run = run
+
+    async def main():
+        async with serving(lambda: short, max_wait_ms=0) as (app, client):
+            service = app.state.service
+            post = lambda text: client.post("/v1/predict", json={"inputs": [text], "tasks": ["topic"],  # noqa
+                                                                  "timeout_ms": 5000})
+            real = service.metrics.queue_wait
+
+            def broken(seconds):
+                service.metrics.queue_wait = real
+                raise ValueError("observer bug")
+            service.metrics.queue_wait = broken
+            for text in ("observed", "short result"):
+                t0 = time.perf_counter()
+                r = await post(text)
+                assert r.status_code == 500 and time.perf_counter() - t0 < 4, r.text
+            r = await post("fine")
+            assert r.status_code == 200 and (await client.get("/ready")).status_code == 200
+            assert "observer bug" in caplog.text and "1 results for a batch of" not in caplog.text
+            assert "0 results for a batch of 1 inputs" in caplog.text
+
+            def loop_bug():
+                raise RuntimeError("loop bug")
+            service.batcher._oldest = loop_bug                # fails while forming the next batch
+            t0 = time.perf_counter()
+            r = await post("never batched")
+            assert r.status_code == 500 and time.perf_counter() - t0 < 4
+            r = await client.get("/ready")
+            assert r.status_code == 503 and "batching loop failed: RuntimeError: loop bug" in r.json()["error"]
+            assert (await client.get("/health")).status_code == 503
+            assert (await post("after")).status_code == 503
+            assert metric((await client.get("/metrics")).text, "mtlm_ready") == 0
+
+    asyncio.run(main())
+
+
+def test_signal_handler_only_sets_a_flag(predictor):
+    """SIGTERM arriving while the main thread holds a metrics lock (prometheus_client's process-wide lock
+    in multiprocess mode) must not block in the handler: it sets a flag, the event loop drains."""
+    chained = []
+    saved = {sig: signal.signal(sig, lambda s, f: chained.append(s)) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        async def main():
+            app = create_app(lambda: predictor, ServeSettings(), handle_signals=True)
+            async with app.router.lifespan_context(app):
+                service = app.state.service
+                await service.wait_ready(30)
+                lock = service.metrics.ready._value._lock
+                lock.acquire()                     # the interrupted thread holds the gauge's lock
+                released = []
+                timer = threading.Timer(3.0, lambda: (released.append(True), lock.release()))
+                timer.start()
+                t0 = time.perf_counter()
+                signal.raise_signal(signal.SIGTERM)
+                elapsed = time.perf_counter() - t0
+                timer.cancel()
+                timer.join()
+                if not released:
+                    lock.release()
+                assert not released and elapsed < 1, f"the handler waited {elapsed:.1f} s on a metrics lock"
+                assert chained == [signal.SIGTERM] and service.drain_requested
+                await wait_until(lambda: service.state == "draining")
+                async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+                    assert (await c.get("/ready")).status_code == 503
+                    assert metric((await c.get("/metrics")).text, "mtlm_ready") == 0
+
+        asyncio.run(main())
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
+def test_lone_surrogates_and_malformed_json_get_4xx_and_are_counted(predictor):
+    """Valid JSON that is not valid Unicode text (a lone surrogate) -> 422 naming inputs[i] and the field,
+    before the batcher; the Python API raises InputError naming the index. A body that is not UTF-8 JSON
+    -> 400; both are counted in /metrics."""
+    gate = Gate(predictor)
+    with pytest.raises(mtlm.predict.InputError, match=r"inputs\[1\]\.text: not valid Unicode text"):
+        predictor.predict(["fine", "abc\ud800"], tasks=["topic"])
+    cases = [(b'{"inputs": ["fine", "abc\\ud800"], "tasks": ["topic"]}', ["inputs[1].text", "surrogate"]),
+             (b'{"inputs": [{"text": "a", "text_pair": "\\udfff b"}]}', ["inputs[0].text_pair", "surrogate"]),
+             (b'{"inputs": [{"te\\ud800xt": "a"}], "tasks": ["topic"]}', ["inputs[0]"]),
+             (b'{"inputs": ["a"], "tasks": ["to\\ud800pic"]}', ["unknown task", "valid tasks"])]
+
+    async def main():
+        async with serving(lambda: gate.predictor, gate) as (app, client):
+            batches = len(gate.calls)
+            for body, words in cases:
+                r = await client.post("/v1/predict", content=body, headers={"content-type": "application/json"})
+                assert r.status_code == 422 and all(w in r.json()["detail"] for w in words), (body, r.text)
+                assert r.json()["request_id"] == r.headers["x-request-id"]
+            assert len(gate.calls) == batches                        # nothing reached the batcher
+            r = await client.post("/v1/predict", content=b'{"inputs": ["\xff\xfe"]}',
+                                  headers={"content-type": "application/json"})
+            assert r.status_code == 400 and "UTF-8" in r.json()["detail"]
+            assert r.json()["request_id"] == r.headers["x-request-id"]
+            m = (await client.get("/metrics")).text
+            assert metric(m, "mtlm_requests_total", task="none", status="400") == 1
+            assert metric(m, "mtlm_requests_total", task="none", status="422") == 4
+            assert "status=\"5" not in m
+
+    asyncio.run(main())

@@ -145,10 +145,12 @@ def _readable(errors) -> list[dict]:
     """pydantic errors for `inputs: list[str | InputObject]` name both union branches; keep the one that
     applies (the object's fields for an object, one plain message for anything else)."""
     out = []
+    objects = {tuple(e["loc"][:3]) for e in errors      # inputs that are objects: the str branch saw a dict
+               if len(e.get("loc", ())) == 4 and e["loc"][3] == "str" and isinstance(e.get("input"), dict)}
     for e in errors:
         loc, msg = list(e.get("loc", ())), e.get("msg", "")
         if len(loc) >= 4 and loc[:2] == ["body", "inputs"] and loc[3] in ("str", "InputObject"):
-            is_object = isinstance(e.get("input"), dict) or len(loc) > 4
+            is_object = tuple(loc[:3]) in objects or isinstance(e.get("input"), dict) or len(loc) > 4
             if (loc[3] == "str") == is_object:
                 continue                                  # the other branch's complaint
             loc = loc[:3] + loc[4:]
