@@ -117,7 +117,7 @@ def assert_same(got: dict, want: dict):
             if k == "entities":
                 assert [(e["entity"], e["start"], e["end"]) for e in g[k]] == \
                        [(e["entity"], e["start"], e["end"]) for e in w[k]]
-            elif isinstance(w[k], dict):
+            elif isinstance(w[k], dict) or (isinstance(w[k], list) and all(isinstance(x, float) for x in w[k])):
                 assert g[k] == pytest.approx(w[k], abs=1e-4)
             elif isinstance(w[k], float):
                 assert g[k] == pytest.approx(w[k], abs=1e-4)
@@ -556,3 +556,126 @@ def test_lone_surrogates_and_malformed_json_get_4xx_and_are_counted(predictor):
             assert "status=\"5" not in m
 
     asyncio.run(main())
+
+
+@pytest.fixture(scope="module")
+def mc_bundle(tiny_backbone, toy_data, tmp_path_factory) -> Path:
+    """A bundle with a multiple-choice task (reply) beside a text classification (topic), briefly trained."""
+    import json
+    import random
+
+    from test_multiple_choice import mc_row
+    d = tmp_path_factory.mktemp("serve-mc")
+    rng = random.Random(0)
+    (d / "mc.jsonl").write_text("".join(json.dumps(mc_row(rng, rng.randint(2, 4))) + "\n" for _ in range(40)))
+    recipe = {"name": "serve-mc", "backbone": tiny_backbone, "max_length": 32, "output_dir": str(d / "run"),
+              "tasks": {"reply": {"type": "multiple_choice", "data": {"train": str(d / "mc.jsonl")}},
+                        "topic": {"type": "classification", "data": {"train": str(toy_data / "topic.jsonl")}}},
+              "train": {"batch_size": 8, "max_steps": 2, "eval_every": 2, "lr": 1e-3, "warmup_ratio": 0.0}}
+    return Path(mtlm.fit(mtlm.load_recipe(write_recipe(d / "recipe.yaml", recipe)), progress=False)) / "model"
+
+
+def test_multiple_choice_over_http(mc_bundle):
+    """Multiple-choice inputs over HTTP equal Predictor.predict (one score per choice, summing to 1), share
+    a request with plain texts, and bad choices get 422 naming the input."""
+    predictor = mtlm.load(mc_bundle, device="cpu")
+    mc = [{"text": "stock market bank", "choices": ["team goal", "shares profit"]},
+          {"text": "the movie plot", "choices": ["paris", "acting story", "bank", "match"]}]
+
+    async def main():
+        async with serving(str(mc_bundle), max_choices=4) as (app, client):
+            r = await client.get("/v1/tasks")
+            assert {t["name"]: t["input_fields"] for t in r.json()["tasks"]} == \
+                {"reply": ["text", "choices"], "topic": ["text"]}
+            r = await client.post("/v1/predict", json={"inputs": mc, "tasks": ["reply"]})
+            assert r.status_code == 200, r.text
+            for item, got, want in zip(mc, r.json()["predictions"], predictor.predict(mc, tasks=["reply"]),
+                                       strict=True):
+                assert len(got["reply"]["scores"]) == len(item["choices"])
+                assert sum(got["reply"]["scores"]) == pytest.approx(1.0, abs=1e-5)
+                assert_same(got, want)
+            r = await client.post("/v1/predict", json={"inputs": ["bank profit", mc[0]]})    # tasks by fields
+            assert r.status_code == 200, r.text
+            assert [list(p) for p in r.json()["predictions"]] == [["topic"], ["reply", "topic"]]
+            assert_same(r.json()["predictions"][1], predictor.predict([mc[0]])[0])
+            bad = [({"text": "x", "choices": ["a", "b", "c", "d", "e"]}, ["inputs[0].choices", "at most 4"]),
+                   ({"text": "x", "choices": ["a"]}, ["inputs[0].choices", "at least 2"]),
+                   ({"text": "x", "choices": ["a", ""]}, ["inputs[0].choices"]),
+                   ("just text", ["inputs[0]", "reply", "choices"])]
+            for item, words in bad:
+                r = await client.post("/v1/predict", json={"inputs": [item], "tasks": ["reply"]})
+                assert r.status_code == 422 and all(w in r.json()["detail"] for w in words), (item, r.text)
+            r = await client.post("/v1/predict", content=b'{"inputs": [{"text": "x", "choices": ["a", "b\\ud800"]}]}',
+                                  headers={"content-type": "application/json"})
+            assert r.status_code == 422 and "inputs[0].choices[1]" in r.json()["detail"], r.text
+
+    asyncio.run(main())
+
+
+def _start_server(bundle, tmp_path, *args):
+    port = _free_port()
+    log = open(tmp_path / "serve.log", "w")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    proc = subprocess.Popen([sys.executable, "-m", "mtlm.cli", "serve", str(bundle), "--host", "127.0.0.1",
+                             "--port", str(port), *args], stdout=log, stderr=subprocess.STDOUT, env=env)
+    return proc, f"http://127.0.0.1:{port}", log
+
+
+def test_two_workers_answer_and_metrics_sum_both(bundle, tmp_path):
+    """`mtlm serve --workers 2`: two processes, each loads and warms up its own model (2 warm-up batches
+    each); /metrics from any worker sums both, so it counts 4 warm-up batches and every request."""
+    proc, base, log = _start_server(bundle, tmp_path, "--workers", "2", "--max-wait-ms", "0")
+    try:
+        async def main():
+            async with httpx.AsyncClient(base_url=base, timeout=30) as client:
+                deadline = time.monotonic() + 120
+                while True:                       # both workers warmed up: 2 batches each, summed
+                    assert proc.poll() is None, (tmp_path / "serve.log").read_text()
+                    assert time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
+                    try:
+                        m = (await client.get("/metrics")).text
+                        if metric(m, "mtlm_batch_size_count") == 4:
+                            break
+                    except httpx.TransportError:
+                        pass
+                    await asyncio.sleep(0.3)
+                workers = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+                assert len(workers) >= 2
+                for t in TEXTS:
+                    r = await client.post("/v1/predict", json={"inputs": [t], "tasks": ["topic"]})
+                    assert r.status_code == 200, r.text
+                m = (await client.get("/metrics")).text
+                assert metric(m, "mtlm_requests_total", task="topic", status="200") == len(TEXTS)
+                assert metric(m, "mtlm_batch_size_count") == 4 + len(TEXTS)
+                assert metric(m, "mtlm_ready") == 1
+
+        asyncio.run(main())
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0, (tmp_path / "serve.log").read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+        log.close()
+
+
+def test_serve_exits_on_a_bundle_that_cannot_load(bundle, tmp_path):
+    """`mtlm serve` on a bundle whose heads do not match tasks.json exits 2 with the reason (naming the
+    task and tensors), no traceback, instead of running with /ready 503 forever."""
+    import shutil
+    from safetensors.torch import load_file, save_file
+    broken = tmp_path / "broken"
+    shutil.copytree(bundle, broken)
+    save_file({k: v for k, v in load_file(broken / "heads.safetensors").items() if not k.startswith("topic.")},
+              broken / "heads.safetensors")
+    proc, base, log = _start_server(broken, tmp_path)
+    try:
+        assert proc.wait(timeout=60) == 2
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+        log.close()
+    out = (tmp_path / "serve.log").read_text()
+    assert "error:" in out and "task 'topic'" in out and "topic.out.weight" in out and "Traceback" not in out, out
