@@ -369,3 +369,61 @@ def test_decode_entity_spans_slice_the_text(word_tokenizer):
     for e in ents:
         assert text[e["start"]:e["end"]] == e["text"]
         assert 0.99 < e["score"] <= 1.0
+
+
+# ---------------------------------------------------------------- untyped BIO tags (B, I, O)
+
+def test_untyped_bio_tags_check_fit_score_and_decode(word_tokenizer):
+    """Tags without an entity type (chunking; single-type NER) are accepted; seqeval scores them (hand-
+    computed below) and decoded entities carry "entity": None."""
+    from mtlm.predict import Predictor
+
+    task = make_task("token_classification")
+    rows = [{"tokens": ["john", "smith", "went", "to", "paris"], "tags": ["B", "I", "O", "O", "B"]}]
+    assert task.check_row(rows[0]) == []
+    assert task.check_row({"tokens": ["a"], "tags": ["X"]})[0][1].startswith("not a BIO tag: 'X'")
+    task.fit(rows)
+    assert task.labels == ["O", "B", "I"]
+    (f,) = task.encode(rows, word_tokenizer, 32)
+    gold = task.references([f])
+    # predicted chunks: [john smith] right, [went] wrong, [paris] missed -> precision 1/2, recall 1/2
+    pred = [[task.labels.index(t) for t in ["B", "I", "B", "O", "O"]]]
+    m = task.metrics(pred, gold)
+    assert m == {"f1": 0.5, "precision": 0.5, "recall": 0.5}
+
+    text = "John Smith went to Paris"
+    predictor = Predictor(None, word_tokenizer, {"chunks": task}, {"max_length": 32}, torch.device("cpu"))
+    (meta,) = predictor.encode([{"text": text}], ("text",))
+    logits = torch.zeros(1, len(meta["word_ids"]), len(task.labels))
+    for word, pos in first_subtokens(meta["word_ids"]).items():
+        logits[0, pos, task.labels.index(["B", "I", "O", "O", "B"][word])] = 10.0
+    (res,) = task.decode(logits, [meta])
+    assert [(e["entity"], e["text"]) for e in res["entities"]] == [(None, "John Smith"), (None, "Paris")]
+
+
+def test_untyped_bio_tags_train_and_predict_end_to_end(tiny_backbone, toy_data, tmp_path):
+    """A recipe whose tags are untyped trains (seqeval f1 in the metrics), saves, loads and predicts."""
+    import json
+
+    import mtlm
+    from conftest import write_recipe
+    lines = (toy_data / "ner.jsonl").read_text().splitlines()
+    with open(tmp_path / "chunks.jsonl", "w") as f:
+        for line in lines:
+            row = json.loads(line)
+            f.write(json.dumps({"tokens": row["tokens"], "tags": [t.split("-")[0] for t in row["tags"]]}) + "\n")
+    recipe = {"name": "chunks", "backbone": tiny_backbone, "max_length": 32, "output_dir": str(tmp_path / "run"),
+              "tasks": {"chunks": {"type": "token_classification", "data": {"train": str(tmp_path / "chunks.jsonl")}}},
+              "train": {"batch_size": 8, "max_steps": 4, "eval_every": 4, "lr": 1e-3, "warmup_ratio": 0.0}}
+    run = mtlm.fit(mtlm.load_recipe(write_recipe(tmp_path / "recipe.yaml", recipe)), progress=False)
+    history = json.loads((run / "metrics.json").read_text())["eval"]
+    assert {"chunks/f1", "chunks/precision", "chunks/recall"} <= set(history[-1])
+    predictor = mtlm.load(run, device="cpu")
+    assert set(predictor.tasks["chunks"].labels) == {"O", "B", "I"}
+    head = predictor.model.heads["chunks"].out
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.copy_(torch.tensor([10.0 if t == "B" else 0.0 for t in predictor.tasks["chunks"].labels]))
+    (res,) = predictor.predict(["john went to paris"], tasks=["chunks"])
+    assert [(e["entity"], e["text"]) for e in res["chunks"]["entities"]] == \
+        [(None, "john"), (None, "went"), (None, "to"), (None, "paris")]

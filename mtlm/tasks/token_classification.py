@@ -1,6 +1,11 @@
 """Token tagging with BIO tags (e.g. NER): per-token dropout -> linear, read on the first sub-token of
 each word; masked cross-entropy (other sub-tokens and special tokens get label -100).
 
+Tag schemes: IOB2 / BIO (`O`, `B-TYPE`, `I-TYPE`), IOBES (also `E-TYPE`, `S-TYPE`), and untyped tags
+(`B`, `I`, `O`, `E`, `S`: chunking, or NER with a single entity type). seqeval reads all of them
+(chakki-works/seqeval#46: an untyped chunk gets the type "_"); `decode` reports an untyped entity's
+"entity" as None.
+
 Metrics: entity-level precision / recall / F1 (seqeval, CoNLL evaluation). Words cut off by truncation
 count as predicted "O", so truncation is never hidden from the score.
 
@@ -25,7 +30,8 @@ from mtlm.encoded import Encoded
 from mtlm.tasks.base import LinearHead, compact_inputs, model_inputs
 
 IGNORE = -100
-_TAG = re.compile(r"^(O|[BIES]-.+)$")
+_TAG = re.compile(r"^(O|[BIES](-.+)?)$")     # O, B-TYPE, ..., or an untyped B / I / E / S
+_UNTYPED = "_"                                # seqeval's type for an untyped chunk
 _WORD = re.compile(r"""
     (?:[^\W\d_]\.)+(?!\w)                                   # initials, dotted abbreviations: M. U.S. a.m.
   | (?i:n't|'(?:s|re|ve|ll|m|d))(?!\w)                       # clitics: John | 's (a lone n't too)
@@ -109,7 +115,7 @@ class TokenClassification:
         elif tags is None:
             problems.append((cols["tags"], "expected a list of tag strings"))
         elif (bad := [t for t in tags if not _TAG.match(t)]):
-            problems.append((cols["tags"], f"not a BIO tag: {bad[0]!r} (expected O, B-TYPE or I-TYPE)"))
+            problems.append((cols["tags"], f"not a BIO tag: {bad[0]!r} (expected O, B-TYPE, I-TYPE (also E-, S-), or untyped B, I)"))
         elif words and len(words) != len(tags):
             problems.append((cols["tags"], f"{len(tags)} tags for {len(words)} tokens"))
         return problems
@@ -189,6 +195,7 @@ class TokenClassification:
 
     def decode(self, logits: Tensor, inputs: list[Encoded]) -> list[dict]:
         """logits (batch, seq_len, num_tags) -> [{"entities": [{"entity", "text", "start", "end", "score"}]}].
+        "entity" is the chunk's type (None for untyped tags such as a bare "B").
 
         Each word is tagged by its first sub-token; an entity covers whole words, from the first character
         of its first word to the last of its last (start, end: character offsets into the text, end
@@ -205,7 +212,9 @@ class TokenClassification:
             entities = []
             for etype, a, b in get_entities(tags):
                 start, end = meta["spans"][word_order[a]][0], meta["spans"][word_order[b]][1]
-                entities.append({"entity": etype, "text": meta["text"][start:end], "start": start, "end": end,
+                untyped = etype == _UNTYPED and tags[a] in "BIES"
+                entities.append({"entity": None if untyped else etype, "text": meta["text"][start:end],
+                                 "start": start, "end": end,
                                  "score": float(score[a:b + 1].mean())})
             out.append({"entities": entities})
         return out
