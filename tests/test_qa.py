@@ -440,3 +440,17 @@ def test_gold_spans_through_windows_and_postprocessing_score_near_100_on_squad_d
         logits[i, f["start"], 0] = logits[i, f["end"], 1] = 5.0
     m = task.metrics(task.postprocess(task.predictions(logits, feats), feats), task.references(feats))
     assert m["exact_match"] >= 0.99 and m["f1"] >= 0.99
+
+
+def test_squad_v2_has_answer_split_follows_the_gold_answer_list():
+    """As in the official v2.0 script, a question is has-answer when its gold list is not empty, even when
+    every gold answer normalises to nothing ("The", "!"); values computed by hand."""
+    task = qa_task(allow_no_answer=True)
+    preds = ["Eiffel Tower", "Tower in Paris", "", "a", "", "x"]
+    golds = [["the Eiffel Tower"], ["Eiffel Tower"], ["The"], ["!"], [], []]
+    # per question (EM, F1): (1, 1), (0, 0.4), (1, 1) "" vs "", (1, 1) "a" -> "" vs "", (1, 1), (0, 0)
+    m = task.metrics(preds, golds)
+    assert m["exact_match"] == pytest.approx(4 / 6) and m["f1"] == pytest.approx(4.4 / 6)
+    assert m["has_ans_exact_match"] == pytest.approx(3 / 4)          # the first four questions
+    assert m["has_ans_f1"] == pytest.approx(3.4 / 4)
+    assert m["no_ans_exact_match"] == pytest.approx(1 / 2)           # the last two

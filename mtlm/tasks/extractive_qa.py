@@ -325,12 +325,16 @@ class ExtractiveQA(NothingToFit):
 
     def metrics(self, predictions: list[Any], references: list[Any]) -> dict[str, float]:
         """Mean exact match and F1 (see `answer_scores`); with allow_no_answer, also over the answerable
-        (has_ans_*) and the unanswerable (no_ans_exact_match, which equals its F1) questions."""
+        (has_ans_*) and the unanswerable (no_ans_exact_match, which equals its F1) questions.
+
+        A question is answerable when its gold answer list is not empty, as in the official v2.0 script
+        (`qid_to_has_ans = bool(qa['answers'])`), also when every gold answer normalises to nothing
+        (e.g. "The"): it is scored against "" then, but still counts as has-answer."""
         scores = [answer_scores(p, g) for p, g in zip(predictions, references)]
         out = {"f1": _mean([f for _, f in scores]), "exact_match": _mean([e for e, _ in scores])}
         if self.cfg.allow_no_answer:
-            has = [s for s, g in zip(scores, references) if any(normalize_answer(t) for t in g)]
-            no = [s for s, g in zip(scores, references) if not any(normalize_answer(t) for t in g)]
+            has = [s for s, g in zip(scores, references) if len(g) > 0]
+            no = [s for s, g in zip(scores, references) if len(g) == 0]
             if has:
                 out.update(has_ans_f1=_mean([f for _, f in has]), has_ans_exact_match=_mean([e for e, _ in has]))
             if no:

@@ -115,7 +115,7 @@ class TokenClassification:
         elif tags is None:
             problems.append((cols["tags"], "expected a list of tag strings"))
         elif (bad := [t for t in tags if not _TAG.match(t)]):
-            problems.append((cols["tags"], f"not a BIO tag: {bad[0]!r} (expected O, B-TYPE, I-TYPE (also E-, S-), or untyped B, I)"))
+            problems.append((cols["tags"], f"not a BIO tag: {bad[0]!r} (expected O, B-TYPE or I-TYPE)"))
         elif words and len(words) != len(tags):
             problems.append((cols["tags"], f"{len(tags)} tags for {len(words)} tokens"))
         return problems
