@@ -183,3 +183,29 @@ def test_predict_input_file_errors_name_the_line_and_keep_the_output(results, ca
     assert rc == 0, err
     assert [json.loads(x)["input"] for x in out.read_text().splitlines()] == ["fine text", {"text": "also fine"}]
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_serving_needs_only_the_plain_install():
+    """The README's first command (`pip install -e .`) installs what `mtlm serve` needs: fastapi, uvicorn
+    and prometheus-client are core dependencies, not an extra."""
+    import tomllib
+    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
+    core = {d.split("[")[0].split(">")[0].split("=")[0].strip().lower() for d in project["dependencies"]}
+    assert {"fastapi", "uvicorn", "prometheus-client"} <= core
+
+
+def test_serve_without_its_packages_names_the_pip_install(results, capsys, monkeypatch):
+    """An install without fastapi (made with --no-deps, say): `mtlm serve` says which pip install brings
+    it, exit 2, no traceback."""
+    monkeypatch.delitem(sys.modules, "mtlm.serve.app", raising=False)
+    monkeypatch.setitem(sys.modules, "fastapi", None)            # import fastapi -> ModuleNotFoundError
+    rc, _, err = in_process(["serve", str(results["bundle"])], capsys)
+    assert rc == 2 and "'fastapi'" in err and "pip install fastapi" in err, err
+
+
+def test_predict_lone_surrogate_names_the_line(results, capsys, tmp_path):
+    """JSON that is valid but not Unicode text (a lone surrogate) is an input error at its file line."""
+    inp = tmp_path / "in.jsonl"
+    inp.write_text('"fine"\n"abc\\ud800"\n')
+    rc, _, err = in_process(["predict", str(results["bundle"]), "--tasks", "sentiment", "--input", str(inp)], capsys)
+    assert rc == 2 and f"{inp}, line 2, field 'text': not valid Unicode text" in err, err
