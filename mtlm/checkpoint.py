@@ -27,7 +27,7 @@ import json
 import logging
 import os
 import shutil
-import tempfile
+import uuid
 from pathlib import Path
 
 import torch
@@ -51,15 +51,15 @@ def write_tasks_json(bundle: Path, meta: dict) -> Path:
     then `os.replace` (atomic on POSIX and Windows), so a crash leaves the old file or the new one, whole.
     Returns the path. Raises OSError when the folder cannot be written."""
     bundle = Path(bundle)
-    fd, tmp = tempfile.mkstemp(prefix=".tasks.json.", suffix=".tmp", dir=bundle)
+    tmp = bundle / f".tasks.json.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"   # mode from the umask, as any file
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+        with open(tmp, "x", encoding="utf-8") as f:
             f.write(json.dumps(meta, indent=2))
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, bundle / "tasks.json")
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     return bundle / "tasks.json"
 

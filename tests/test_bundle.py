@@ -470,4 +470,5 @@ def test_write_tasks_json_is_atomic(run, tmp_path, monkeypatch):
     assert sorted(p.name for p in bundle.iterdir()) == sorted(p.name for p in (run / "model").iterdir())
     monkeypatch.undo()
     assert write_tasks_json(bundle, meta) == bundle / "tasks.json"
+    assert (bundle / "tasks.json").stat().st_mode == (bundle / "recipe.yaml").stat().st_mode   # umask, not 0600
     assert mtlm.load(bundle).tasks["emotions"].thresholds == [0.25, 0.75]
