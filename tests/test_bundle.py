@@ -207,19 +207,17 @@ INPUTS = [{"text": "john smith went to paris", "text_pair": "john smith went to 
           {"text": "hated it", "text_pair": "hated it"}]
 
 
-def forced_ner(predictor, tag: str = "B-PER"):
-    """A copy of `predictor` whose tagging head answers `tag` for every word (through its bias)."""
-    import copy
-    forced = copy.copy(predictor)
-    forced.model = copy.deepcopy(predictor.model)
+def forced_ner(run: Path, tag: str = "B-PER"):
+    """The run's predictor, loaded afresh, whose tagging head answers `tag` for every word (through its bias)."""
+    forced = mtlm.load(run, device="cpu")
     head = forced.model.heads["ner"].out
     with torch.no_grad():
         head.weight.zero_()
-        head.bias.copy_(torch.tensor([10.0 if t == tag else 0.0 for t in predictor.tasks["ner"].labels]))
+        head.bias.copy_(torch.tensor([10.0 if t == tag else 0.0 for t in forced.tasks["ner"].labels]))
     return forced
 
 
-def test_predict_every_task_type(predictor):
+def test_predict_every_task_type(predictor, run):
     results = predictor.predict(INPUTS)
     assert len(results) == len(INPUTS)
     for item, res in zip(INPUTS, results):
@@ -239,7 +237,7 @@ def test_predict_every_task_type(predictor):
         assert e["labels"] == [lab for lab, p in e["scores"].items() if p >= thresholds[lab]]
         assert not any("truncated" in r for r in res.values())
     # entities: with the tagging head forced to B-PER every word is one PER entity, spans into the text
-    for item, res in zip(INPUTS, forced_ner(predictor).predict(INPUTS, tasks=["ner"])):
+    for item, res in zip(INPUTS, forced_ner(run).predict(INPUTS, tasks=["ner"])):
         ents = res["ner"]["entities"]
         assert [e["text"] for e in ents] == item["text"].split()
         assert all(set(e) == {"entity", "text", "start", "end", "score"} and e["entity"] == "PER" for e in ents)
@@ -302,12 +300,12 @@ def test_predict_entity_offsets_with_forced_tags(run):
            [("PER", text, 0, len(text))]
 
 
-def test_predict_marks_truncated_inputs(predictor):
+def test_predict_marks_truncated_inputs(predictor, run):
     long = " ".join(["john went to paris"] * 20)
     short, cut = predictor.predict([{"text": "hi there", "text_pair": "x"}, {"text": long, "text_pair": "y"}])
     assert all(r.get("truncated") is True for r in cut.values())
     assert not any("truncated" in r for r in short.values())
-    (res,) = forced_ner(predictor).predict([long], tasks=["ner"])     # every word kept is one entity
+    (res,) = forced_ner(run).predict([long], tasks=["ner"])     # every word kept is one entity
     ents = res["ner"]["entities"]
     assert [e["text"] for e in ents] == long.split()[:30]              # 32 tokens - [CLS], [SEP]
     assert all(long[e["start"]:e["end"]] == e["text"] for e in ents)

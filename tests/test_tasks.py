@@ -393,11 +393,12 @@ def test_untyped_bio_tags_check_fit_score_and_decode(word_tokenizer):
 
     text = "John Smith went to Paris"
     predictor = Predictor(None, word_tokenizer, {"chunks": task}, {"max_length": 32}, torch.device("cpu"))
-    (meta,) = predictor.encode([{"text": text}], ("text",))
-    logits = torch.zeros(1, len(meta["word_ids"]), len(task.labels))
-    for word, pos in first_subtokens(meta["word_ids"]).items():
+    (encoded,) = predictor.encode([{"text": text}], ("text",))
+    word_ids = encoded.meta["word_ids"]
+    logits = torch.zeros(1, len(word_ids), len(task.labels))
+    for word, pos in first_subtokens(word_ids).items():
         logits[0, pos, task.labels.index(["B", "I", "O", "O", "B"][word])] = 10.0
-    (res,) = task.decode(logits, [meta])
+    (res,) = task.decode(logits, [encoded])
     assert [(e["entity"], e["text"]) for e in res["entities"]] == [(None, "John Smith"), (None, "Paris")]
 
 
