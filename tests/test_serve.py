@@ -452,7 +452,7 @@ def test_batch_loop_errors_answer_500_at_once_and_the_loop_goes_on(predictor, ca
 
     def run(feats, names, row_tasks=None, should_stop=None):
         out = inner(feats, names, row_tasks, should_stop)
-        return out[:-1] if any("short" in f["text"] for f in feats) else out
+        return out[:-1] if any("short" in f.meta["text"] for f in feats) else out
     short.run = run
 
     async def main():
