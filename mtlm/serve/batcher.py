@@ -397,8 +397,8 @@ class Batcher:
             it.forward_s, it.batch_size = dt, len(batch)
             if not it.future.done():
                 it.future.set_result(answer)
-        if dt > 0:
-            rate = sum(it.tokens for it in batch) / dt
-            self._tokens_per_s = rate if self._tokens_per_s == 0 else 0.8 * self._tokens_per_s + 0.2 * rate
         real = sum(it.tokens for it in batch)
+        if dt > 0:
+            rate = real / dt
+            self._tokens_per_s = rate if self._tokens_per_s == 0 else 0.8 * self._tokens_per_s + 0.2 * rate
         self.observer.batch(len(batch), len(batch) * max(it.tokens for it in batch), real, dt)
