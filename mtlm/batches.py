@@ -175,9 +175,11 @@ class SourceBatches:
         self.dataset = dataset
         self.sampler = LengthGroupedBatchSampler(dataset.lengths(), batch_size, seed, group_by_length,
                                                  num_replicas, rank)
-        # num_workers=0: no prefetching, so the sampler's position is the batches consumed (resume)
+        # num_workers=0: no prefetching, so the sampler's position is the batches consumed (resume). Its own
+        # generator: making an iterator draws a seed, which must not move the global RNG (dropout masks)
         self.loader = DataLoader(dataset, batch_sampler=self.sampler, num_workers=0,
-                                 collate_fn=partial(collate_source, tasks, pad_token_id=pad_token_id))
+                                 collate_fn=partial(collate_source, tasks, pad_token_id=pad_token_id),
+                                 generator=torch.Generator().manual_seed(seed))
         self._iter = None
 
     def __len__(self) -> int:
