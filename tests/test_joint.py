@@ -184,3 +184,48 @@ def test_unlabelled_rows_still_need_valid_inputs_and_some_label(tmp_path, tiny_b
     data = prepare_rows(recipe, {n: build_task(n, t) for n, t in recipe.tasks.items()})
     assert f"a+b: skipped 2 bad row(s) of 40 in {f}" in data.notes
     assert sum(len(r) for r in data.sources["a+b"].splits.values()) == 38
+
+
+@needs_reviews
+def test_baseline_of_a_joint_group_and_its_reuse_checks(reviews, tmp_path, tiny_backbone):
+    """`mtlm baseline` on a joint group: each task's single-task model trains on the rows labelled for it, in
+    the group's splits; a model in the run folder is reused only when trained from the same recipe."""
+    import os
+
+    import yaml
+
+    from mtlm.baseline import run_baseline
+    path = _joint_recipe(tmp_path, tiny_backbone, reviews)
+    recipe = mtlm.load_recipe(path)
+    result = run_baseline(recipe, split="test", progress=False)
+    data = prepare_rows(recipe, {n: build_task(n, t) for n, t in recipe.tasks.items()})
+    run = recipe.run_dir()
+    for name in ("sentiment", "source"):
+        row = next(r for r in result["tasks"] if r["task"] == name)
+        assert row["single_task"] is not None and row["multi_task"] is not None
+        assert row["steps_single"] == 4               # one source: both tasks were in every micro-batch
+        single = run / "baseline" / name
+        for split, rows in data.rows[name].items():  # the task's labelled rows of the group's splits, no other
+            written = [json.loads(line) for line in (single / "data" / f"{split}.jsonl").read_text().splitlines()]
+            assert [r["text"] for r in written] == [r["text"] for r in rows.records]
+            assert all(r[name] is not None for r in written)
+        assert json.loads((single / "eval_test.json").read_text())["rows"][name] == len(data.rows[name]["test"])
+    assert json.loads((run / "eval_test.json").read_text())["rows"]["source"] == len(data.rows["source"]["test"])
+
+    # the same recipe again: every model reused; a single-task model from other settings is trained again
+    bundle = run / "baseline" / "source" / "model"
+    stored = yaml.safe_load((bundle / "recipe.yaml").read_text())
+    stored["train"]["lr"] = 0.5
+    (bundle / "recipe.yaml").write_text(yaml.safe_dump(stored))
+    multi_before = os.stat(run / "model" / "heads.safetensors").st_mtime_ns
+    kept_before = os.stat(run / "baseline" / "sentiment" / "model" / "heads.safetensors").st_mtime_ns
+    run_baseline(mtlm.load_recipe(path), split="test", progress=False)
+    assert os.stat(run / "model" / "heads.safetensors").st_mtime_ns == multi_before
+    assert os.stat(run / "baseline" / "sentiment" / "model" / "heads.safetensors").st_mtime_ns == kept_before
+    assert yaml.safe_load((bundle / "recipe.yaml").read_text())["train"]["lr"] == recipe.train.lr   # retrained
+
+    # a multi-task model trained from other settings is not silently compared: a clear error
+    with pytest.raises(RecipeError) as e:
+        run_baseline(mtlm.load_recipe(path, ["train.lr=0.002"]), split="test", progress=False)
+    assert e.value.problems[0] == f"{run / 'model'} was trained from another recipe: train.lr: 0.001 -> 0.002"
+    assert "--retrain" in e.value.problems[-1]
