@@ -178,7 +178,10 @@ def _keep_classes_in_train(tasks: dict, splits: dict[str, Rows], made: list[str]
     for task in tasks.values():
         for split in made:
             train = splits["train"]
-            task.fit([r for r in train.records if is_labelled(task, r)])
+            labelled = [r for r in train.records if is_labelled(task, r)]
+            if not labelled:                  # reported by prepare_source: no train row carries its label
+                break
+            task.fit(labelled)
             rows = splits[split]
             back = [i for i, r in enumerate(rows.records) if is_labelled(task, r) and task.check_eval_rows([r])]
             if back:

@@ -229,3 +229,43 @@ def test_baseline_of_a_joint_group_and_its_reuse_checks(reviews, tmp_path, tiny_
         run_baseline(mtlm.load_recipe(path, ["train.lr=0.002"]), split="test", progress=False)
     assert e.value.problems[0] == f"{run / 'model'} was trained from another recipe: train.lr: 0.001 -> 0.002"
     assert "--retrain" in e.value.problems[-1]
+
+
+def test_two_tagging_tasks_on_one_file_share_micro_batches(tmp_path, tiny_backbone):
+    """Token tasks join like sequence tasks: NER and chunk tags on the same tokens, each missing on some rows;
+    each task's loss over the joint micro-batch equals its loss on its labelled rows alone."""
+    from mtlm.model import build_model, load_backbone
+    f = tmp_path / "tagged.jsonl"
+    words = ["john", "smith", "went", "to", "paris", "and", "london"]
+    with open(f, "w") as out:
+        for i in range(60):
+            tokens = words[i % 3:] + [str(i)]
+            ner = ["B-PER" if w == "john" else "I-PER" if w == "smith" else "B-LOC" if w in ("paris", "london")
+                   else "O" for w in tokens]
+            chunk = ["B-NP" if w in ("john", "paris", "london") else "I-NP" if w == "smith" else "O" for w in tokens]
+            out.write(json.dumps({"tokens": tokens, "ner": None if i % 4 == 0 else ner,
+                                  "chunk": None if i % 4 == 1 else chunk}) + "\n")
+    data_block = {"train": str(f), "split": {"dev": 0.2}}
+    path = write_recipe(tmp_path / "r.yaml", {"name": "r", "backbone": tiny_backbone, "tasks": {
+        n: {"type": "token_classification", "data": dict(data_block), "columns": {"tags": n}} for n in ("ner", "chunk")}})
+    recipe = mtlm.load_recipe(path)
+    tasks = {n: build_task(n, t) for n, t in recipe.tasks.items()}
+    data = prepare_rows(recipe, tasks)
+    assert list(data.sources) == ["ner+chunk"]
+    backbone, tokenizer = load_backbone(tiny_backbone)
+    train = {n: f["train"] for n, f in encode_rows(tasks, data.rows, tokenizer, 32).items()}
+    dataset = source_dataset(data.sources["ner+chunk"], train)
+    items = [dataset[i] for i in range(12)]
+    inputs, targets = collate_source(tasks, items, tokenizer.pad_token_id)
+    assert set(targets) == {"ner", "chunk"}
+    assert all(rows is not None and 0 < len(rows) < 12 for rows, _ in targets.values())
+    torch.manual_seed(0)
+    model = build_model(backbone, tasks, "mean", 0.0).eval()
+    with torch.no_grad():
+        losses = masked_losses(tasks, model(tasks=list(targets), **inputs), targets)
+        for name in ("ner", "chunk"):
+            alone = [it["labels"][name] for it in items if name in it["labels"]]
+            batch = collate(tasks[name], alone, tokenizer.pad_token_id)
+            labels = {"labels": batch.pop("labels")}
+            expected = tasks[name].loss(model(task=name, **batch), labels)
+            torch.testing.assert_close(losses[name], expected, rtol=0, atol=1e-6)
