@@ -470,3 +470,18 @@ def test_rare_labels_and_tags_of_a_made_split_stay_in_train(tmp_path, kind):
     assert {f"RARE{k}" for k in range(6)} <= {label.removeprefix("B-") for label in tasks["t"].labels}
     assert len(data["train"].records) + len(data["dev"].records) == 46
     assert all("RARE" not in json.dumps(r) for r in data["dev"].records)
+
+
+def test_task_types_declare_what_the_data_path_asks():
+    """Every task type declares the TaskType class attributes (no getattr defaults in mtlm.data): a class
+    role to stratify splits by only where a row has one class, and joinability only where a data row is one
+    backbone row with one feature."""
+    from mtlm.tasks import TASK_TYPES
+    from mtlm.tasks.base import TaskType
+    declared = [n for n, a in TaskType.__annotations__.items() if str(a).startswith("ClassVar")]
+    assert {"class_role", "joinable"} <= set(declared)
+    for name, cls in TASK_TYPES.items():
+        assert all(hasattr(cls, n) for n in declared), name
+    assert {n: (c.class_role, c.joinable) for n, c in TASK_TYPES.items()} == {
+        "classification": ("label", True), "multilabel": (None, True), "regression": (None, True),
+        "token_classification": (None, True), "extractive_qa": (None, False), "multiple_choice": (None, False)}
