@@ -9,7 +9,7 @@ labelled with its sentiment (the dataset's label) and its source (imdb / rotten_
 removed on purpose: sentiment from 30% of the rows, source from another 30% (so 40% carry both). The rows
 are split once into train / dev / test files (seeded), so both variants score the same test rows:
 
-  * joint: tasks `sentiment` and `source` name the same data block -> a joint group (mtlm.joint): a
+  * joint: tasks `sentiment` and `source` name the same data block -> a joint group (mtlm.data): a
     micro-batch of 16 rows runs the backbone once and trains both heads on the rows labelled for each.
   * separate: each task reads only its labelled rows (its own files), the usual multi-task setup: a
     micro-batch of 16 rows serves one task (proportional sampling).
@@ -24,32 +24,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "joint_bench.json"
 SPLITS = {"train": 0.8, "dev": 0.1, "test": 0.1}
-
-
-def build_reviews(per_source: int, seed: int) -> list[dict]:
-    """`per_source` reviews of each source with "sentiment" and "source"; sentiment absent from 30% of the
-    rows, source null on another 30% (seeded, shuffled)."""
-    from mtlm.sources import read_source
-    rng = random.Random(seed)
-    rows = []
-    for source in ("imdb", "rotten_tomatoes"):
-        records = read_source(f"builtin:{source}", ROOT).records
-        rows += [{"text": r["text"], "sentiment": r["label"], "source": source}
-                 for r in rng.sample(records, per_source)]
-    rng.shuffle(rows)
-    for i, row in enumerate(rows):
-        if i % 10 < 3:
-            del row["sentiment"]
-        elif i % 10 < 6:
-            row["source"] = None
-    return rows
+sys.path.insert(0, str(ROOT / "tests"))
+from reviews import build_reviews  # noqa: E402  (the joint-group tests' construction)
 
 
 def write_files(rows: list[dict], folder: Path) -> dict[str, dict[str, str]]:
@@ -118,13 +100,14 @@ def main(argv: list[str] | None = None) -> int:
         recipe = make_recipe(variant, files, args, args.work)
         data = prepare_rows(recipe, {n: build_task(n, c) for n, c in recipe.tasks.items()})
         labelled = {n: {s: len(r.records) for s, r in splits.items()} for n, splits in data.rows.items()}
-        print(f"{variant}: groups {list(data.groups) or 'none'}; labelled rows {labelled}", flush=True)
+        groups = [s for s, src in data.sources.items() if len(src.tasks) > 1]
+        print(f"{variant}: groups {groups or 'none'}; labelled rows {labelled}", flush=True)
         run_dir = fit(recipe, progress=False, overwrite=True)
         history = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
         train_s = history["eval"][-1]["train_s"]           # the training loop's wall time, before the eval
         metrics, _, _ = evaluate_bundle(run_dir, "test")
         result["variants"][variant] = {"metrics": by_task(metrics), "train_s": round(train_s, 1),
-                                       "joint_groups": list(data.groups), "labelled_rows": labelled}
+                                       "joint_groups": groups, "labelled_rows": labelled}
         shown = "  ".join(f"{t}={m['accuracy']:.4f}" for t, m in by_task(metrics).items())
         print(f"{variant}: {shown}  train {train_s:.0f} s", flush=True)
         args.out.parent.mkdir(parents=True, exist_ok=True)

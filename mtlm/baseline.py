@@ -1,9 +1,13 @@
 """`mtlm baseline`: the same recipe as one single-task model per task, next to the multi-task model.
 
-Each single-task run gets the step budget its task had inside the multi-task run (max_steps x the task's
-sampling probability), the same hyper-parameters and the same splits. The table shows, per task, the
-selection metric of both, the task average, and what K single-task models cost: parameters and backbone
-passes per input relative to the one multi-task model."""
+Each single-task run gets the step budget its task had inside the multi-task run (max_steps x the sampling
+probability of the task's source), the same hyper-parameters and the same rows: the task's labelled rows of
+each split of the multi-task run (for a task of a joint group, the rows that carry its label), written to
+run_dir/baseline/<task>/data/. The table shows, per task, the selection metric of both, the task average,
+and what K single-task models cost: parameters and backbone passes per input relative to the one multi-task
+model. A model already in a run folder is reused only when it was trained from the same recipe (its
+bundle's recipe.yaml): the multi-task run is otherwise an error (pass --retrain), a single-task run is
+trained again."""
 
 from __future__ import annotations
 
@@ -11,20 +15,53 @@ import json
 import math
 from pathlib import Path
 
+import yaml
+
+from mtlm.batches import mean_probabilities, source_dataset
 from mtlm.checkpoint import find_bundle, load_bundle
-from mtlm.config import Recipe
-from mtlm.data import mean_probabilities
+from mtlm.config import Recipe, RecipeError, recipe_changes
 from mtlm.evaluate import by_task, evaluate_bundle
 from mtlm.model import count_parameters
+from mtlm.sources import Rows
 from mtlm.tasks import default_metric
 
+# settings that do not change the trained model: a model trained with other values is reused
+NOT_MODEL = ("name", "output_dir", "train.eval_batch_size", "train.checkpoint_every", "train.keep_checkpoints")
 
-def single_task_recipe(recipe: Recipe, name: str, steps: int, run_dir: Path) -> Recipe:
-    """A copy of `recipe` with only task `name`, `steps` optimizer steps, writing to run_dir/baseline/<name>."""
+
+def trained_recipe_changes(recipe: Recipe) -> list[str] | None:
+    """None when recipe.run_dir() holds no model; else the settings ("path: old -> new", see
+    `recipe_changes`) in which `recipe` differs from the recipe its model was trained from, NOT_MODEL aside."""
+    bundle = recipe.run_dir() / "model"
+    if not (bundle / "tasks.json").is_file():
+        return None
+    path = bundle / "recipe.yaml"
+    stored = yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    return [c for c in recipe_changes(stored or {}, yaml.safe_load(recipe.to_yaml()))
+            if c.split(":", 1)[0] not in NOT_MODEL]
+
+
+def write_task_rows(task, rows: dict[str, Rows], folder: Path) -> dict[str, str]:
+    """Write a task's rows of each split (its columns only) to folder/<split>.jsonl; returns split -> path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    columns = [c for col in task.columns().values() for c in ([col] if isinstance(col, str) else col)]
+    out = {}
+    for split, r in rows.items():
+        path = folder / f"{split}.jsonl"
+        path.write_text("".join(json.dumps({c: rec.get(c) for c in columns}) + "\n" for rec in r.records),
+                        encoding="utf-8")
+        out[split] = str(path)
+    return out
+
+
+def single_task_recipe(recipe: Recipe, name: str, steps: int, run_dir: Path, files: dict[str, str]) -> Recipe:
+    """A copy of `recipe` with only task `name`, reading `files` (split -> path: its rows of the multi-task
+    run's splits, nothing split or capped again), `steps` optimizer steps, writing to run_dir/baseline/<name>."""
     raw = recipe.model_dump(mode="python")
     raw["name"] = f"{recipe.name}-single-{name}"
     raw["output_dir"] = str(run_dir / "baseline" / name)
     raw["tasks"] = {name: raw["tasks"][name]}
+    raw["tasks"][name]["data"] = {**files, "split": {}, "limit": {}}
     train = raw["train"]
     train["max_steps"], train["epochs"] = steps, None
     # one task: nothing to weigh or sample; same micro-batches per optimizer step as the multi-task run
@@ -37,14 +74,16 @@ def single_task_recipe(recipe: Recipe, name: str, steps: int, run_dir: Path) -> 
     return single
 
 
-def step_budgets(recipe: Recipe, sizes: dict[str, int], max_steps: int) -> dict[str, int]:
-    """Optimizer steps each task received in the multi-task run, in expectation (all_tasks steps: every
-    task is in every step; annealed sampling: its mean share over the schedule)."""
+def step_budgets(recipe: Recipe, sizes: dict[str, int], sources: dict[str, list[str]], max_steps: int
+                 ) -> dict[str, int]:
+    """Optimizer steps each task received in the multi-task run, in expectation: its source's (`sizes`:
+    source -> train items, `sources`: source -> tasks; all_tasks steps: every source is in every step;
+    annealed sampling: its mean share over the schedule)."""
     from mtlm.weighting import resolve_step_mode
     if resolve_step_mode(recipe.train) == "all_tasks":
-        return {n: max_steps for n in sizes}
+        return {t: max_steps for names in sources.values() for t in names}
     probs = mean_probabilities(sizes, recipe.train.sampling, recipe.train.temperature)
-    return {n: max(1, math.ceil(p * max_steps)) for n, p in probs.items()}
+    return {t: max(1, math.ceil(p * max_steps)) for s, p in probs.items() for t in sources[s]}
 
 
 def run_baseline(recipe: Recipe, split: str = "test", retrain: bool = False, progress: bool = True) -> dict:
@@ -53,20 +92,25 @@ def run_baseline(recipe: Recipe, split: str = "test", retrain: bool = False, pro
     from mtlm.train import fit
 
     run_dir = recipe.run_dir()
-    _refuse_joint_groups(recipe)
-    if retrain or not (run_dir / "model" / "tasks.json").is_file():
+    changes = trained_recipe_changes(recipe)
+    if changes and not retrain:
+        raise RecipeError([f"{run_dir / 'model'} was trained from another recipe: {c}" for c in changes]
+                          + ["pass --retrain to train it again from this recipe (it replaces that model), or set "
+                             "another output_dir"])
+    if retrain or changes is None:
         fit(recipe, progress=progress, overwrite=True)
     history = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
     mt_metrics, tasks, _ = evaluate_bundle(run_dir, split)
     mt = by_task(mt_metrics)
 
-    sizes = train_sizes(recipe, tasks)
-    budgets = step_budgets(recipe, sizes, history["max_steps"])
+    data, sizes = train_sizes(recipe, tasks)
+    budgets = step_budgets(recipe, sizes, {s: src.tasks for s, src in data.sources.items()}, history["max_steps"])
     st: dict[str, dict[str, float]] = {}
     params_single = 0
     for name in tasks:
-        single = single_task_recipe(recipe, name, budgets[name], run_dir)
-        if retrain or not (single.run_dir() / "model" / "tasks.json").is_file():
+        files = write_task_rows(tasks[name], data.rows[name], run_dir / "baseline" / name / "data")
+        single = single_task_recipe(recipe, name, budgets[name], run_dir, files)
+        if retrain or trained_recipe_changes(single) != []:      # no model, or one trained from other settings
             fit(single, progress=progress, overwrite=True)
         metrics, _, _ = evaluate_bundle(single.run_dir(), split, contract_from=run_dir)   # the same rows
         st[name] = by_task(metrics).get(name, {})
@@ -97,28 +141,20 @@ def run_baseline(recipe: Recipe, split: str = "test", retrain: bool = False, pro
     return result
 
 
-def train_sizes(recipe: Recipe, tasks: dict) -> dict[str, int]:
-    """Train features per task, as the multi-task run counted them for task sampling (an extractive QA
-    example has one feature per window of its context). `tasks`: the fitted tasks of the bundle."""
+def train_sizes(recipe: Recipe, tasks: dict):
+    """(the recipe's PreparedData, source -> train items as the multi-task run counted them for task sampling:
+    a task's features (an extractive QA example has one per window of its context), a joint group's rows).
+    `tasks`: the fitted tasks of the bundle."""
     from transformers import AutoTokenizer
 
-    from mtlm.data import prepare_rows
+    from mtlm.data import encode_rows, prepare_rows
     from mtlm.tasks import build_task
     data = prepare_rows(recipe, {n: build_task(n, t.cfg) for n, t in tasks.items()})
     tokenizer = AutoTokenizer.from_pretrained(find_bundle(recipe.run_dir()) / "backbone")
-    return {n: len(tasks[n].encode(s["train"].records, tokenizer, recipe.max_length)) for n, s in data.rows.items()}
-
-
-def _refuse_joint_groups(recipe: Recipe) -> None:
-    """Raises RecipeError (before any training) when the recipe has jointly-labelled tasks (`mtlm.joint`):
-    their single-task baselines are not supported yet."""
-    from mtlm.config import RecipeError
-    from mtlm.joint import find_groups
-    from mtlm.tasks import build_task
-    groups = find_groups(recipe, {n: build_task(n, cfg) for n, cfg in recipe.tasks.items()}, [])
-    if groups:
-        raise RecipeError([f"tasks {', '.join(names)}: they share one data block (joint group {g}); single-task "
-                           f"baselines of jointly-labelled tasks are not supported yet" for g, names in groups.items()])
+    train = {n: rows["train"] for n, rows in data.rows.items()}
+    features = {n: f["train"] for n, f in encode_rows(tasks, {n: {"train": r} for n, r in train.items()},
+                                                       tokenizer, recipe.max_length).items()}
+    return data, {s: len(source_dataset(src, features)) for s, src in data.sources.items()}
 
 
 def format_baseline(result: dict) -> str:

@@ -164,7 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("recipe")
     b.add_argument("overrides", nargs="*")
     b.add_argument("--split", choices=["dev", "test"], default="test")
-    b.add_argument("--retrain", action="store_true", help="retrain the multi-task run even if it exists")
+    b.add_argument("--retrain", action="store_true", help="retrain the runs even if they exist (an existing model is reused only when trained from "
+                                                  "the same recipe; a multi-task model from another recipe is an error)")
     b.set_defaults(func=cmd_baseline)
 
     s = sub.add_parser("quickstart", help="train MiniLM-L6 on real built-in tasks, evaluate, predict")

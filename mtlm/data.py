@@ -1,16 +1,32 @@
-"""Per-task data: read and check rows, make the missing splits, encode, and feed micro-batches.
+"""Training sources: read and check rows, make the missing splits, fit the tasks, encode and collate.
 
-`prepare_rows` reads every task's sources and reports all problems at once (RecipeError);
-`encode_rows` tokenizes; `TaskBatches` yields length-grouped index batches per task (resumable);
-`TaskSampler` decides which task each micro-batch serves; `collate` pads one micro-batch (dynamic padding).
+A *source* is a group of one or more tasks read from one data block; each row is labelled for some of them.
+A task alone is a source of one. Tasks of joinable types (`TaskType.joinable`) with the same data block
+(the same train source and the same dev/test/split/limit: a YAML anchor keeps them so), the same
+`on_bad_rows` and the same input columns form one source, named "<task>+<task>" in recipe order; each
+names its own label column. Tasks that share a file but differ in those settings stay separate sources (a
+note says so)::
+
+    tasks:
+      sentiment: {type: classification, data: &reviews {train: reviews.jsonl}, columns: {label: sentiment}}
+      source:    {type: classification, data: *reviews, columns: {label: source}}
+
+A source's rows are read, checked, de-duplicated and split once, so a row is in the same split for every
+task. A row is *unlabelled* for a task when every one of that task's label columns is missing (absent key,
+null, or an empty CSV cell); a row must be labelled for at least one task of its source (for a task alone:
+its label is required), else it is a bad row. Unlabelled rows are never imputed: a task's rows, fit and
+metrics use only its labelled rows (`PreparedData.rows`). Training batches are made by `mtlm.batches`.
+
+`prepare_rows` reports every problem of every task at once (RecipeError); `encode_rows` tokenizes; `collate`
+pads one task's micro-batch (dynamic padding).
 """
 
 from __future__ import annotations
 
-import math
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
-import numpy as np
 from torch import Tensor
 
 from mtlm.config import Recipe, RecipeError
@@ -20,28 +36,80 @@ from mtlm.tasks.base import pad_inputs
 
 SPLITS = ("train", "dev", "test")
 MAX_ROW_ERRORS = 10        # bad rows listed per file before "... and N more"
+INPUT_ROLES = ("text", "text_pair", "tokens", "question", "context", "choices")
+
+
+@dataclass
+class Source:
+    """One source's rows: `splits` (split -> Rows shared by its tasks) and, per task and split, the positions
+    of the rows that carry the task's label (`labelled[task][split]`)."""
+
+    name: str                                   # the task's name, or "<task>+<task>" for a joint group
+    tasks: list[str]
+    splits: dict[str, Rows]
+    labelled: dict[str, dict[str, list[int]]]
+
+    def task_rows(self, task: str) -> dict[str, Rows]:
+        """split -> the rows labelled for `task` (splits where it has none are left out)."""
+        return {split: rows.select(self.labelled[task][split]) for split, rows in self.splits.items()
+                if self.labelled[task][split]}
 
 
 @dataclass
 class PreparedData:
-    rows: dict[str, dict[str, Rows]]                            # task -> split -> rows (labelled rows only)
+    sources: dict[str, Source]                                  # source name -> rows, in recipe order
+    rows: dict[str, dict[str, Rows]] = field(default_factory=dict)   # task -> split -> its labelled rows
     notes: list[str] = field(default_factory=list)              # skipped-row counts, split sizes
-    groups: dict = field(default_factory=dict)                  # joint group -> mtlm.joint.JointRows
-
-    def sources(self) -> dict[str, list[str]]:
-        """What the sampler draws from: each task alone, except tasks in a joint group, which come together
-        as one source named after the group (in recipe order)."""
-        grouped = {t: g for g, joint in self.groups.items() for t in joint.tasks}
-        out: dict[str, list[str]] = {}
-        for name in self.rows:
-            if name not in grouped:
-                out[name] = [name]
-            elif grouped[name] not in out:
-                out[grouped[name]] = list(self.groups[grouped[name]].tasks)
-        return out
 
 
-INPUT_ROLES = ("text", "text_pair", "tokens", "question", "context", "choices")
+def label_columns(task) -> list[str]:
+    """The columns holding a task's targets: every role that is not an input role (INPUT_ROLES)."""
+    return [col for role, col in task.columns().items() if role not in INPUT_ROLES]
+
+
+def input_columns(task) -> dict[str, str]:
+    """role -> column of a task's inputs."""
+    return {role: col for role, col in task.columns().items() if role in INPUT_ROLES}
+
+
+def is_labelled(task, row: dict) -> bool:
+    """Whether `row` carries the task's label: some label column holds a value (not None)."""
+    return any(row.get(col) is not None for col in label_columns(task))
+
+
+def source_key(spec: str, base_dir: Path) -> str:
+    """What identifies a data source: builtin/hub names as written, file paths resolved."""
+    spec = spec.strip()
+    if spec.startswith("builtin:"):
+        return spec
+    path = Path(spec).expanduser()
+    return str((path if path.is_absolute() else Path(base_dir) / path).resolve())
+
+
+def find_sources(recipe: Recipe, tasks: dict, notes: list[str]) -> dict[str, list[str]]:
+    """{source name: [task names]} in recipe order (a group where its first task stands): tasks of joinable
+    types with the same train source, data block (dev, test, split, limit), on_bad_rows and input columns
+    form one source; every other task is a source of one."""
+    by_setup: dict[tuple, list[str]] = {}
+    shared: dict[str, set[tuple]] = {}
+    for name, task in tasks.items():
+        cfg = task.cfg
+        if not task.joinable:
+            by_setup[(name,)] = [name]
+            continue
+        train = source_key(cfg.data.train, recipe.base_dir)
+        setup = (train, json.dumps([cfg.data.model_dump(mode="json", exclude={"train"}), cfg.on_bad_rows,
+                                    sorted(input_columns(task).items())]))
+        by_setup.setdefault(setup, []).append(name)
+        shared.setdefault(train, set()).add(setup)
+    for train, setups in shared.items():
+        if len(setups) > 1:
+            names = [n for s in setups for n in by_setup[s]]
+            names.sort(key=list(tasks).index)
+            notes.append(f"tasks {', '.join(names)} read the same train data ({tasks[names[0]].cfg.data.train}) with "
+                         f"different data settings or input columns, so they are not all one joint group (joint "
+                         f"batches need identical data blocks, on_bad_rows and inputs)")
+    return {"+".join(names): names for names in by_setup.values()}
 
 
 def _row_key(task, row: dict) -> tuple:
@@ -51,39 +119,45 @@ def _row_key(task, row: dict) -> tuple:
                  for r in INPUT_ROLES if r in cols)
 
 
-def _class_role(task) -> str | None:
-    """The role holding a class label to stratify splits by: "label", unless the type says its label is
-    no class (multiple choice: the label is a choice index or text)."""
-    return getattr(task, "class_role", "label" if "label" in task.roles else None)
+def _strata(tasks: list, row: dict) -> tuple:
+    """What a row's split is stratified by: per task with a `class_role`, its class (None where unlabelled)."""
+    return tuple(None if row.get(t.columns()[t.class_role]) is None else str(row.get(t.columns()[t.class_role]))
+                 for t in tasks)
 
 
-def _strat_label(task, row: dict):
-    col = task.columns().get(_class_role(task) or "")
-    return str(row.get(col)) if col is not None else None
-
-
-def _check_rows(task, rows: Rows, prefix: str, problems: list[str], notes: list[str]) -> Rows | None:
-    """Columns present, then every row well formed. Returns the usable rows, or None on errors."""
-    cols = task.columns()
-    missing = [(role, c) for role, col in cols.items() for c in ([col] if isinstance(col, str) else col)
-               if c not in rows.columns and (task.roles[role] or role in task.cfg.columns)]
-    for role, col in missing:
-        problems.append(f"{prefix.rsplit('.data', 1)[0]}.columns.{role}: column '{col}' not in {rows.origin} "
-                        f"(columns: {', '.join(rows.columns)})")
+def _check_rows(source: str, tasks: dict, rows: Rows, problems: list[str], notes: list[str]) -> Rows | None:
+    """Columns present, then every row well formed: its inputs, and its labels for the tasks it is labelled
+    for; a row labelled for none of them reports every task's label problems ("missing label"). Returns the
+    usable rows, or None on errors (bad rows are left out with a note under on_bad_rows: skip)."""
+    missing = False
+    for name, task in tasks.items():
+        for role, col in task.columns().items():
+            for c in [col] if isinstance(col, str) else col:
+                if c not in rows.columns and (task.roles[role] or role in task.cfg.columns):
+                    problems.append(f"tasks.{name}.columns.{role}: column '{c}' not in {rows.origin} "
+                                    f"(columns: {', '.join(rows.columns)})")
+                    missing = True
     if missing:
         return None
     bad: list[tuple[int, list]] = []
     for i, record in enumerate(rows.records):
-        found = task.check_row(record)
+        labelled = [t for t in tasks.values() if is_labelled(t, record)]
+        found: list[tuple[str, str]] = []
+        for task in tasks.values():
+            here = task.check_row(record)
+            if labelled and task not in labelled:     # its inputs must be fine, its labels may be missing
+                targets = set(label_columns(task))
+                here = [(col, msg) for col, msg in here if col not in targets]
+            found += [p for p in here if p not in found]
         if found:
             bad.append((i, found))
     if not bad:
         return rows
-    if task.cfg.on_bad_rows == "skip":
-        notes.append(f"{task.name}: skipped {len(bad)} bad row(s) of {len(rows.records)} in {rows.origin}")
+    if next(iter(tasks.values())).cfg.on_bad_rows == "skip":
+        notes.append(f"{source}: skipped {len(bad)} bad row(s) of {len(rows.records)} in {rows.origin}")
         skip = {i for i, _ in bad}
         return rows.select([i for i in range(len(rows.records)) if i not in skip])
-    report_bad_rows(rows, bad, problems, f"or set tasks.{task.name}.on_bad_rows: skip")
+    report_bad_rows(rows, bad, problems, "or set " + ", ".join(f"tasks.{n}.on_bad_rows" for n in tasks) + ": skip")
     return None
 
 
@@ -97,21 +171,24 @@ def report_bad_rows(rows: Rows, bad: list[tuple[int, list[tuple[str, str]]]], pr
         problems.append(f"{rows.origin}: ... and {len(bad) - MAX_ROW_ERRORS} more bad rows ({hint})")
 
 
-def _keep_rare_classes_in_train(task, splits: dict[str, Rows], made: list[str]) -> None:
-    """Rows of a made dev/test split whose class has no train row go back to train (a class too rare to
-    split would otherwise fail "label not seen in train" on a split the user never wrote)."""
-    seen = {_strat_label(task, r) for r in splits["train"].records}
-    for split in made:
-        rows = splits[split]
-        back = [i for i, r in enumerate(rows.records) if _strat_label(task, r) not in seen]
-        if back:
-            skip = set(back)
-            moved = rows.select(back)
+def _keep_classes_in_train(tasks: dict, splits: dict[str, Rows], made: list[str]) -> None:
+    """Rows of a made dev/test split that a task cannot be scored on given its train rows (its
+    `check_eval_rows` rejects them: a class, label or tag no train row has) go back to train, so "not seen in
+    train" cannot fail on a split the user never wrote. Fits each task on its labelled train rows."""
+    for task in tasks.values():
+        for split in made:
             train = splits["train"]
-            splits["train"] = Rows(train.origin, train.columns, train.records + moved.records,
-                                   train.lines + moved.lines, train.line_kind)
-            splits[split] = rows.select([i for i in range(len(rows.records)) if i not in skip])
-            seen |= {_strat_label(task, r) for r in moved.records}
+            labelled = [r for r in train.records if is_labelled(task, r)]
+            if not labelled:                  # reported by prepare_source: no train row carries its label
+                break
+            task.fit(labelled)
+            rows = splits[split]
+            back = [i for i, r in enumerate(rows.records) if is_labelled(task, r) and task.check_eval_rows([r])]
+            if back:
+                skip, moved = set(back), rows.select(back)
+                splits["train"] = Rows(train.origin, train.columns, train.records + moved.records,
+                                       train.lines + moved.lines, train.line_kind)
+                splits[split] = rows.select([i for i in range(len(rows.records)) if i not in skip])
 
 
 def read_splits(recipe: Recipe, dcfg, prefix: str, problems: list[str], check, skip_bad: bool = False,
@@ -139,57 +216,73 @@ def read_splits(recipe: Recipe, dcfg, prefix: str, problems: list[str], check, s
     return splits
 
 
-def prepare_rows(recipe: Recipe, tasks: dict) -> PreparedData:
-    """Read, check, split and cap every task's rows, then fit each task (label maps) on its train rows.
+def prepare_source(recipe: Recipe, name: str, tasks: dict, problems: list[str], notes: list[str]) -> Source | None:
+    """Read, check, split and cap one source's rows, then fit each task on its labelled train rows.
 
-    Tasks with identical data blocks and inputs form a joint group (`mtlm.joint`): read and split once, rows
-    may lack some tasks' labels. Raises RecipeError listing every problem of every task (unreadable files, missing
-    columns, malformed rows with file/line/field, labels in dev/test unseen in train)."""
-    from mtlm.joint import find_groups, prepare_group
-
-    problems: list[str] = []
-    out = PreparedData(rows={})
-    seed = recipe.train.seed
-    groups = find_groups(recipe, tasks, out.notes)          # tasks that share one data block: joint batches
-    group_of = {t: g for g, names in groups.items() for t in names}
-    for name, task in tasks.items():
-        if name in group_of:         # a joint group is read once, where its first task stands
-            group = group_of[name]
-            if name == groups[group][0]:
-                joint = prepare_group(recipe, group, {n: tasks[n] for n in groups[group]}, problems, out.notes)
-                if joint is not None:
-                    out.groups[group] = joint
-                    out.rows.update({n: joint.task_rows(n) for n in groups[group]})
+    Made splits are de-duplicated by input and stratified by the tasks' classes (`_strata`). Appends problems
+    (unreadable files, missing columns, malformed rows, a task without any labelled train row, labels in
+    dev/test unseen in train); returns None when the source cannot be used."""
+    first = next(iter(tasks.values()))
+    dcfg, prefix = first.cfg.data, f"tasks.{first.name}.data"
+    splits = read_splits(recipe, dcfg, prefix, problems, lambda raw, where: _check_rows(name, tasks, raw, problems, notes),
+                         skip_bad=first.cfg.on_bad_rows == "skip", notes=notes)
+    if "train" not in splits:
+        return None
+    wanted = {s: f for s, f in dcfg.split.items() if getattr(dcfg, s) is None and f > 0}
+    if wanted:
+        classed = [t for t in tasks.values() if t.class_role]
+        splits.update(split_rows(splits["train"], key=lambda r: _row_key(first, r),
+                                 label=(lambda r: _strata(classed, r)) if classed else None,
+                                 fractions=wanted, seed=recipe.train.seed))
+        _keep_classes_in_train(tasks, splits, list(wanted))
+    for split, n in dcfg.limit.items():
+        if split in splits:
+            splits[split] = subsample(splits[split], n, recipe.train.seed)
+    if not splits["train"].records:
+        problems.append(f"{prefix}.train: no usable rows in {splits['train'].origin}")
+        return None
+    labelled = {t: {split: [i for i, r in enumerate(rows.records) if is_labelled(task, r)]
+                    for split, rows in splits.items()} for t, task in tasks.items()}
+    usable = True
+    for t, task in tasks.items():
+        train = [splits["train"].records[i] for i in labelled[t]["train"]]
+        if not train:
+            problems.append(f"tasks.{t}.data.train: no train row of {splits['train'].origin} carries a label "
+                            f"for {t} (columns {', '.join(label_columns(task))})")
+            usable = False
             continue
-        dcfg, prefix = task.cfg.data, f"tasks.{name}.data"
-        splits = read_splits(recipe, dcfg, prefix, problems,
-                             lambda raw, where: _check_rows(task, raw, where, problems, out.notes),
-                             skip_bad=task.cfg.on_bad_rows == "skip", notes=out.notes)
-        if "train" not in splits:
-            continue
-        wanted = {s: f for s, f in dcfg.split.items() if getattr(dcfg, s) is None and f > 0}
-        if wanted:
-            made = split_rows(splits["train"], key=lambda r, t=task: _row_key(t, r),
-                              label=(lambda r, t=task: _strat_label(t, r)) if _class_role(task) else None,
-                              fractions=wanted, seed=seed)
-            splits.update(made)
-            if _class_role(task):
-                _keep_rare_classes_in_train(task, splits, list(wanted))
-        for split, n in dcfg.limit.items():
-            if split in splits:
-                splits[split] = subsample(splits[split], n, seed)
-        if not splits["train"].records:
-            problems.append(f"{prefix}.train: no usable rows in {splits['train'].origin}")
-            continue
-        task.fit(splits["train"].records)
+        task.fit(train)
         for split in ("dev", "test"):
             if split in splits:
-                problems.extend(f"{prefix}.{split}: {p}" for p in task.check_eval_rows(splits[split].records))
-        out.rows[name] = splits
-        out.notes.append(f"{name}: " + ", ".join(f"{s} {len(r.records)}" for s, r in splits.items()))
+                rows = [splits[split].records[i] for i in labelled[t][split]]
+                problems.extend(f"tasks.{t}.data.{split}: {p}" for p in task.check_eval_rows(rows))
+    if not usable:
+        return None
+    note = f"{name}: " + ", ".join(f"{s} {len(r.records)}" for s, r in splits.items())
+    if len(tasks) > 1:
+        note += " rows (one backbone pass per row); labelled " + "; ".join(
+            f"{t}: " + ", ".join(f"{s} {len(ix)}" for s, ix in labelled[t].items()) for t in tasks)
+    notes.append(note)
+    return Source(name, list(tasks), splits, labelled)
+
+
+def prepare_rows(recipe: Recipe, tasks: dict) -> PreparedData:
+    """Group the tasks into sources (`find_sources`), then read, check, split and cap every source's rows and
+    fit each task (label maps) on its labelled train rows (`prepare_source`).
+
+    Returns PreparedData: `sources` (name -> Source) and `rows` (task -> split -> its labelled Rows), in
+    recipe order. Raises RecipeError listing every problem of every task (unreadable files, missing
+    columns, malformed rows with file/line/field, labels in dev/test unseen in train)."""
+    problems: list[str] = []
+    out = PreparedData(sources={})
+    for name, members in find_sources(recipe, tasks, out.notes).items():
+        source = prepare_source(recipe, name, {t: tasks[t] for t in members}, problems, out.notes)
+        if source is not None:
+            out.sources[name] = source
     if problems:
         raise RecipeError(problems)
-    out.rows = {n: out.rows[n] for n in tasks if n in out.rows}     # recipe order
+    rows = {t: source.task_rows(t) for source in out.sources.values() for t in source.tasks}
+    out.rows = {n: rows[n] for n in tasks if n in rows}     # recipe order
     return out
 
 
@@ -211,117 +304,3 @@ def length_sorted_batches(lengths: list[int], batch_size: int) -> list[list[int]
     """Index batches over examples sorted by length (longest first), for evaluation and inference."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-
-
-class TaskBatches:
-    """Endless, seeded, resumable stream of global index batches for one task's train split.
-
-    Each epoch is a permutation; with `group_by_length`, the permutation is cut into mega-batches of
-    50 global batches, each sorted by length, so a micro-batch holds similar lengths (less padding), as
-    the Hugging Face `LengthGroupedSampler` does. Batch order is shuffled again. A global batch holds
-    batch_size * world_size examples; process `rank` takes every world_size-th of them."""
-
-    MEGA = 50
-
-    def __init__(self, lengths: list[int], global_batch: int, seed: int, group_by_length: bool = True):
-        self.lengths, self.global_batch, self.seed = lengths, global_batch, seed
-        self.group_by_length = group_by_length
-        self.epoch, self.cursor = 0, 0
-        self._batches = self._epoch_batches(0)
-
-    def _epoch_batches(self, epoch: int) -> list[list[int]]:
-        rng = np.random.default_rng([self.seed, epoch])
-        perm = rng.permutation(len(self.lengths)).tolist()
-        if self.group_by_length:
-            mega = self.global_batch * self.MEGA
-            perm = [i for k in range(0, len(perm), mega)
-                    for i in sorted(perm[k:k + mega], key=lambda j: -self.lengths[j])]
-        batches = [perm[k:k + self.global_batch] for k in range(0, len(perm), self.global_batch)]
-        rng.shuffle(batches)
-        return batches
-
-    def next(self) -> list[int]:
-        if self.cursor >= len(self._batches):
-            self.epoch, self.cursor = self.epoch + 1, 0
-            self._batches = self._epoch_batches(self.epoch)
-        batch = self._batches[self.cursor]
-        self.cursor += 1
-        return batch
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "cursor": self.cursor}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
-        self._batches = self._epoch_batches(self.epoch)
-
-
-ANNEAL_END = 0.2     # annealed sampling's final exponent (Stickland & Murray 2019: alpha = 1 - 0.8 * progress)
-
-
-def task_probabilities(sizes: dict[str, int], mode: str, temperature: float, progress: float = 0.0
-                       ) -> dict[str, float]:
-    """Task sampling distribution: proportional p_i ∝ n_i; temperature p_i ∝ n_i^(1/T)
-    (Arivazhagan et al. 2019); round_robin (uniform in expectation, cycled in order); annealed
-    p_i ∝ n_i^alpha with alpha = 1 - (1 - ANNEAL_END) * progress, from proportional at the start of training
-    (progress 0) towards uniform at its end (progress 1) (Stickland & Murray 2019, "BERT and PALs", who
-    anneal per epoch; here per micro-batch). Raises ValueError for an unknown mode."""
-    if mode == "round_robin":
-        weights = {n: 1.0 for n in sizes}
-    elif mode == "temperature":
-        weights = {n: s ** (1.0 / temperature) for n, s in sizes.items()}
-    elif mode == "annealed":
-        alpha = 1.0 - (1.0 - ANNEAL_END) * min(max(progress, 0.0), 1.0)
-        weights = {n: float(s) ** alpha for n, s in sizes.items()}
-    elif mode == "proportional":
-        weights = {n: float(s) for n, s in sizes.items()}
-    else:
-        raise ValueError(f"unknown sampling mode {mode!r}")
-    total = sum(weights.values())
-    return {n: w / total for n, w in weights.items()}
-
-
-def mean_probabilities(sizes: dict[str, int], mode: str, temperature: float) -> dict[str, float]:
-    """Each source's share of the draws over a whole run (annealed: the mean over its schedule)."""
-    if mode != "annealed":
-        return task_probabilities(sizes, mode, temperature)
-    grid = [task_probabilities(sizes, mode, temperature, (i + 0.5) / 100) for i in range(100)]
-    return {n: sum(p[n] for p in grid) / len(grid) for n in sizes}
-
-
-class TaskSampler:
-    """Picks the source (task or joint group) of each micro-batch. Seeded; the same sequence on every
-    process; resumable. `total`: the number of draws in the run (annealed sampling's schedule length)."""
-
-    def __init__(self, sizes: dict[str, int], mode: str, temperature: float, seed: int,
-                 total: int | None = None):
-        self.names, self.mode, self.sizes, self.temperature = list(sizes), mode, dict(sizes), temperature
-        self.total = total
-        self.probs = task_probabilities(sizes, mode, temperature)
-        self._p = np.array([self.probs[n] for n in self.names])
-        self.rng = np.random.default_rng(seed)
-        self.count = 0
-
-    def next(self) -> str:
-        self.count += 1
-        if self.mode == "round_robin":
-            return self.names[(self.count - 1) % len(self.names)]
-        p = self._p
-        if self.mode == "annealed":     # without a known run length the schedule stays at its start
-            progress = (self.count - 1) / (self.total - 1) if self.total and self.total > 1 else 0.0
-            probs = task_probabilities(self.sizes, self.mode, self.temperature, progress)
-            p = np.array([probs[n] for n in self.names])
-        return self.names[int(self.rng.choice(len(self.names), p=p))]
-
-    def state_dict(self) -> dict:
-        return {"count": self.count, "rng": self.rng.bit_generator.state}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.count = int(state["count"])
-        self.rng.bit_generator.state = state["rng"]
-
-
-def steps_for_epochs(epochs: float, sizes: dict[str, int], global_batch: int) -> int:
-    """Optimizer steps that cover `epochs` passes over all tasks' train rows (one micro-batch per step
-    and process when grad_accum is 1)."""
-    return max(1, math.ceil(epochs * sum(sizes.values()) / global_batch))

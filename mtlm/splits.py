@@ -12,7 +12,8 @@ def split_rows(rows: Rows, *, key: Callable[[dict], Hashable], label: Callable[[
                fractions: dict[str, float], seed: int) -> dict[str, Rows]:
     """De-duplicate `rows` by `key`, then split them into "train" plus one part per `fractions` entry.
 
-    Duplicates keep their first occurrence; a key seen with different labels is dropped entirely.
+    Duplicates keep their first occurrence; a key seen with different labels is dropped entirely (see
+    `_dedup` for tuple labels, one entry per task).
     Each fraction is of the de-duplicated total; splits are stratified by `label` when every class
     has at least 2 members, else random; all seeded. Returns {"train": ..., **{name: ...}}, each in
     file order. Raises DataError when the fractions are invalid or there are too few rows.
@@ -44,14 +45,20 @@ def subsample(rows: Rows, n: int, seed: int) -> Rows:
 # ---------------------------------------------------------------- splitting helpers
 
 def _dedup(rows: Rows, key: Callable, label: Callable | None) -> list[int]:
+    """First occurrence of each key; keys seen with conflicting labels are left out. A tuple label holds one
+    entry per task (None: the row lacks that task's label); two tuples conflict where both have an entry and
+    the entries differ."""
     first: dict = {}
     seen_labels: dict = {}
     for i, rec in enumerate(rows.records):
         k = key(rec)
         first.setdefault(k, i)
         if label is not None:
-            seen_labels.setdefault(k, set()).add(label(rec))
-    return [i for k, i in first.items() if label is None or len(seen_labels[k]) == 1]
+            value = label(rec)
+            for pos, v in enumerate(value if isinstance(value, tuple) else (value,)):
+                if v is not None:
+                    seen_labels.setdefault(k, {}).setdefault(pos, set()).add(v)
+    return [i for k, i in first.items() if label is None or all(len(v) == 1 for v in seen_labels.get(k, {}).values())]
 
 
 def _split_off(pool: list[int], size: int, labels: list | None, seed: int) -> tuple[list[int], list[int]]:

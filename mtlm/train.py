@@ -27,10 +27,10 @@ from transformers import get_scheduler
 
 from mtlm.checkpoint import latest_checkpoint, save_bundle, save_checkpoint
 from mtlm.config import Recipe, RecipeError, recipe_changes
+from mtlm.batches import TaskSampler, masked_losses, steps_for_epochs, train_batches
 from mtlm.contract import write_contract
-from mtlm.data import TaskBatches, TaskSampler, encode_rows, prepare_rows, steps_for_epochs
+from mtlm.data import encode_rows, prepare_rows
 from mtlm.evaluate import evaluate
-from mtlm.joint import collate_source, join_features, masked_losses
 from mtlm.model import build_model, load_backbone
 from mtlm.tasks import build_task
 from mtlm.weighting import build_weighting, resolve_step_mode
@@ -150,20 +150,17 @@ def fit(recipe: Recipe, resume: bool = False, progress: bool = True, stop_after:
     backbone, tokenizer = load_backbone(recipe.backbone, dropout=cfg.dropout)
     features = encode_rows(tasks, data.rows, tokenizer, recipe.max_length)
     model = build_model(backbone, tasks, recipe.pooling, cfg.dropout)
-    train = {n: f["train"] for n, f in features.items()}
-    joint = {g: join_features(rows, train) for g, rows in data.groups.items()}
-    sources = data.sources()                       # source -> its tasks: a task alone, or a joint group
-
-    world, rank = accelerator.num_processes, accelerator.process_index
-    global_batch = cfg.batch_size * world
+    world = accelerator.num_processes
+    # source -> this process's micro-batches of it (a source: a task alone, or a joint group)
+    batches = train_batches(data, tasks, {n: f["train"] for n, f in features.items()}, cfg, world,
+                            accelerator.process_index, tokenizer.pad_token_id)
+    sources = list(batches)
     step_mode = resolve_step_mode(cfg)             # sampled | all_tasks
-    sizes = {s: len(joint[s].inputs) if s in joint else len(train[s]) for s in sources}   # train features
+    sizes = {s: len(b) for s, b in batches.items()}     # train items (features; a joint group's rows)
     rounds_per_step = len(sources) if step_mode == "all_tasks" else 1
-    max_steps = cfg.max_steps or steps_for_epochs(cfg.epochs, sizes, global_batch * cfg.grad_accum * rounds_per_step)
+    max_steps = cfg.max_steps or steps_for_epochs(cfg.epochs, sizes,
+                                                  cfg.batch_size * world * cfg.grad_accum * rounds_per_step)
     sampler = TaskSampler(sizes, cfg.sampling, cfg.temperature, cfg.seed, total=max_steps * cfg.grad_accum)
-    batches = {s: TaskBatches(joint[s].lengths() if s in joint else [f["length"] for f in train[s]], global_batch,
-                              seed=cfg.seed * 1000 + i, group_by_length=cfg.group_by_length)
-               for i, s in enumerate(sources)}
     weighting = build_weighting(cfg, {n: t.cfg.weight for n, t in tasks.items()}, model, accelerator.device)
 
     # fused AdamW: one kernel for all parameters (on CPU ~6x faster per step than the per-parameter loop);
@@ -200,9 +197,8 @@ def fit(recipe: Recipe, resume: bool = False, progress: bool = True, stop_after:
         if main:
             log.info("resumed from %s (step %d)", ckpt, state["step"])
 
-    def micro_batch(source: str, idx: list[int]) -> tuple[dict, dict]:
-        inputs, targets = collate_source(tasks, sources[source], joint.get(source), train, idx,
-                                         tokenizer.pad_token_id)
+    def micro_batch(source: str) -> tuple[dict, dict]:
+        inputs, targets = batches[source].next()       # this process's share of the source's next batch
         to = accelerator.device
         return ({k: v.to(to) for k, v in inputs.items()},
                 {t: (None if rows is None else rows.to(to), {k: v.to(to) for k, v in labels.items()})
@@ -227,8 +223,7 @@ def fit(recipe: Recipe, resume: bool = False, progress: bool = True, stop_after:
             with contextlib.nullcontext() if sync else accelerator.no_sync(model):
                 losses = {}
                 for source in round_sources:
-                    idx = batches[source].next()[rank::world]     # this process's share of the global batch
-                    inputs, targets = micro_batch(source, idx)
+                    inputs, targets = micro_batch(source)
                     tokens_seen += int(inputs["attention_mask"].sum())
                     logits = model(tasks=list(targets), **inputs)  # one backbone pass for the source's tasks
                     losses.update(masked_losses(tasks, logits, targets))   # mean over labelled rows per task

@@ -132,3 +132,25 @@ def make_recipe(tiny_backbone, toy_data, tmp_path):
         return write_recipe(tmp_path / f"{name}.yaml", recipe)
 
     return make
+
+
+# ---------------------------------------------------------------- pieces a test needs
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "requires(module=None, executable=None, hint=''): skip the test when the "
+                                       "Python module or the executable is missing; with CI=true, fail it instead")
+
+
+def pytest_runtest_setup(item):
+    """`@pytest.mark.requires(...)`: a missing piece skips the test on a developer's machine, but fails it in CI
+    (CI=true), where everything the tests need must be installed."""
+    import importlib.util
+    import shutil
+    for mark in item.iter_markers("requires"):
+        module, executable = mark.kwargs.get("module"), mark.kwargs.get("executable")
+        missing = (module and importlib.util.find_spec(module) is None) or (executable and shutil.which(executable) is None)
+        if missing:
+            why = f"{'module ' + module if module else 'executable ' + executable} missing: {mark.kwargs.get('hint', '')}"
+            if os.environ.get("CI") == "true":
+                pytest.fail(f"{why} (CI=true: a missing piece fails instead of skipping)", pytrace=False)
+            pytest.skip(why)

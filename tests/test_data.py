@@ -12,8 +12,9 @@ import torch
 
 from mtlm.config import RecipeError
 from mtlm.recipe import load_recipe, parse_recipe
-from mtlm.data import (MAX_ROW_ERRORS, TaskBatches, TaskSampler, collate, length_sorted_batches, mean_probabilities,
-                       prepare_rows, steps_for_epochs, task_probabilities)
+from mtlm.batches import (LengthGroupedBatchSampler, SourceBatches, TaskSampler, collate_source, mean_probabilities,
+                          source_dataset, steps_for_epochs, task_probabilities)
+from mtlm.data import MAX_ROW_ERRORS, collate, length_sorted_batches, prepare_rows
 from mtlm.tasks import build_task
 from mtlm.tasks.token_classification import IGNORE
 
@@ -295,17 +296,40 @@ def lengths_of(n: int, seed: int = 0) -> list[int]:
     return np.random.default_rng(seed).integers(3, 120, size=n).tolist()
 
 
+def take(sampler: LengthGroupedBatchSampler, n: int) -> list[list[int]]:
+    it = iter(sampler)
+    return [next(it) for _ in range(n)]
+
+
 @pytest.mark.parametrize("group", [True, False])
 def test_every_example_once_per_epoch(group):
     n, gb = 103, 8
-    tb = TaskBatches(lengths_of(n), gb, seed=3, group_by_length=group)
+    tb = LengthGroupedBatchSampler(lengths_of(n), gb, seed=3, group_by_length=group)
     per_epoch = -(-n // gb)
-    epochs = [[tb.next() for _ in range(per_epoch)] for _ in range(2)]
+    epochs = [take(tb, per_epoch) for _ in range(2)]
     for batches in epochs:
         assert sorted(i for b in batches for i in b) == list(range(n))
         assert all(len(b) == gb for b in batches if len(b) != n % gb)
     assert epochs[0] != epochs[1]                 # a new permutation each epoch
     assert tb.state_dict() == {"epoch": 1, "cursor": per_epoch}
+
+
+@pytest.mark.parametrize("n", [17, 16, 1, 103])
+def test_every_process_gets_rows_of_every_batch(n):
+    """2 processes, batch 8 each: a global batch of 16. With 17 items the epoch's last batch holds 1 item, fewer
+    than processes: the epoch is padded (DistributedSampler-style) so both processes get one row of it."""
+    lengths = lengths_of(n)
+    shards = [LengthGroupedBatchSampler(lengths, 8, seed=1, num_replicas=2, rank=r) for r in (0, 1)]
+    per_epoch = -(-(n + n % 2) // 16)
+    for _ in range(2):                                             # two epochs
+        got = [take(s, per_epoch) for s in shards]
+        assert [len(a) for a in got[0]] == [len(b) for b in got[1]]        # equal shares, never empty
+        assert all(len(a) >= 1 for a in got[0])
+        served = {i for rank in got for b in rank for i in b}
+        assert served == set(range(n))                                     # every item, once or (padding) twice
+        assert sum(len(b) for rank in got for b in rank) == n + n % 2
+    whole = LengthGroupedBatchSampler(lengths, 8, seed=1, num_replicas=2).global_batches(2)
+    assert [sorted(a + b) for a, b in zip(*[take(s, per_epoch) for s in shards])] == [sorted(b) for b in whole]
 
 
 def padding(lengths: list[int], batches: list[list[int]]) -> int:
@@ -315,28 +339,63 @@ def padding(lengths: list[int], batches: list[list[int]]) -> int:
 def test_length_grouping_reduces_padding():
     lengths, gb = lengths_of(2000, seed=1), 16
     n_batches = 2000 // gb
-    grouped = TaskBatches(lengths, gb, seed=0, group_by_length=True)
-    plain = TaskBatches(lengths, gb, seed=0, group_by_length=False)
-    pad_grouped = padding(lengths, [grouped.next() for _ in range(n_batches)])
-    pad_plain = padding(lengths, [plain.next() for _ in range(n_batches)])
+    grouped = LengthGroupedBatchSampler(lengths, gb, seed=0, group_by_length=True)
+    plain = LengthGroupedBatchSampler(lengths, gb, seed=0, group_by_length=False)
+    pad_grouped = padding(lengths, take(grouped, n_batches))
+    pad_plain = padding(lengths, take(plain, n_batches))
     assert pad_grouped < 0.2 * pad_plain
     # grouped batches still come in shuffled order, not longest-first
-    firsts = [max(lengths[i] for i in grouped.next()) for _ in range(20)]
+    firsts = [max(lengths[i] for i in b) for b in take(grouped, 20)]
     assert firsts != sorted(firsts, reverse=True)
 
 
-def test_task_batches_resume_exact_sequence():
+def test_batch_sampler_resumes_the_exact_sequence():
     lengths = lengths_of(50)
-    tb = TaskBatches(lengths, 8, seed=11)
-    for _ in range(9):                            # into the second epoch (7 batches per epoch)
-        tb.next()
+    tb = LengthGroupedBatchSampler(lengths, 8, seed=11)
+    take(tb, 9)                                   # into the second epoch (7 batches per epoch)
     state = json.loads(json.dumps(tb.state_dict()))
-    expected = [tb.next() for _ in range(20)]
-    resumed = TaskBatches(lengths, 8, seed=11)
+    expected = take(tb, 20)
+    resumed = LengthGroupedBatchSampler(lengths, 8, seed=11)
     resumed.load_state_dict(state)
-    assert [resumed.next() for _ in range(20)] == expected
-    fresh = TaskBatches(lengths, 8, seed=11)
-    assert [fresh.next() for _ in range(20)] != expected
+    assert take(resumed, 20) == expected
+    fresh = LengthGroupedBatchSampler(lengths, 8, seed=11)
+    assert take(fresh, 20) != expected
+
+
+def test_source_batches_come_from_a_dataloader_and_resume(toy_data, tiny_backbone):
+    """A task alone through the DataLoader: padded inputs, every row labelled (rows None), the labels of the
+    sampler's rows; a resumed loader continues with the same micro-batches."""
+    from transformers import AutoTokenizer
+
+    from mtlm.data import encode_rows
+    data = prepare({"s": {"type": "classification", "data": {"train": str(toy_data / "sentiment.csv")}}}, Path("."))
+    task = build_task("s", parse_recipe({"name": "t", "tasks": {"s": cls("x.csv")}}, Path(".")).tasks["s"])
+    task.fit(data.rows["s"]["train"].records)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_backbone)
+    feats = encode_rows({"s": task}, data.rows, tokenizer, 32)["s"]["train"]
+    dataset = source_dataset(data.sources["s"], {"s": feats})
+    assert len(dataset) == len(feats)
+
+    def make():
+        return SourceBatches(dataset, {"s": task}, 8, seed=4, group_by_length=True, num_replicas=1, rank=0,
+                             pad_token_id=tokenizer.pad_token_id)
+    first = make()
+    sampler_view = LengthGroupedBatchSampler(dataset.lengths(), 8, seed=4)
+    idx = take(sampler_view, 3)
+    for k in range(3):
+        inputs, targets = first.next()
+        assert set(targets) == {"s"} and targets["s"][0] is None
+        want = collate(task, [feats[i] for i in idx[k]], tokenizer.pad_token_id)
+        assert torch.equal(inputs["input_ids"], want["input_ids"])
+        assert torch.equal(targets["s"][1]["labels"], want["labels"])
+    state = json.loads(json.dumps(first.state_dict()))
+    resumed = make()
+    resumed.load_state_dict(state)
+    for _ in range(4):
+        a, b = first.next(), resumed.next()
+        assert torch.equal(a[0]["input_ids"], b[0]["input_ids"])
+    with pytest.raises(ValueError, match="empty micro-batch"):
+        collate_source({"s": task}, [], tokenizer.pad_token_id)
 
 
 def test_length_sorted_batches_and_steps_for_epochs():
@@ -392,3 +451,37 @@ def test_rare_class_of_a_made_split_stays_in_train(tmp_path):
     assert "c" in tasks["s"].labels
     assert all(r["label"] != "c" for r in data["dev"].records)
     assert len(data["train"].records) + len(data["dev"].records) == 41
+
+
+@pytest.mark.parametrize("kind", ["multilabel", "token_classification"])
+def test_rare_labels_and_tags_of_a_made_split_stay_in_train(tmp_path, kind):
+    """Six rows each with a label (multilabel) or tag (tagging) no other row has: a made dev split of half the
+    rows would take some of them ("not seen in train"); they all go back to train instead."""
+    def row(i: int, rare: str | None) -> dict:
+        if kind == "multilabel":
+            return {"text": f"text number {i}", "labels": ["a"] + ([rare] if rare else [])}
+        return {"tokens": ["word", f"w{i}"], "tags": ["O", f"B-{rare}" if rare else "O"]}
+    rows = [row(i, None) for i in range(40)] + [row(40 + k, f"RARE{k}") for k in range(6)]
+    jsonl(tmp_path / "d.jsonl", rows)
+    recipe = parse_recipe({"name": "r", "tasks": {"t": {"type": kind, "data": {"train": "d.jsonl",
+                                                                              "split": {"dev": 0.5}}}}}, tmp_path)
+    tasks = {"t": build_task("t", recipe.tasks["t"])}
+    data = prepare_rows(recipe, tasks).rows["t"]
+    assert {f"RARE{k}" for k in range(6)} <= {label.removeprefix("B-") for label in tasks["t"].labels}
+    assert len(data["train"].records) + len(data["dev"].records) == 46
+    assert all("RARE" not in json.dumps(r) for r in data["dev"].records)
+
+
+def test_task_types_declare_what_the_data_path_asks():
+    """Every task type declares the TaskType class attributes (no getattr defaults in mtlm.data): a class
+    role to stratify splits by only where a row has one class, and joinability only where a data row is one
+    backbone row with one feature."""
+    from mtlm.tasks import TASK_TYPES
+    from mtlm.tasks.base import TaskType
+    declared = [n for n, a in TaskType.__annotations__.items() if str(a).startswith("ClassVar")]
+    assert {"class_role", "joinable"} <= set(declared)
+    for name, cls in TASK_TYPES.items():
+        assert all(hasattr(cls, n) for n in declared), name
+    assert {n: (c.class_role, c.joinable) for n, c in TASK_TYPES.items()} == {
+        "classification": ("label", True), "multilabel": (None, True), "regression": (None, True),
+        "token_classification": (None, True), "extractive_qa": (None, False), "multiple_choice": (None, False)}

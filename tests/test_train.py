@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -75,7 +74,7 @@ def test_early_stopping(make_recipe):
     assert m["step"] == 6 and m["best_step"] == 2
 
 
-@pytest.mark.skipif(shutil.which("accelerate") is None, reason="accelerate CLI not installed")
+@pytest.mark.requires(executable="accelerate", hint="pip install accelerate")
 def test_two_processes_match_one(make_recipe, tmp_path):
     """`accelerate launch --multi_gpu --num_processes 2` on CPU (gloo): batch b per process equals one
     process with batch 2b (same global batches), so the trained weights agree closely."""
@@ -99,6 +98,32 @@ def test_two_processes_match_one(make_recipe, tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-4, msg=k)
     m1 = json.loads((run_one / "metrics.json").read_text())
     assert m1["eval"][-1]["mean"] == pytest.approx(m2["eval"][-1]["mean"], abs=0.02)
+
+
+@pytest.mark.requires(executable="accelerate", hint="pip install accelerate")
+def test_two_processes_with_a_last_batch_shorter_than_the_process_count(tmp_path, tiny_backbone):
+    """17 train rows, batch 8 per process, 2 processes: an epoch is one global batch of 16 rows and one of 1
+    row. Every process must get rows of that last batch (it takes a padded share, as torch's DistributedSampler
+    pads an epoch), else one process has an empty micro-batch while the other waits in the all-reduce."""
+    from conftest import write_recipe
+    rows = [{"text": f"{'good fun' if i % 2 else 'bad boring'} film {i}", "label": "pos" if i % 2 else "neg"}
+            for i in range(21)]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:17]))
+    (tmp_path / "dev.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[17:]))
+    path = write_recipe(tmp_path / "short.yaml", {
+        "name": "short", "backbone": tiny_backbone, "max_length": 16, "output_dir": str(tmp_path / "runs" / "short"),
+        "tasks": {"s": {"type": "classification",
+                        "data": {"train": str(tmp_path / "train.jsonl"), "dev": str(tmp_path / "dev.jsonl"),
+                                 "split": {}}}},
+        "train": {"batch_size": 8, "max_steps": 4, "eval_every": 4, "lr": 1e-3, "warmup_ratio": 0.0}})
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                           "--mixed_precision", "no", "--dynamo_backend", "no",
+                           "-m", "mtlm.cli", "train", str(path), "--no-progress"],
+                          env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    m = json.loads((tmp_path / "runs" / "short" / "metrics.json").read_text())
+    assert m["step"] == 4                       # two epochs: both short last batches were trained on
 
 
 def test_resume_with_a_changed_recipe(make_recipe, caplog):

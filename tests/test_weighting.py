@@ -9,7 +9,6 @@ import copy
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 
@@ -306,7 +305,7 @@ def test_cagrad_trains(make_recipe):
     assert math.isfinite(log["eval"][-1]["mean"])
 
 
-@pytest.mark.skipif(shutil.which("accelerate") is None, reason="accelerate CLI not installed")
+@pytest.mark.requires(executable="accelerate", hint="pip install accelerate")
 def test_pcgrad_two_processes_match_one(make_recipe, tmp_path):
     """PCGrad under `accelerate launch --multi_gpu --num_processes 2` (CPU, gloo), with accumulation:
     per-task gradients are all-reduced before projecting, so 2 x batch 8 gives the update of 1 x batch 16."""

@@ -48,6 +48,12 @@ class TaskType(Protocol):
     default_columns: ClassVar[dict[str, str]]  # role -> default column name
     metric_names: ClassVar[tuple[str, ...]]    # metrics this type reports; the first is the default selection
     head_input: ClassVar[str]                  # "pooled" (batch, hidden) or "tokens" (batch, seq_len, hidden)
+    # the role holding a row's one class: splits made from train are stratified by it (mtlm.data); None when
+    # the type has no classes or several per row
+    class_role: ClassVar[str | None]
+    # whether tasks of this type can share a micro-batch with other tasks labelled on the same rows (a joint
+    # group, mtlm.data): one backbone row and one feature per data row
+    joinable: ClassVar[bool]
 
     name: str
     cfg: TaskConfig

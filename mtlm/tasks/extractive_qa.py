@@ -218,6 +218,8 @@ class ExtractiveQA(NothingToFit):
     metric_names: ClassVar[tuple[str, ...]] = ("f1", "exact_match", "has_ans_f1", "has_ans_exact_match",
                                                "no_ans_exact_match")
     head_input: ClassVar[str] = "tokens"
+    class_role: ClassVar[str | None] = None
+    joinable: ClassVar[bool] = False            # several windows (backbone rows) per data row
 
     def __init__(self, name: str, cfg):
         self.name, self.cfg = name, cfg

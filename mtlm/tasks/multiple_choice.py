@@ -56,6 +56,7 @@ class MultipleChoice(NothingToFit):
     default_columns: ClassVar[dict[str, str]] = {"context": "context", "choices": "choices", "label": "label"}
     list_roles: ClassVar[tuple[str, ...]] = ("choices",)   # roles that may name several columns
     class_role: ClassVar[None] = None                       # the label is a choice, not a class to stratify by
+    joinable: ClassVar[bool] = False                        # one backbone row per choice
     metric_names: ClassVar[tuple[str, ...]] = ("accuracy", "mrr", "recall_at_2")
     head_input: ClassVar[str] = "pooled"
 

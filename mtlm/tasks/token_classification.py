@@ -79,6 +79,8 @@ class TokenClassification:
     default_columns: ClassVar[dict[str, str]] = {"tokens": "tokens", "tags": "tags"}
     metric_names: ClassVar[tuple[str, ...]] = ("f1", "precision", "recall")
     head_input: ClassVar[str] = "tokens"
+    class_role: ClassVar[str | None] = None     # a tag per word: splits are not stratified
+    joinable: ClassVar[bool] = True
 
     labels: list[str]
 
