@@ -14,9 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-import mtlm
-from conftest import write_recipe
-from servers import running_server
+from servers import fit_bundle, running_server
 from test_multiple_choice import mc_row
 from test_qa import qa_row
 
@@ -30,18 +28,11 @@ fail-on = true
 """
 
 
-def _fit(d: Path, tiny_backbone: str, tasks: dict) -> Path:
-    recipe = {"name": d.name, "backbone": tiny_backbone, "max_length": 32, "output_dir": str(d / "run"),
-              "tasks": tasks,
-              "train": {"batch_size": 8, "max_steps": 2, "eval_every": 2, "lr": 1e-3, "warmup_ratio": 0.0}}
-    return Path(mtlm.fit(mtlm.load_recipe(write_recipe(d / "recipe.yaml", recipe)), progress=False)) / "model"
-
-
 @pytest.fixture(scope="module")
 def text_bundle(tiny_backbone, toy_data, tmp_path_factory) -> Path:
     """Single-text and pair tasks: classification, pair classification, tagging, regression."""
     data = lambda name: {"train": str(toy_data / name)}  # noqa: E731
-    return _fit(tmp_path_factory.mktemp("text"), tiny_backbone, {
+    return fit_bundle(tmp_path_factory.mktemp("text"), tiny_backbone, {
         "sentiment": {"type": "classification", "data": data("sentiment.csv")},
         "paraphrase": {"type": "classification", "data": data("pairs.jsonl"),
                        "columns": {"text": "text_a", "text_pair": "text_b"}},
@@ -56,7 +47,7 @@ def qa_mc_bundle(tiny_backbone, toy_data, tmp_path_factory) -> Path:
     rng = random.Random(0)
     (d / "squad.jsonl").write_text("".join(json.dumps(qa_row(rng, rng.randint(10, 40))) + "\n" for _ in range(40)))
     (d / "mc.jsonl").write_text("".join(json.dumps(mc_row(rng, rng.randint(2, 4))) + "\n" for _ in range(40)))
-    return _fit(d, tiny_backbone, {
+    return fit_bundle(d, tiny_backbone, {
         "qa": {"type": "extractive_qa", "data": {"train": str(d / "squad.jsonl")}, "doc_stride": 8},
         "reply": {"type": "multiple_choice", "data": {"train": str(d / "mc.jsonl")}},
         "topic": {"type": "classification", "data": {"train": str(toy_data / "topic.jsonl")}}})
@@ -125,11 +116,12 @@ def test_schemathesis_finds_nothing(which, request, tmp_path):
     # the coverage phase sends max_inputs_per_request inputs with the smallest timeout_ms: a deadline the
     # server may miss on a busy 2-core machine (504, a server-error class answer), so the floor is high here
     args = ["--min-timeout-ms", "10000", *(["--api-key", key] if key else [])]
-    with running_server(bundle, tmp_path, *args) as base:
+    auth = {"Authorization": f"Bearer {key}"} if key else {}
+    with running_server(bundle, tmp_path, *args, headers=auth) as base:
         with httpx.Client(base_url=base) as client:   # the document describes the bundle, not any bundle
-            doc = client.get("/openapi.json", headers={"Authorization": f"Bearer {key}"} if key else {}).json()
+            doc = client.get("/openapi.json", headers=auth).json()
         assert "/v1/tasks/sentiment/predict" in doc["paths"] or "/v1/tasks/qa/predict" in doc["paths"]
-        out = _schemathesis(base, tmp_path, 40, {"Authorization": f"Bearer {key}"} if key else None)
+        out = _schemathesis(base, tmp_path, 40, auth)
     generated = re.search(r"(\d+) generated", out)
     assert generated and int(generated.group(1)) >= 300, out[-3000:]        # a few hundred cases, not none
     assert re.search(r"Tested: (\d+)", out).group(1) == str(len(doc["paths"])), out[-3000:]
