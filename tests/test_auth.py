@@ -56,6 +56,13 @@ def metric(text: str, name: str, **labels) -> float:
     return 0.0
 
 
+def test_cli_reports_a_bad_key_file_in_one_line(tmp_path, capsys):
+    from mtlm.cli import main
+    assert main(["serve", str(tmp_path), "--api-key-file", str(tmp_path / "gone.txt")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --api-key-file") and "gone.txt: cannot read" in err and "Traceback" not in err
+
+
 def test_keys_come_from_flags_file_and_environment(tmp_path):
     keys = tmp_path / "keys.txt"
     keys.write_text("# team keys\n\nfile-key-1\n   file-key-2  \nflag-key\n")

@@ -93,6 +93,31 @@ def test_document_carries_the_bundles_tasks_and_limits():
         assert example["inputs"]
 
 
+def test_a_deadline_under_the_minimum_is_refused_up_front(text_bundle):
+    """`timeout_ms: 1` (or 1e-323) used to get 504, a server error; now 422 naming the documented minimum."""
+    import asyncio
+
+    from mtlm.serve.app import create_app
+
+    async def main():
+        app = create_app(str(text_bundle), ServeSettings(min_timeout_ms=100))
+        async with app.router.lifespan_context(app):
+            await app.state.service.wait_ready(30)
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+                for timeout_ms in (1, 1e-323, 99.9):
+                    r = await client.post("/v1/predict", json={"inputs": ["a"], "timeout_ms": timeout_ms})
+                    assert r.status_code == 422 and "minimum of 100" in r.json()["detail"], r.text
+                r = await client.post("/v1/predict", json={"inputs": ["a"], "timeout_ms": 100})
+                assert r.status_code == 200, r.text
+                r = await client.post("/v1/predict", json={"inputs": ["a"], "timeout_ms": "100"})
+                assert r.status_code == 422                       # a number, as the document says
+                doc = (await client.get("/openapi.json")).json()
+                body = doc["paths"]["/v1/predict"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+                assert body["anyOf"][0]["properties"]["timeout_ms"]["anyOf"][0]["minimum"] == 100
+
+    asyncio.run(main())
+
+
 def _schemathesis(base: str, tmp_path: Path, max_examples: int, headers: dict | None = None) -> str:
     config = tmp_path / "schemathesis.toml"
     config.write_text(SCHEMATHESIS_CONFIG)

@@ -10,13 +10,17 @@ Routes (OpenAPI at /docs):
 Status codes: 413 body over max_body_bytes; 422 bad input (the reason in `detail`); 429 queue full (with
 Retry-After, seconds); 503 not ready or draining (Retry-After); 504 timeout_ms passed before the inputs
 ran; 500 a model failure. Every response carries X-Request-ID (the client's when it sent a sane one).
+With API keys (`mtlm.serve.auth`), every route but /health and /ready (and /metrics, /docs when opened)
+answers 401 without `Authorization: Bearer <key>`. /openapi.json describes the loaded bundle
+(`mtlm.serve.openapi`): what it calls valid is accepted, what it calls invalid gets a 4xx.
 
 Scaling out: `--workers N` runs N processes on one port, each with its own model (uvicorn's supervisor
 shares the socket; each worker gets cpu_count / N torch threads). Across machines, run one `mtlm serve`
 per machine and put any HTTP load balancer in front (nginx `upstream`, HAProxy, a cloud LB) with
 `/ready` as the health check: a draining server answers 503 there, so the balancer stops sending it
 traffic while it finishes what it accepted. A Ray Serve deployment would wrap `Service` (load, predict,
-stop) the same way `create_app` does.
+stop) the same way `create_app` does, or take the app `create_app` returns as its ingress (the API-key
+check is part of the app, so it comes along).
 """
 
 from __future__ import annotations

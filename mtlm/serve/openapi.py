@@ -14,7 +14,8 @@ adds what those models cannot say:
   an input must carry depends on the requested tasks, so `POST /v1/predict` takes one `anyOf` branch per
   set of field groups the tasks may span (2^groups - 1, at most 15, plus the branch without `tasks`), and
   `/v1/tasks/{task}/predict` is listed once per task (`/v1/tasks/sentiment/predict`, ...) with that
-  task's own input schema. Examples are made from the bundle's tasks.
+  task's own input schema; each task's result has its own schema (`result_schema`: label enums, offsets,
+  scores). Examples are made from the bundle's tasks.
 While the bundle loads, the document is the generic one (any task name) and is not cached.
 
 Not expressible, so documented in the descriptions instead: `max_body_bytes`, `max_queue_tokens` and
@@ -185,13 +186,48 @@ def _body(schema: dict) -> dict:
     return {"required": True, "content": {"application/json": {"schema": schema}}}
 
 
-def _predict_response(names: list[str]) -> dict:
+def _object(required: dict[str, dict], optional: dict[str, dict] | None = None) -> dict:
+    props = {**required, **(optional or {}), "truncated": {"type": "boolean", "description": "the input was cut"}}
+    return {"type": "object", "properties": props, "required": list(required), "additionalProperties": False}
+
+
+def result_schema(task: dict) -> dict:
+    """The schema of one task's result (`Predictor.predict`), from its `task_info()` entry (type, labels).
+    Raises KeyError for a task type this module does not know (a new type must add its schema here)."""
+    number, labels = {"type": "number"}, task.get("labels") or []
+    scores = _object({label: number for label in labels})
+    scores["properties"].pop("truncated")
+    kind = task["type"]
+    if kind == "classification":
+        return _object({"label": {"enum": labels}, "score": number, "scores": scores})
+    if kind == "multilabel":
+        return _object({"labels": {"type": "array", "items": {"enum": labels}}, "scores": scores})
+    if kind == "regression":
+        return _object({"value": number})
+    if kind == "token_classification":
+        entity = _object({"entity": {"type": "string"}, "text": {"type": "string"},
+                          "start": {"type": "integer", "minimum": 0}, "end": {"type": "integer", "minimum": 0},
+                          "score": number})
+        entity["properties"].pop("truncated")
+        return _object({"entities": {"type": "array", "items": entity}})
+    if kind == "extractive_qa":
+        offset = {"anyOf": [{"type": "integer", "minimum": 0}, {"type": "null"}]}
+        return _object({"answer": {"type": "string"}, "start": offset, "end": offset, "score": number,
+                        "no_answer": {"type": "boolean"}})
+    if kind == "multiple_choice":
+        return _object({"label": {"type": "string"}, "index": {"type": "integer", "minimum": 0}, "score": number,
+                        "scores": {"type": "array", "items": number, "minItems": 2}})
+    raise KeyError(f"no result schema for task type {kind!r}")
+
+
+def _predict_response(tasks: list[dict]) -> dict:
+    names = [t["name"] for t in tasks]
     return {"type": "object", "required": ["model", "request_id", "tasks", "predictions", "timing"],
             "properties": {"model": {"type": "string"}, "request_id": {"type": "string"},
                            "tasks": {"type": "array", "items": {"enum": names}},
                            "predictions": {"type": "array", "items": {
                                "type": "object", "additionalProperties": False,
-                               "properties": {n: {"type": "object"} for n in names}}},
+                               "properties": {t["name"]: result_schema(t) for t in tasks}}},
                            "timing": {"$ref": "#/components/schemas/Timing"}}}
 
 
@@ -206,10 +242,9 @@ def build_document(base: dict, settings: ServeSettings, api_keys: APIKeys | None
     doc = copy.deepcopy(base)
     paths = doc["paths"]
     if tasks is not None:
-        names = [t["name"] for t in tasks]
         op = paths["/v1/predict"]["post"]
         op["requestBody"] = _body(predict_request(tasks, settings))
-        _ok(op, _predict_response(names))
+        _ok(op, _predict_response(tasks))
         template = paths.pop("/v1/tasks/{task}/predict")["post"]
         for t in tasks:
             fields = frozenset(t["input_fields"])
@@ -218,7 +253,7 @@ def build_document(base: dict, settings: ServeSettings, api_keys: APIKeys | None
             op["operationId"] = f"predict_{t['name']}"
             op["summary"] = f"{t['name']} ({t['type']}; reads {', '.join(t['input_fields'])})"
             op["requestBody"] = _body(task_request(fields, settings))
-            _ok(op, _predict_response([t["name"]]))
+            _ok(op, _predict_response([t]))
             paths[f"/v1/tasks/{t['name']}/predict"] = {"post": op}
     for path, ops in paths.items():
         for method, op in ops.items():
