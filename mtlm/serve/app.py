@@ -46,7 +46,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
-from mtlm.serve.auth import ENV_AUTH, APIKeys, www_authenticate
+from mtlm.serve.auth import ENV_AUTH, APIKeys, access_from_args, www_authenticate
 from mtlm.serve.batcher import QueueFull, Stopped, TooLarge
 from mtlm.serve.openapi import install_openapi
 from mtlm.serve.schemas import (ErrorResponse, PredictRequest, PredictResponse, ServeSettings,
@@ -363,11 +363,8 @@ def serve(args) -> None:
 
     from mtlm.checkpoint import find_bundle
 
-    from mtlm.serve.auth import check_tls, is_loopback, read_keys
-
-    keys = read_keys(getattr(args, "api_keys", None), getattr(args, "api_key_file", None))
+    api_keys = access_from_args(args)        # a bad key file or TLS file fails before the model loads
     certfile, keyfile = getattr(args, "ssl_certfile", None), getattr(args, "ssl_keyfile", None)
-    check_tls(certfile, keyfile)
     bundle = find_bundle(args.run).resolve()
     workers = max(1, int(args.workers))
     settings = ServeSettings(**{name: getattr(args, f"setting_{name}") for name in ServeSettings.model_fields
@@ -379,17 +376,8 @@ def serve(args) -> None:
             metrics_dir = os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="mtlm-prometheus-")
     os.environ[ENV_BUNDLE], os.environ[ENV_SETTINGS] = str(bundle), settings.model_dump_json()
     os.environ.pop(ENV_AUTH, None)
-    if keys:       # only digests reach the workers' environment
-        api_keys = APIKeys.from_keys(keys, bool(getattr(args, "open_metrics", False)),
-                                     bool(getattr(args, "open_docs", False)))
+    if api_keys is not None:       # only digests reach the workers' environment
         os.environ[ENV_AUTH] = api_keys.to_env()
-        log.info("API keys: %d; /v1/* needs 'Authorization: Bearer <key>'; /metrics %s, /docs %s; /health, "
-                 "/ready open", len(keys), "open" if api_keys.open_metrics else "needs a key",
-                 "open" if api_keys.open_docs else "needs a key")
-    elif not is_loopback(args.host):
-        log.warning("listening on %s without API keys: anyone who can reach port %d can use the model and read "
-                    "/metrics. Add keys with --api-key-file PATH (one key per line) or MTLM_API_KEYS=k1,k2 "
-                    "(or --api-key KEY, which shows in the process list)", args.host, args.port)
     scheme = "https" if certfile else "http"
     log.info("serving %s on %s://%s:%d with %d worker(s)", bundle, scheme, args.host, args.port, workers)
     # uvicorn re-raises the SIGTERM it drained on once it is done; exit 0 then, as after any clean stop

@@ -21,10 +21,13 @@ import hashlib
 import hmac
 import ipaddress
 import json
+import logging
 import os
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
+
+log = logging.getLogger("mtlm.serve")
 
 ENV_KEYS = "MTLM_API_KEYS"            # comma-separated keys (users set it)
 ENV_AUTH = "MTLM_SERVE_AUTH"          # key digests + open flags as JSON (set by serve() for its workers)
@@ -163,3 +166,24 @@ def check_tls(certfile: str | None, keyfile: str | None) -> None:
     except (ssl.SSLError, OSError) as e:
         raise AccessConfigError(f"--ssl-certfile {certfile}" + (f" / --ssl-keyfile {keyfile}" if keyfile else "")
                                 + f": cannot load the certificate and key ({e})") from None
+
+
+def access_from_args(args) -> APIKeys | None:
+    """`mtlm serve`'s access flags -> the APIKeys to enforce (None: no keys), after checking the TLS files.
+    Logs how many keys guard what (never a key), or warns when `args.host` is beyond loopback without
+    keys. args: host, port; optional api_keys, api_key_file, open_metrics, open_docs, ssl_certfile,
+    ssl_keyfile (argparse). Raises AccessConfigError (`read_keys`, `check_tls`)."""
+    keys = read_keys(getattr(args, "api_keys", None), getattr(args, "api_key_file", None))
+    check_tls(getattr(args, "ssl_certfile", None), getattr(args, "ssl_keyfile", None))
+    if not keys:
+        if not is_loopback(args.host):
+            log.warning("listening on %s without API keys: anyone who can reach port %d can use the model and "
+                        "read /metrics. Add keys with --api-key-file PATH (one key per line) or "
+                        "MTLM_API_KEYS=k1,k2 (or --api-key KEY, which shows in the process list)", args.host, args.port)
+        return None
+    api_keys = APIKeys.from_keys(keys, bool(getattr(args, "open_metrics", False)),
+                                 bool(getattr(args, "open_docs", False)))
+    log.info("API keys: %d; /v1/* needs 'Authorization: Bearer <key>'; /metrics %s, /docs %s; /health, /ready "
+             "open", len(keys), "open" if api_keys.open_metrics else "needs a key",
+             "open" if api_keys.open_docs else "needs a key")
+    return api_keys

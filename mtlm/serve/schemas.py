@@ -78,7 +78,8 @@ class PredictRequest(BaseModel):
 
     inputs: list[StrictStr | InputObject] = Field(min_length=1)
     tasks: list[StrictStr] | None = None
-    timeout_ms: float | None = Field(None, gt=0, strict=True)  # answer 504 when not computed within this many ms of arrival
+    # answer 504 when not computed within this many ms of arrival (at least ServeSettings.min_timeout_ms)
+    timeout_ms: float | None = Field(None, gt=0, strict=True)
 
 
 class TaskPredictRequest(BaseModel):
