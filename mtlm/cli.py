@@ -20,8 +20,10 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from mtlm.model import BackboneError
     from mtlm.predict import InputError
     from mtlm.sources import DataError
+    from mtlm.serve.auth import AccessConfigError
     from pydantic import ValidationError         # a `mtlm serve` setting out of range
-    return RecipeError, DataError, BackboneError, BundleError, InputError, ValidationError, MissingPackage
+    return (RecipeError, DataError, BackboneError, BundleError, InputError, ValidationError, MissingPackage,
+            AccessConfigError)
 
 
 def cmd_train(args) -> None:
@@ -187,6 +189,15 @@ def build_parser() -> argparse.ArgumentParser:
         default = "" if info.default is None else f" (default: {info.default})"
         v.add_argument(f"--{name.replace('_', '-')}", type=kind, default=None, dest=f"setting_{name}",
                        metavar="MS" if name.endswith("_ms") else "N", help=f"{info.description}{default}")
+    a = v.add_argument_group("access", "who may call the server (README 'Serving')")
+    a.add_argument("--api-key", action="append", dest="api_keys", metavar="KEY",
+                   help="require 'Authorization: Bearer KEY' on /v1/* (repeatable; shows in the process list: "
+                        "prefer --api-key-file or MTLM_API_KEYS=k1,k2)")
+    a.add_argument("--api-key-file", metavar="PATH", help="API keys, one per line ('#' comments)")
+    a.add_argument("--open-metrics", action="store_true", help="with keys: /metrics needs none")
+    a.add_argument("--open-docs", action="store_true", help="with keys: /docs and /openapi.json need none")
+    a.add_argument("--ssl-certfile", metavar="PEM", help="serve HTTPS with this certificate (chain)")
+    a.add_argument("--ssl-keyfile", metavar="PEM", help="the certificate's private key")
     v.set_defaults(func=cmd_serve)
     return p
 

@@ -7,7 +7,7 @@ micro-batches) -> runner.py (tokenizer and model threads); schemas.py (API model
 from __future__ import annotations
 
 
-def create_app(source, settings=None, handle_signals: bool = False):
+def create_app(source, settings=None, handle_signals: bool = False, api_keys=None):
     """The FastAPI app for a bundle path (see `mtlm.serve.app.create_app`)."""
     from mtlm.serve.app import create_app as _create_app
-    return _create_app(source, settings, handle_signals)
+    return _create_app(source, settings, handle_signals, api_keys)

@@ -10,13 +10,17 @@ Routes (OpenAPI at /docs):
 Status codes: 413 body over max_body_bytes; 422 bad input (the reason in `detail`); 429 queue full (with
 Retry-After, seconds); 503 not ready or draining (Retry-After); 504 timeout_ms passed before the inputs
 ran; 500 a model failure. Every response carries X-Request-ID (the client's when it sent a sane one).
+With API keys (`mtlm.serve.auth`), every route but /health and /ready (and /metrics, /docs when opened)
+answers 401 without `Authorization: Bearer <key>`. /openapi.json describes the loaded bundle
+(`mtlm.serve.openapi`): what it calls valid is accepted, what it calls invalid gets a 4xx.
 
 Scaling out: `--workers N` runs N processes on one port, each with its own model (uvicorn's supervisor
 shares the socket; each worker gets cpu_count / N torch threads). Across machines, run one `mtlm serve`
 per machine and put any HTTP load balancer in front (nginx `upstream`, HAProxy, a cloud LB) with
 `/ready` as the health check: a draining server answers 503 there, so the balancer stops sending it
 traffic while it finishes what it accepted. A Ray Serve deployment would wrap `Service` (load, predict,
-stop) the same way `create_app` does.
+stop) the same way `create_app` does, or take the app `create_app` returns as its ingress (the API-key
+check is part of the app, so it comes along).
 """
 
 from __future__ import annotations
@@ -43,7 +47,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from mtlm.serve.auth import ENV_AUTH, APIKeys, access_from_args, www_authenticate
 from mtlm.serve.batcher import QueueFull, Stopped, TooLarge
+from mtlm.serve.openapi import install_openapi
 from mtlm.serve.schemas import (ErrorResponse, PredictRequest, PredictResponse, ServeSettings,
                                 TaskPredictRequest, TasksResponse)
 
@@ -58,6 +64,9 @@ ENV_SETTINGS = "MTLM_SERVE_SETTINGS"   # ServeSettings as JSON
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 _ERRORS = {s: {"model": ErrorResponse} for s in (413, 422, 429, 503, 504)}
 _TASK_ERRORS = {**_ERRORS, 404: {"model": ErrorResponse}}
+UNAUTHORIZED = {"missing": "this endpoint needs an API key: send 'Authorization: Bearer <key>'",
+                "malformed": "send the API key as 'Authorization: Bearer <key>'",
+                "invalid": "the API key is not valid"}
 
 
 def _printable(value):
@@ -86,11 +95,14 @@ class RequestMiddleware:
 
     `shed(scope, body, request_id)` may return a response to send instead of routing (the overload 429:
     under overload most requests are rejected, so rejecting must cost far less than routing + validation).
-    `on_reject(status)` is told about the 413s."""
+    `on_reject(status)` is told about the 413s. `guard(scope, headers, request_id)` may return a response
+    (the API keys' 401) before the body is read."""
 
     def __init__(self, app, max_body_bytes: int, on_reject: Callable[[int], None] | None = None,
-                 shed: Callable[[dict, bytes, str], Response | None] | None = None):
+                 shed: Callable[[dict, bytes, str], Response | None] | None = None,
+                 guard: Callable[[dict, dict, str], Response | None] | None = None):
         self.app, self.max_body_bytes, self.on_reject, self.shed = app, max_body_bytes, on_reject, shed
+        self.guard = guard
         self._prefix, self._count = uuid.uuid4().hex[:16], itertools.count()   # no syscall per request
 
     async def __call__(self, scope, receive, send):
@@ -109,6 +121,9 @@ class RequestMiddleware:
                 message["headers"] = [*message.get("headers", []), rid_header]
             await send(message)
 
+        refused = self.guard(scope, headers, rid) if self.guard else None
+        if refused is not None:
+            return await refused(scope, receive, send_with_id)
         length = headers.get(b"content-length")
         too_large = length is not None and (not length.isdigit() or int(length) > self.max_body_bytes)
         chunks, size, more = [], 0, not too_large
@@ -195,8 +210,12 @@ def _chain_signal_handlers(service: Service) -> None:
 
 
 def create_app(source: str | Path | Callable[[], Predictor], settings: ServeSettings | None = None,
-               handle_signals: bool = False) -> FastAPI:
+               handle_signals: bool = False, api_keys: APIKeys | None = None) -> FastAPI:
     """The FastAPI app serving one bundle (a path, or a callable returning a Predictor).
+
+    `api_keys`: when given, every request but /health, /ready (and /metrics, docs when opened) needs
+    `Authorization: Bearer <key>`, else 401 (`mtlm.serve.auth`). The OpenAPI document describes the loaded
+    bundle (`mtlm.serve.openapi`).
 
     Its lifespan starts loading in the background and, on shutdown, drains accepted requests. Without a
     lifespan-running server (httpx's ASGITransport), run `async with app.router.lifespan_context(app):`."""
@@ -238,8 +257,18 @@ def create_app(source: str | Path | Callable[[], Predictor], settings: ServeSett
         return _error(429, f"queue full ({batcher.queued_inputs} inputs queued)", rid,
                       {"Retry-After": str(batcher.retry_after())})
 
+    def guard(scope: dict, headers: dict, rid: str) -> Response | None:
+        """401 for a request without a valid API key (the key itself is never logged nor echoed)."""
+        reason = api_keys.reject(scope["path"], headers.get(b"authorization"))
+        if reason is None:
+            return None
+        service.metrics.auth_rejected(reason)
+        return _error(401, UNAUTHORIZED[reason], rid, {"WWW-Authenticate": www_authenticate(reason)})
+
     app.add_middleware(RequestMiddleware, max_body_bytes=settings.max_body_bytes,
-                       on_reject=lambda status: service.metrics.request(None, status), shed=shed)
+                       on_reject=lambda status: service.metrics.request(None, status), shed=shed,
+                       guard=guard if api_keys else None)
+    install_openapi(app, service, settings, api_keys)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_body(request: Request, exc: RequestValidationError):
@@ -271,6 +300,8 @@ def create_app(source: str | Path | Callable[[], Predictor], settings: ServeSett
             timeout_ms = settings.default_timeout_ms if timeout_ms is None else timeout_ms
             if timeout_ms > settings.max_timeout_ms:
                 raise InputError(f"timeout_ms: {timeout_ms:g} is over the limit of {settings.max_timeout_ms:g}")
+            if timeout_ms < settings.min_timeout_ms:   # a deadline no request can meet: refuse it up front
+                raise InputError(f"timeout_ms: {timeout_ms:g} is under the minimum of {settings.min_timeout_ms:g}")
             items, plan = service.validate(inputs, tasks)
             names = plan.names
             predictions, timing = await service.predict(items, plan, timeout_ms / 1000.0, arrival)
@@ -346,23 +377,26 @@ _PRELOADED: dict[str, Predictor] = {}   # bundle path -> the Predictor serve() l
 
 
 def app_from_env() -> FastAPI:
-    """uvicorn factory for `serve()`'s worker processes: the bundle and settings come from the environment
-    (MTLM_SERVE_BUNDLE, MTLM_SERVE_SETTINGS as JSON). With one worker the app serves the Predictor that
-    `serve()` already loaded in this process."""
+    """uvicorn factory for `serve()`'s worker processes: the bundle, settings and API key digests come from
+    the environment (MTLM_SERVE_BUNDLE, MTLM_SERVE_SETTINGS as JSON, MTLM_SERVE_AUTH). With one worker the app
+    serves the Predictor that `serve()` already loaded in this process."""
     settings = ServeSettings.model_validate_json(os.environ.get(ENV_SETTINGS) or "{}")
     bundle = os.environ[ENV_BUNDLE]
     predictor = _PRELOADED.pop(bundle, None)
-    return create_app(bundle if predictor is None else (lambda: predictor), settings, handle_signals=True)
+    return create_app(bundle if predictor is None else (lambda: predictor), settings, handle_signals=True,
+                      api_keys=APIKeys.from_env(os.environ.get(ENV_AUTH)))
 
 
 def serve(args) -> None:
     """`mtlm serve`: run the app under uvicorn until SIGTERM/SIGINT, then drain and exit.
 
     args: run, host, port, workers and `setting_<name>` for each ServeSettings field (argparse; None = the
-    default). The bundle is loaded before the server listens, so one that cannot load (not a bundle,
-    heads that do not match tasks.json, ...) raises mtlm.checkpoint.BundleError here (`mtlm serve` exits
-    2 with the reason) instead of a server whose /ready stays 503. With --workers N each worker then
-    loads its own copy. Raises pydantic.ValidationError for a setting out of range."""
+    default); optional: api_keys (list), api_key_file, open_metrics, open_docs, ssl_certfile, ssl_keyfile,
+    verbose. The bundle is loaded before the server listens, so one that cannot load (not a bundle, heads
+    that do not match tasks.json, ...) raises mtlm.checkpoint.BundleError here (`mtlm serve` exits 2 with the
+    reason) instead of a server whose /ready stays 503; with --workers N each worker then loads its own copy.
+    Raises pydantic.ValidationError for a setting out of range, mtlm.serve.auth.AccessConfigError for a bad
+    key source or TLS file."""
     # OpenMP threads that spin-wait between ops steal the CPU the event loop and tokenizer need (measured
     # here: 6x the server CPU per request). Set before torch is first imported, i.e. before mtlm.checkpoint.
     if "torch" in sys.modules and "OMP_WAIT_POLICY" not in os.environ:
@@ -373,6 +407,8 @@ def serve(args) -> None:
     from mtlm.checkpoint import find_bundle
     from mtlm.predict import load
 
+    api_keys = access_from_args(args)        # a bad key file or TLS file fails before the model loads
+    certfile, keyfile = getattr(args, "ssl_certfile", None), getattr(args, "ssl_keyfile", None)
     bundle = find_bundle(args.run).resolve()
     workers = max(1, int(args.workers))
     settings = ServeSettings(**{name: getattr(args, f"setting_{name}") for name in ServeSettings.model_fields
@@ -387,12 +423,18 @@ def serve(args) -> None:
         if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):    # /metrics then sums every worker
             metrics_dir = os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="mtlm-prometheus-")
     os.environ[ENV_BUNDLE], os.environ[ENV_SETTINGS] = str(bundle), settings.model_dump_json()
-    log.info("serving %s on http://%s:%d with %d worker(s)", bundle, args.host, args.port, workers)
+    os.environ.pop(ENV_AUTH, None)
+    if api_keys is not None:       # only digests reach the workers' environment
+        os.environ[ENV_AUTH] = api_keys.to_env()
+    scheme = "https" if certfile else "http"
+    log.info("serving %s on %s://%s:%d with %d worker(s)", bundle, scheme, args.host, args.port, workers)
     # uvicorn re-raises the SIGTERM it drained on once it is done; exit 0 then, as after any clean stop
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     try:
+        verbose = bool(getattr(args, "verbose", False))
         uvicorn.run("mtlm.serve.app:app_from_env", factory=True, host=args.host, port=args.port,
-                    workers=workers, access_log=bool(getattr(args, "verbose", False)), log_level="info")
+                    workers=workers, access_log=verbose, log_level="debug" if verbose else "info",
+                    ssl_certfile=certfile, ssl_keyfile=keyfile)
     finally:
         signal.signal(signal.SIGTERM, previous)
         if metrics_dir:

@@ -43,6 +43,8 @@ class ServeMetrics:
                                       "(inputs x longest input)", buckets=_TOKEN_BUCKETS, registry=r)
         self.real_tokens = Counter("mtlm_batch_real_tokens", "Real (unpadded) tokens run", registry=r)
         self.padded_tokens = Counter("mtlm_batch_padded_tokens", "Padded tokens run", registry=r)
+        self.auth_rejected_total = Counter("mtlm_auth_rejected", "Requests refused with 401 for want of a valid API "
+                                           "key, by reason: missing, malformed, invalid", ["reason"], registry=r)
         self.ready = Gauge("mtlm_ready", "1 once loaded and warmed up, 0 while loading or draining",
                            registry=r, multiprocess_mode="min")
 
@@ -70,6 +72,10 @@ class ServeMetrics:
                 self.predictions.labels(task=task).inc(inputs)
         if seconds is not None:
             self.request_seconds.labels(status=str(status)).observe(seconds)
+
+    def auth_rejected(self, reason: str) -> None:
+        """Count one 401 (reason: one of mtlm.serve.auth.REASONS; never the key)."""
+        self.auth_rejected_total.labels(reason=reason).inc()
 
     def render(self) -> tuple[bytes, str]:
         """(exposition text, content type); all workers' values when PROMETHEUS_MULTIPROC_DIR is set."""

@@ -37,6 +37,8 @@ class ServeSettings(BaseModel):
                                 description="larger request bodies -> 413")
     default_timeout_ms: float = Field(30_000, gt=0,
                                       description="a request's timeout_ms when it gives none")
+    min_timeout_ms: float = Field(100, gt=0,
+                                  description="a smaller timeout_ms -> 422 (a deadline no request can meet)")
     max_timeout_ms: float = Field(600_000, gt=0,
                                   description="the largest timeout_ms a request may ask for")
     torch_threads: int | None = Field(None, gt=0,
@@ -76,7 +78,8 @@ class PredictRequest(BaseModel):
 
     inputs: list[StrictStr | InputObject] = Field(min_length=1)
     tasks: list[StrictStr] | None = None
-    timeout_ms: float | None = Field(None, gt=0)  # answer 504 when not computed within this many ms of arrival
+    # answer 504 when not computed within this many ms of arrival (at least ServeSettings.min_timeout_ms)
+    timeout_ms: float | None = Field(None, gt=0, strict=True)
 
 
 class TaskPredictRequest(BaseModel):
@@ -85,7 +88,7 @@ class TaskPredictRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     inputs: list[StrictStr | InputObject] = Field(min_length=1)
-    timeout_ms: float | None = Field(None, gt=0)
+    timeout_ms: float | None = Field(None, gt=0, strict=True)
 
 
 class Timing(BaseModel):
