@@ -48,6 +48,11 @@ class TaskType(Protocol):
     default_columns: ClassVar[dict[str, str]]  # role -> default column name
     metric_names: ClassVar[tuple[str, ...]]    # metrics this type reports; the first is the default selection
     head_input: ClassVar[str]                  # "pooled" (batch, hidden) or "tokens" (batch, seq_len, hidden)
+    lower_is_better: ClassVar[frozenset[str]]  # metrics where smaller is better (>= 0, 0 perfect); the others
+    #                                            lie in [-1, 1] or [0, 1] with 1 perfect (mtlm.selection relies on it)
+    outputs: ClassVar[str]  # what the logits are: categorical (softmax over the last dim), bernoulli (sigmoid
+    #                         per label), real, span (softmax over positions per start/end), choices (softmax
+    #                         over an example's choice rows); mtlm.adversarial compares outputs by it
 
     name: str
     cfg: TaskConfig

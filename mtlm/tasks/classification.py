@@ -19,6 +19,8 @@ class Classification(TextTask):
     roles: ClassVar[dict[str, bool]] = {"text": True, "text_pair": False, "label": True}
     default_columns: ClassVar[dict[str, str]] = {"text": "text", "label": "label"}
     metric_names: ClassVar[tuple[str, ...]] = ("accuracy", "macro_f1", "mcc")
+    lower_is_better: ClassVar[frozenset[str]] = frozenset()
+    outputs: ClassVar[str] = "categorical"
 
     labels: list[str]
 

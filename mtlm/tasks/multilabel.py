@@ -21,6 +21,8 @@ class MultiLabel(TextTask):
     roles: ClassVar[dict[str, bool]] = {"text": True, "text_pair": False, "labels": True}
     default_columns: ClassVar[dict[str, str]] = {"text": "text", "labels": "labels"}
     metric_names: ClassVar[tuple[str, ...]] = ("micro_f1", "macro_f1", "subset_accuracy")
+    lower_is_better: ClassVar[frozenset[str]] = frozenset()
+    outputs: ClassVar[str] = "bernoulli"
 
     labels: list[str]
     thresholds: list[float]

@@ -57,6 +57,8 @@ class MultipleChoice(NothingToFit):
     list_roles: ClassVar[tuple[str, ...]] = ("choices",)   # roles that may name several columns
     class_role: ClassVar[None] = None                       # the label is a choice, not a class to stratify by
     metric_names: ClassVar[tuple[str, ...]] = ("accuracy", "mrr", "recall_at_2")
+    lower_is_better: ClassVar[frozenset[str]] = frozenset()
+    outputs: ClassVar[str] = "choices"
     head_input: ClassVar[str] = "pooled"
 
     def __init__(self, name: str, cfg):

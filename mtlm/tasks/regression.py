@@ -36,6 +36,8 @@ class Regression(TextTask):
     roles: ClassVar[dict[str, bool]] = {"text": True, "text_pair": False, "score": True}
     default_columns: ClassVar[dict[str, str]] = {"text": "text", "score": "score"}
     metric_names: ClassVar[tuple[str, ...]] = ("pearson", "spearman", "mse")
+    lower_is_better: ClassVar[frozenset[str]] = frozenset({"mse"})
+    outputs: ClassVar[str] = "real"
 
     mean: float
     std: float
