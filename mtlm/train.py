@@ -395,9 +395,9 @@ def fit(recipe: Recipe, resume: bool = False, progress: bool = True, stop_after:
             cb.on_step_end(run, step, losses_now, weights)
 
         if step % cfg.eval_every == 0 or step == max_steps:
+            elapsed = time.perf_counter() - t0        # training time so far (earlier evaluations included)
             metrics = evaluate(run.unwrapped, run.tasks, run.dev, cfg.eval_batch_size, run.tokenizer.pad_token_id,
                                accelerator.device, autocast_dtype)
-            elapsed = time.perf_counter() - t0
             state["history"].append({"step": step, **metrics, "train_tokens_per_s": tokens_seen / elapsed,
                                      "train_s": elapsed})
             run.improved = False
