@@ -1,12 +1,15 @@
 """fit(): the multi-task training loop, on Accelerate (one process, or several via `accelerate launch`).
 
-Read top to bottom: prepare rows (all recipe/data errors before any model loads) -> load backbone ->
-encode -> build model + heads -> weighting -> AdamW + warmup/decay schedule -> loop over optimizer steps,
-each made of `grad_accum` rounds; a round is one micro-batch of the source the sampler picks (step_mode
-sampled) or one micro-batch of every source (step_mode all_tasks); a source is a task or a joint group
-(several tasks labelled on one file, one backbone pass) -> the weighting turns each round's per-task losses
-into gradients and updates itself once per step -> evaluate on dev every `eval_every` steps, keep the best
-bundle (mean selection metric), checkpoint for `--resume`, stop early when dev stops improving.
+`build` constructs a run (all recipe/data errors before any model loads): rows -> backbone -> encode ->
+batches and task sampler -> model + heads -> `model_fn` (LoRA, pruning masks, QAT) -> weighting -> AdamW +
+warmup/decay schedule -> `accelerator.prepare`. `fit` then runs the loop, readable top to bottom: each
+optimizer step is `grad_accum` rounds; a round is one micro-batch of the source the sampler picks (step_mode
+sampled) or one micro-batch of every source (all_tasks); a source is a task or a joint group (several tasks
+labelled on one file, one backbone pass). Per micro-batch: forward -> masked per-task losses -> loss hooks
+(`train.adversarial`, then `loss_fn`: each returns {task: loss} with the same keys) -> the weighting turns
+the round's per-task losses into gradients and updates itself once per step. Callbacks (`mtlm.callbacks`)
+log, keep the best bundle (scale-free selection, `mtlm.selection`) and stop early; every `checkpoint_every`
+steps the whole state (callbacks' included) is checkpointed for `--resume`.
 """
 
 from __future__ import annotations
@@ -14,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,12 +32,13 @@ from transformers import get_scheduler
 from mtlm.adversarial import adversarial_hooks
 from mtlm.callbacks import BestBundle, EarlyStopping, TensorBoardLog, write_atomic
 from mtlm.checkpoint import latest_checkpoint, save_checkpoint
-from mtlm.config import Recipe, RecipeError, recipe_changes
+from mtlm.config import Recipe, RecipeError
 from mtlm.contract import write_contract
 from mtlm.data import TaskBatches, TaskSampler, encode_rows, prepare_rows, steps_for_epochs
 from mtlm.evaluate import evaluate
 from mtlm.joint import collate_source, join_features, masked_losses
 from mtlm.model import MultiTaskModel, build_model, load_backbone
+from mtlm.run_folder import check_resumable, clear_run
 from mtlm.tasks import build_task
 from mtlm.weighting import build_weighting, resolve_step_mode
 
@@ -87,46 +90,6 @@ def cpu_has_bf16() -> bool:
     """Whether oneDNN has native bf16 kernels on this CPU (AVX512-BF16 or AMX)."""
     probe = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
     return bool(probe()) if probe is not None else True
-
-
-# Settings a resumed run may change: they are read anew at every step or evaluation. max_steps / epochs
-# re-make the learning-rate schedule over the new total from the current step.
-RESUMABLE = ("name", "output_dir", "train.max_steps", "train.epochs", "train.eval_every", "train.checkpoint_every",
-             "train.keep_checkpoints", "train.early_stopping_patience", "train.eval_batch_size")
-
-
-def check_resumable(saved: dict, recipe: Recipe, ckpt: Path) -> list[str]:
-    """The changes from the run's saved recipe dict to `recipe` that a resumed run can honour (RESUMABLE);
-    raises RecipeError listing every other change (the checkpoint's optimizer, schedule, sampler and data
-    order belong to the old settings, so e.g. a new lr would be silently ignored), and for other tasks."""
-    now = yaml.safe_load(recipe.to_yaml())
-    if sorted(saved.get("tasks") or {}) != sorted(now["tasks"]):
-        raise RecipeError([f"tasks: the checkpoint {ckpt} was trained with tasks {sorted(saved.get('tasks') or {})}, "
-                           f"the recipe has {sorted(now['tasks'])}; --resume needs the same tasks (or use --overwrite)"])
-    changes = recipe_changes(saved, now)
-    fixed = [c for c in changes if c.split(":", 1)[0] not in RESUMABLE]
-    if fixed:
-        raise RecipeError([f"{c} (--resume needs the run's value: the checkpoint's optimizer, schedule and data order "
-                           f"belong to it; start again with --overwrite, or train into another output_dir)"
-                           for c in fixed])
-    return changes
-
-
-# What a run writes into its folder; --overwrite deletes all of it (recipe.yaml is rewritten).
-RUN_OUTPUTS = ("model", "model.tmp", "model.old", "checkpoints", "logs", "metrics.json")
-
-
-def clear_run(run_dir: Path) -> None:
-    """Delete an earlier run's outputs (RUN_OUTPUTS and eval_<split>.json), so nothing of it can be read
-    as this run's: not its bundle before the first improving evaluation, nor its thresholds or metrics."""
-    for name in RUN_OUTPUTS:
-        path = run_dir / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
-    for path in run_dir.glob("eval_*.json"):
-        path.unlink()
 
 
 @dataclass
