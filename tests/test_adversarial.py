@@ -162,3 +162,23 @@ def test_every_weighting_trains_with_adversarial_losses(make_recipe, tmp_path, m
 def test_unknown_method_is_a_recipe_error(make_recipe):
     with pytest.raises(RecipeError, match="train.adversarial.method"):
         mtlm.load_recipe(make_recipe(tasks=("sentiment",), name="bad"), ["train.adversarial.method=vat"])
+
+
+@pytest.mark.parametrize("method", ["fgm", "smart"])
+def test_qa_and_multiple_choice_train_adversarially(tiny_backbone, tmp_path, method):
+    """The two task types whose logits are not one row per example: spans over windows, choice rows."""
+    from conftest import write_recipe
+    from test_multiple_choice import mc_row
+    from test_qa import qa_row
+    rng = random.Random(0)
+    (tmp_path / "qa.jsonl").write_text("".join(json.dumps(qa_row(rng, rng.randint(10, 60))) + "\n" for _ in range(48)))
+    (tmp_path / "mc.jsonl").write_text("".join(json.dumps(mc_row(rng, rng.randint(2, 5))) + "\n" for _ in range(48)))
+    recipe = {"name": f"qa-mc-{method}", "backbone": tiny_backbone, "max_length": 32,
+              "output_dir": str(tmp_path / "run"),
+              "tasks": {"qa": {"type": "extractive_qa", "data": {"train": str(tmp_path / "qa.jsonl")}, "doc_stride": 8},
+                        "reply": {"type": "multiple_choice", "data": {"train": str(tmp_path / "mc.jsonl")}}},
+              "train": {"batch_size": 8, "max_steps": 2, "eval_every": 2, "lr": 1e-3, "step_mode": "all_tasks",
+                        "adversarial": {"method": method, "epsilon": 0.01, "step_size": 0.01}}}
+    run = fit(mtlm.load_recipe(write_recipe(tmp_path / "r.yaml", recipe)), progress=False)
+    log = json.loads((run / "metrics.json").read_text())["train"][-1]
+    assert all(torch.isfinite(torch.tensor(log[f"loss/{t}"])) for t in ("qa", "reply"))
