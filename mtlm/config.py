@@ -86,6 +86,18 @@ class AdversarialConfig(_Strict):
     step_size: float = Field(1e-3, gt=0)         # smart: eta, the projected gradient-ascent step
     noise: float = Field(1e-5, gt=0)             # smart: sigma of the random initial perturbation
 
+    @model_validator(mode="after")
+    def _check(self) -> "AdversarialConfig":
+        # an option the method does not read would be silently ignored: say so (defaults are fine: a saved
+        # recipe lists every option)
+        reads = {"none": set(), "fgm": {"epsilon", "weight"}, "smart": {"epsilon", "weight", "step_size", "noise"}}
+        unused = sorted(f for f in type(self).model_fields if f != "method"
+                        if f not in reads[self.method] and getattr(self, f) != type(self).model_fields[f].default)
+        if unused:
+            raise ValueError(f"{', '.join(unused)}: not an option of method {self.method!r} "
+                             f"(its options: {', '.join(sorted(reads[self.method])) or 'none'})")
+        return self
+
 
 class TrainConfig(_Strict):
     batch_size: int = Field(32, gt=0)            # micro-batch size per process

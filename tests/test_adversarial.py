@@ -137,7 +137,8 @@ def test_a_short_fit_with_each_method_differs_from_none(make_recipe, tmp_path, m
     common = dict(max_steps=4, eval_every=4, dropout=0.0, early_stopping_patience=None, step_mode="all_tasks")
     none = fit(mtlm.load_recipe(_joint_recipe(make_recipe, tmp_path, "adv-none", **common)), progress=False)
     recipe = mtlm.load_recipe(_joint_recipe(make_recipe, tmp_path, f"adv-{method}", **common),
-                              [f"train.adversarial={{method: {method}, epsilon: 0.01, step_size: 0.01}}"])
+                              [f"train.adversarial={{method: {method}, epsilon: 0.01}}"]
+                              + (["train.adversarial.step_size=0.01"] if method == "smart" else []))
     adv = fit(recipe, progress=False)
     a, b = load_file(none / "model" / "heads.safetensors"), load_file(adv / "model" / "heads.safetensors")
     assert a.keys() == b.keys()
@@ -178,7 +179,19 @@ def test_qa_and_multiple_choice_train_adversarially(tiny_backbone, tmp_path, met
               "tasks": {"qa": {"type": "extractive_qa", "data": {"train": str(tmp_path / "qa.jsonl")}, "doc_stride": 8},
                         "reply": {"type": "multiple_choice", "data": {"train": str(tmp_path / "mc.jsonl")}}},
               "train": {"batch_size": 8, "max_steps": 2, "eval_every": 2, "lr": 1e-3, "step_mode": "all_tasks",
-                        "adversarial": {"method": method, "epsilon": 0.01, "step_size": 0.01}}}
+                        "adversarial": {"method": method, "epsilon": 0.01,
+                                        **({"step_size": 0.01} if method == "smart" else {})}}}
     run = fit(mtlm.load_recipe(write_recipe(tmp_path / "r.yaml", recipe)), progress=False)
     log = json.loads((run / "metrics.json").read_text())["train"][-1]
     assert all(torch.isfinite(torch.tensor(log[f"loss/{t}"])) for t in ("qa", "reply"))
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("{method: none, epsilon: 1.0}", "epsilon: not an option of method 'none'"),
+    ("{method: fgm, step_size: 0.1}", "step_size: not an option of method 'fgm'"),
+    ("{method: fgm, epsilon: 0}", "greater than 0"),
+])
+def test_options_the_method_does_not_read_are_recipe_errors(make_recipe, spec, message):
+    with pytest.raises(RecipeError) as e:
+        mtlm.load_recipe(make_recipe(tasks=("sentiment",), name="opts"), [f"train.adversarial={spec}"])
+    assert any(p.startswith("train.adversarial") and message in p for p in e.value.problems), e.value.problems
