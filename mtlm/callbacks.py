@@ -1,14 +1,16 @@
 """Callbacks: what `fit` does around its steps that is not the step itself (TensorBoard logging, model
-selection and the best bundle, early stopping). `fit(recipe, callbacks=[...])` adds more after these.
+selection and the best bundle, early stopping, checkpoints). `fit(recipe, callbacks=[...])` adds more after
+the first three and before Checkpoints.
 
 The loop calls, on the main and on every other process alike (rank-aware I/O is the callback's job, with
 `run.is_main`):
 
     on_train_begin(run)                          after construction and --resume, before the first step
-    on_step_end(run, step, losses, weights)      after each optimizer step; losses {task: mean loss of the
-                                                 step's micro-batches}, weights {task: weighting's weight}
-    on_evaluate(run, step, metrics)              after each dev evaluation ({"task/metric": value});
+    on_evaluate(run, step, metrics)              after a step's dev evaluation ({"task/metric": value});
                                                  `run.improved` says whether it is the best so far
+    on_step_end(run, step, losses, weights)      after each optimizer step (and its evaluation); losses
+                                                 {task: mean loss of the step's micro-batches}, weights
+                                                 {task: weighting's weight}
     on_train_end(run)                            after the last step of this call
 
 A callback stops training by setting `run.stop` to a reason. One with a `key` has its `state_dict()` saved
@@ -26,7 +28,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
-from mtlm.checkpoint import save_bundle
+from mtlm.checkpoint import save_bundle, save_checkpoint
 from mtlm.selection import Selection
 
 if TYPE_CHECKING:
@@ -161,6 +163,41 @@ class EarlyStopping(Callback):
 
     def load_state_dict(self, state: dict) -> None:
         self.bad_evals, self.stopped_at = state.get("bad_evals", 0), state.get("stopped_at")
+
+
+class Checkpoints(Callback):
+    """Resumable state under run_dir/checkpoints/step_N every `every` steps, at the last step and whenever
+    training stops (`run.stop`: early stopping, a callback, `stop_after`): Accelerate's state (model,
+    optimizer, scheduler, weighting, RNG) + trainer_state.json (step, history, samplers, and the state of
+    every callback with a `key`); the newest `keep` are kept. Then metrics.json (`write_metrics`). `fit`
+    calls it after every other callback, so their state of this step is in the checkpoint."""
+
+    def __init__(self, every: int, keep: int) -> None:
+        self.every, self.keep = every, keep
+
+    def on_step_end(self, run: Run, step: int, losses: dict[str, float], weights: dict[str, float]) -> None:
+        if step % self.every and step != run.max_steps and run.stop is None:
+            return
+        state = run.state
+        state["sampler"] = run.sampler.state_dict()
+        state["batches"] = {n: b.state_dict() for n, b in run.batches.items()}
+        state["callbacks"] = {cb.key: cb.state_dict() for cb in run.callbacks if cb.key is not None}
+        save_checkpoint(run.accelerator, run.run_dir, step, state, self.keep)
+        if run.is_main:
+            write_metrics(run)
+
+
+def write_metrics(run: Run) -> None:
+    """run_dir/metrics.json: steps, the kept model (best_step, its selection score, `mtlm.selection`), each
+    task's own best {"metric", "value", "step"}, early stopping, dev evaluations, training log."""
+    cbs = run.state.get("callbacks", {})
+    selection, early = cbs.get("selection", {}), cbs.get("early_stopping", {})
+    out = {"max_steps": run.max_steps, "step": run.state["step"], "best_step": selection.get("best_step"),
+           "best_score": selection.get("best_score"),
+           "selection": "mean over tasks of the relative error reduction since the first dev evaluation",
+           "task_best": selection.get("task_best", {}), "stopped_early": early.get("stopped_at") is not None,
+           "eval": run.state["history"], "train": run.state["train_log"]}
+    write_atomic(run.run_dir / "metrics.json", json.dumps(out, indent=1))
 
 
 def write_atomic(path: Path, text: str) -> None:

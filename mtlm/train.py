@@ -30,8 +30,8 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from mtlm.adversarial import adversarial_hooks
-from mtlm.callbacks import BestBundle, EarlyStopping, TensorBoardLog, write_atomic
-from mtlm.checkpoint import latest_checkpoint, save_checkpoint
+from mtlm.callbacks import BestBundle, Checkpoints, EarlyStopping, TensorBoardLog
+from mtlm.checkpoint import latest_checkpoint
 from mtlm.config import Recipe, RecipeError
 from mtlm.contract import write_contract
 from mtlm.data import TaskBatches, TaskSampler, encode_rows, prepare_rows, steps_for_epochs
@@ -154,6 +154,7 @@ class Run:
     stop: str | None = None
     improved: bool = False
     best_step: int | None = None                    # the kept model's step (set by the BestBundle callback)
+    callbacks: list = field(default_factory=list)   # fit's, in call order (built-ins first, Checkpoints last)
     bar: object = None
 
     @property
@@ -293,8 +294,9 @@ def fit(recipe: Recipe, resume: bool = False, progress: bool = True, stop_after:
     cfg, accelerator, model, weighting = recipe.train, run.accelerator, run.model, run.weighting
     loss_hooks = adversarial_hooks(cfg.adversarial) + \
         (list(loss_fn) if isinstance(loss_fn, (list, tuple)) else [loss_fn] if loss_fn is not None else [])
-    callbacks = [TensorBoardLog(), BestBundle(run.tasks), EarlyStopping(cfg.early_stopping_patience),
-                 *callbacks]
+    run.callbacks = [TensorBoardLog(), BestBundle(run.tasks), EarlyStopping(cfg.early_stopping_patience),
+                     *callbacks, Checkpoints(cfg.checkpoint_every or cfg.eval_every, cfg.keep_checkpoints)]
+    callbacks = run.callbacks
     if run.checkpoint is not None:
         restore(run, callbacks)
     state, main, max_steps = run.state, run.is_main, run.max_steps
@@ -354,9 +356,6 @@ def fit(recipe: Recipe, resume: bool = False, progress: bool = True, stop_after:
             state["train_log"].append({"step": step, "lr": run.scheduler.get_last_lr()[0],
                                        **{f"loss/{n}": round(v, 5) for n, v in running.items()},
                                        **{f"weight/{n}": round(w, 5) for n, w in weights.items()}})
-        for cb in callbacks:
-            cb.on_step_end(run, step, losses_now, weights)
-
         if step % cfg.eval_every == 0 or step == max_steps:
             elapsed = time.perf_counter() - t0        # training time so far (earlier evaluations included)
             metrics = evaluate(run.unwrapped, run.tasks, run.dev, cfg.eval_batch_size, run.tokenizer.pad_token_id,
@@ -366,16 +365,10 @@ def fit(recipe: Recipe, resume: bool = False, progress: bool = True, stop_after:
             run.improved = False
             for cb in callbacks:
                 cb.on_evaluate(run, step, metrics)
-        stop_now = run.stop is not None or (stop_after is not None and steps_this_call >= stop_after)
-        if step % (cfg.checkpoint_every or cfg.eval_every) == 0 or step == max_steps or stop_now:
-            state["sampler"] = run.sampler.state_dict()
-            state["batches"] = {n: b.state_dict() for n, b in run.batches.items()}
-            state["callbacks"] = {cb.key: cb.state_dict() for cb in callbacks if cb.key is not None}
-            save_checkpoint(accelerator, run.run_dir, step, state, cfg.keep_checkpoints)
-            if main:
-                write_metrics(run)
         if stop_after is not None and steps_this_call >= stop_after:
-            break
+            run.stop = run.stop or "stop_after"
+        for cb in callbacks:                 # the last one, Checkpoints, saves the state they leave
+            cb.on_step_end(run, step, losses_now, weights)
     run.bar.close()
     for cb in callbacks:
         cb.on_train_end(run)
@@ -389,16 +382,3 @@ def _checked(new: dict, old: dict, hook) -> dict:
         raise ValueError(f"loss hook {hook!r} returned losses for {sorted(new)}, expected {sorted(old)}: a loss "
                          f"hook keeps the task names (weighting, logging and selection are keyed by them)")
     return new
-
-
-def write_metrics(run: Run) -> None:
-    """run_dir/metrics.json: steps, the kept model (best_step, its selection score, `mtlm.selection`), each
-    task's own best {"metric", "value", "step"}, early stopping, dev evaluations, training log."""
-    cbs = run.state.get("callbacks", {})
-    selection, early = cbs.get("selection", {}), cbs.get("early_stopping", {})
-    out = {"max_steps": run.max_steps, "step": run.state["step"], "best_step": selection.get("best_step"),
-           "best_score": selection.get("best_score"),
-           "selection": "mean over tasks of the relative error reduction since the first dev evaluation",
-           "task_best": selection.get("task_best", {}), "stopped_early": early.get("stopped_at") is not None,
-           "eval": run.state["history"], "train": run.state["train_log"]}
-    write_atomic(run.run_dir / "metrics.json", json.dumps(out, indent=1))

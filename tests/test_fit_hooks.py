@@ -90,8 +90,8 @@ def test_callbacks_are_called_and_can_stop_training(make_recipe):
     rec = Recorder(stop_at=3)
     run = fit(mtlm.load_recipe(make_recipe(tasks=("sentiment",), name="cb", max_steps=10, eval_every=2,
                                            early_stopping_patience=None)), progress=False, callbacks=[rec])
-    assert rec.events == [("begin", 0), ("step", 1, ["sentiment"]), ("step", 2, ["sentiment"]),
-                          ("eval", 2, True), ("step", 3, ["sentiment"]), ("end", 3)]
+    assert rec.events == [("begin", 0), ("step", 1, ["sentiment"]), ("eval", 2, True), ("step", 2, ["sentiment"]),
+                          ("step", 3, ["sentiment"]), ("end", 3)]
     m = json.loads((run / "metrics.json").read_text())
     assert m["step"] == 3 and (run / "checkpoints" / "step_3").is_dir()   # a stop is checkpointed
 
