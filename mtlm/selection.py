@@ -5,14 +5,15 @@ its target, so with `metric: mse` one regression task would outweigh every other
 mean over tasks of each task's *relative error reduction since the run's first dev evaluation*:
 
     gap_i(e) = |perfect_i - M_i(e)|          perfect_i = 0 for lower-is-better metrics (MSE), else 1
-    r_i(e)   = (gap_i(first) - gap_i(e)) / max(gap_i(first), MIN_GAP)
+    r_i(e)   = (gap_i(first) - gap_i(e)) / gap_i(first)
     score(e) = mean_i r_i(e)                 0 at the first evaluation; 1 = every task perfect
 
 r_i is the fraction of the first evaluation's distance to a perfect score that has been closed (for MSE:
 1 - mse / mse_first), so it does not change when a metric is rescaled (a target in cents instead of euros)
 and every task counts the same. It relies on the task-type contract (`mtlm.tasks.base.TaskType`): metrics
 in `lower_is_better` are errors >= 0 with 0 perfect; every other metric is at most 1, with 1 perfect.
-MIN_GAP keeps a task that starts (nearly) perfect from dividing by zero.
+For metrics with 1 perfect the divisor is at least MIN_GAP, so a task that starts (nearly) perfect does
+not divide by zero; an error that starts at exactly 0 uses MIN_GAP too.
 """
 
 from __future__ import annotations
@@ -58,7 +59,9 @@ class Selection:
                 continue
             gap = _gap(value, self.lower[name])
             ref = self.reference.setdefault(name, gap)
-            parts.append((ref - gap) / max(ref, MIN_GAP))
+            # an error's own first value is its scale (any unit); a bounded metric's gap is floored
+            scale = ref if self.lower[name] and ref > 0 else max(ref, MIN_GAP)
+            parts.append((ref - gap) / scale)
         return sum(parts) / len(parts) if parts else None
 
     def update(self, step: int, metrics: dict[str, float]) -> tuple[float | None, bool]:

@@ -184,7 +184,7 @@ def _scripted_evaluations(monkeypatch, evaluations):
     monkeypatch.setattr(mtlm.train, "evaluate", scripted)
 
 
-@pytest.mark.parametrize("unit", [1.0, 100.0])
+@pytest.mark.parametrize("unit", [1.0, 100.0, 1e-4])
 def test_selection_is_scale_free(make_recipe, monkeypatch, unit):
     """Step 2: accuracy 0.90, mse 10; step 4: accuracy 0.50, mse 9. The old mean of accuracy and -mse
     preferred step 4 (the unbounded mse dominated); the scale-free score keeps step 2 whatever the mse's
