@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import yaml
+from pydantic import ValidationError
 
 from mtlm.config import Recipe, RecipeError, recipe_changes
 
@@ -22,6 +23,10 @@ def check_resumable(saved: dict, recipe: Recipe, ckpt: Path) -> list[str]:
     raises RecipeError listing every other change (the checkpoint's optimizer, schedule, sampler and data
     order belong to the old settings, so e.g. a new lr would be silently ignored), and for other tasks."""
     now = yaml.safe_load(recipe.to_yaml())
+    try:    # settings added to mtlm since the run started (e.g. train.adversarial) count at their defaults
+        saved = yaml.safe_load(Recipe.model_validate(saved).to_yaml())
+    except ValidationError:
+        pass
     if sorted(saved.get("tasks") or {}) != sorted(now["tasks"]):
         raise RecipeError([f"tasks: the checkpoint {ckpt} was trained with tasks {sorted(saved.get('tasks') or {})}, "
                            f"the recipe has {sorted(now['tasks'])}; --resume needs the same tasks (or use --overwrite)"])

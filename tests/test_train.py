@@ -229,3 +229,18 @@ def test_threshold_tuning_rewrites_tasks_json_atomically(make_recipe, monkeypatc
         tune_thresholds(run / "model", dev, 16)
     monkeypatch.undo()
     assert (run / "model" / "tasks.json").read_text() == before
+
+
+def test_resume_of_a_run_whose_recipe_predates_a_new_setting(make_recipe):
+    """recipe.yaml of a run started before train.adversarial existed: the new setting at its default is no
+    change, so --resume continues."""
+    import yaml
+
+    from mtlm.train import fit
+    path = make_recipe(tasks=("sentiment",), name="older", max_steps=4, eval_every=4)
+    run = fit(mtlm.load_recipe(path), progress=False, stop_after=2)
+    saved = yaml.safe_load((run / "recipe.yaml").read_text())
+    del saved["train"]["adversarial"]
+    (run / "recipe.yaml").write_text(yaml.safe_dump(saved))
+    fit(mtlm.load_recipe(path), resume=True, progress=False)
+    assert json.loads((run / "metrics.json").read_text())["step"] == 4
