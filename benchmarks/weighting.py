@@ -40,7 +40,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data"
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "weighting.json"
-LOWER_IS_BETTER = {"mse"}
 
 
 def task_specs(quick: bool) -> dict[str, dict]:
@@ -81,11 +80,12 @@ def read_run(run_dir: Path, tasks: dict) -> dict:
 
 def delta_m(method: dict[str, float], single: dict[str, float], tasks: dict) -> float | None:
     """Maninis et al. 2019: mean_i (-1)^l_i (M_m,i - M_b,i) / M_b,i x 100 over tasks present in both."""
+    from mtlm.tasks import TASK_TYPES
     terms = []
     for n, spec in tasks.items():
         if method.get(n) is None or not single.get(n):
             continue
-        sign = -1.0 if spec["metric"] in LOWER_IS_BETTER else 1.0
+        sign = -1.0 if spec["metric"] in TASK_TYPES[spec["type"]].lower_is_better else 1.0
         terms.append(sign * (method[n] - single[n]) / single[n] * 100.0)
     return sum(terms) / len(terms) if len(terms) == len(tasks) else None
 

@@ -15,10 +15,12 @@ def load(path, device=None):
     return _load(path, device)
 
 
-def fit(recipe, resume: bool = False, progress: bool = True, overwrite: bool = False):
-    """Train a `Recipe` (see `mtlm.train.fit`); returns the run folder."""
+def fit(recipe, resume: bool = False, progress: bool = True, overwrite: bool = False, *, loss_fn=None,
+        model_fn=None, callbacks=()):
+    """Train a `Recipe` (see `mtlm.train.fit`: loss hooks, a model hook, callbacks); returns the run folder."""
     from mtlm.train import fit as _fit
-    return _fit(recipe, resume=resume, progress=progress, overwrite=overwrite)
+    return _fit(recipe, resume=resume, progress=progress, overwrite=overwrite, loss_fn=loss_fn, model_fn=model_fn,
+                callbacks=callbacks)
 
 
 def load_recipe(path, overrides=()):

@@ -75,6 +75,30 @@ class WeightingConfig(BaseModel):
         return dict(self.model_extra or {})
 
 
+class AdversarialConfig(_Strict):
+    """`train.adversarial`: perturbed-embedding training (mtlm.adversarial). `epsilon` None = the method's
+    default: fgm 1.0 (L2 norm of the word-embedding matrix perturbation), smart 1e-5 (l-inf radius of the
+    per-token perturbation, Jiang et al. 2020)."""
+
+    method: Literal["none", "fgm", "smart"] = "none"
+    epsilon: float | None = Field(None, gt=0)    # perturbation size; None = the method's default (above)
+    weight: float = Field(1.0, gt=0)             # fgm: weight of the adversarial loss; smart: lambda_s
+    step_size: float = Field(1e-3, gt=0)         # smart: eta, the projected gradient-ascent step
+    noise: float = Field(1e-5, gt=0)             # smart: sigma of the random initial perturbation
+
+    @model_validator(mode="after")
+    def _check(self) -> "AdversarialConfig":
+        # an option the method does not read would be silently ignored: say so (defaults are fine: a saved
+        # recipe lists every option)
+        reads = {"none": set(), "fgm": {"epsilon", "weight"}, "smart": {"epsilon", "weight", "step_size", "noise"}}
+        unused = sorted(f for f in type(self).model_fields if f != "method"
+                        if f not in reads[self.method] and getattr(self, f) != type(self).model_fields[f].default)
+        if unused:
+            raise ValueError(f"{', '.join(unused)}: not an option of method {self.method!r} "
+                             f"(its options: {', '.join(sorted(reads[self.method])) or 'none'})")
+        return self
+
+
 class TrainConfig(_Strict):
     batch_size: int = Field(32, gt=0)            # micro-batch size per process
     eval_batch_size: int = Field(64, gt=0)
@@ -91,6 +115,7 @@ class TrainConfig(_Strict):
     sampling: Literal["proportional", "temperature", "round_robin", "annealed"] = "proportional"
     temperature: float = Field(2.0, gt=0)        # temperature sampling: p_i proportional to n_i^(1/T)
     weighting: WeightingConfig = Field(default_factory=WeightingConfig)  # static | uncertainty | dwa | ...
+    adversarial: AdversarialConfig = Field(default_factory=AdversarialConfig)  # none | fgm | smart
     # sampled: each micro-batch serves one source drawn by `sampling`; all_tasks: each optimizer step takes
     # one micro-batch of every source (task or joint group) per accumulation round; auto: all_tasks when the
     # weighting needs every task in every step (gradnorm, pcgrad, cagrad, famo), else sampled

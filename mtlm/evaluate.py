@@ -17,7 +17,7 @@ import torch
 from mtlm.contract import (ContractError, bundle_sha256, check_parent_model, find_contract, load_split_rows,
                            metric_deltas, read_parent, split_sha256)
 from mtlm.data import collate, length_sorted_batches
-from mtlm.tasks import LOWER_IS_BETTER, default_metric
+from mtlm.tasks import default_metric
 
 log = logging.getLogger("mtlm")
 
@@ -56,7 +56,7 @@ def evaluate(model, tasks: dict, features: dict[str, list[dict]], batch_size: in
         for metric, value in task.metrics(preds, refs).items():
             out[f"{name}/{metric}"] = value
         m = default_metric(task)
-        selection.append(-out[f"{name}/{m}"] if m in LOWER_IS_BETTER else out[f"{name}/{m}"])
+        selection.append(-out[f"{name}/{m}"] if m in task.lower_is_better else out[f"{name}/{m}"])
     if selection:
         out["mean"] = sum(selection) / len(selection)
     return out

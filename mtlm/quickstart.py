@@ -38,8 +38,12 @@ EXAMPLES = [
 ]
 
 
-def quickstart(output_dir: str | Path = "runs/quickstart", max_steps: int | None = None) -> Path:
-    """Write the recipe into `output_dir`, train, evaluate on test, print the table and example predictions."""
+def quickstart(output_dir: str | Path = "runs/quickstart", max_steps: int | None = None,
+               overrides: list[str] | tuple[str, ...] = ()) -> Path:
+    """Write the recipe into `output_dir`, train, evaluate on test, print the table and example predictions.
+
+    overrides: dotted recipe overrides (`train.batch_size=8`), applied after `max_steps` (a reduced run for
+    tests). Raises RecipeError (also when `output_dir` holds another run), BackboneError."""
     from mtlm.recipe import load_recipe
     from mtlm.evaluate import by_task, evaluate_bundle, format_table
     from mtlm.predict import load
@@ -56,7 +60,7 @@ def quickstart(output_dir: str | Path = "runs/quickstart", max_steps: int | None
     raw = {**RECIPE, "output_dir": str(out)}
     recipe_path = out / "recipe.yaml"
     recipe_path.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
-    overrides = [f"train.max_steps={max_steps}"] if max_steps is not None else []
+    overrides = ([f"train.max_steps={max_steps}"] if max_steps is not None else []) + list(overrides)
     recipe = load_recipe(recipe_path, overrides)
     print(f"recipe: {recipe_path} (copy it to start your own)")
     fit(recipe, overwrite=True)

@@ -1,12 +1,15 @@
 """fit(): the multi-task training loop, on Accelerate (one process, or several via `accelerate launch`).
 
-Read top to bottom: prepare rows (all recipe/data errors before any model loads) -> load backbone ->
-encode -> build model + heads -> weighting -> AdamW + warmup/decay schedule -> loop over optimizer steps,
-each made of `grad_accum` rounds; a round is one micro-batch of the source the sampler picks (step_mode
-sampled) or one micro-batch of every source (step_mode all_tasks); a source is a task or a joint group
-(several tasks labelled on one file, one backbone pass) -> the weighting turns each round's per-task losses
-into gradients and updates itself once per step -> evaluate on dev every `eval_every` steps, keep the best
-bundle (mean selection metric), checkpoint for `--resume`, stop early when dev stops improving.
+`build` constructs a run (all recipe/data errors before any model loads): rows -> backbone -> encode ->
+batches and task sampler -> model + heads -> `model_fn` (LoRA, pruning masks, QAT) -> weighting -> AdamW +
+warmup/decay schedule -> `accelerator.prepare`. `fit` then runs the loop, readable top to bottom: each
+optimizer step is `grad_accum` rounds; a round is one micro-batch of the source the sampler picks (step_mode
+sampled) or one micro-batch of every source (all_tasks); a source is a task or a joint group (several tasks
+labelled on one file, one backbone pass). Per micro-batch: forward -> masked per-task losses -> loss hooks
+(`train.adversarial`, then `loss_fn`: each returns {task: loss} with the same keys) -> the weighting turns
+the round's per-task losses into gradients and updates itself once per step. Callbacks (`mtlm.callbacks`)
+log, keep the best bundle (scale-free selection, `mtlm.selection`) and stop early; every `checkpoint_every`
+steps the whole state (callbacks' included) is checkpointed for `--resume`.
 """
 
 from __future__ import annotations
@@ -14,9 +17,10 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 import yaml
@@ -25,13 +29,16 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from mtlm.checkpoint import latest_checkpoint, save_bundle, save_checkpoint
-from mtlm.config import Recipe, RecipeError, recipe_changes
-from mtlm.batches import TaskSampler, masked_losses, steps_for_epochs, train_batches
+from mtlm.adversarial import adversarial_hooks
+from mtlm.batches import SourceBatches, TaskSampler, masked_losses, steps_for_epochs, train_batches
+from mtlm.callbacks import BestBundle, Checkpoints, EarlyStopping, TensorBoardLog
+from mtlm.checkpoint import latest_checkpoint
+from mtlm.config import Recipe, RecipeError
 from mtlm.contract import write_contract
 from mtlm.data import encode_rows, prepare_rows
 from mtlm.evaluate import evaluate
-from mtlm.model import build_model, load_backbone
+from mtlm.model import MultiTaskModel, build_model, load_backbone
+from mtlm.run_folder import check_resumable, clear_run
 from mtlm.tasks import build_task
 from mtlm.weighting import build_weighting, resolve_step_mode
 
@@ -85,38 +92,89 @@ def cpu_has_bf16() -> bool:
     return bool(probe()) if probe is not None else True
 
 
-# Settings a resumed run may change: they are read anew at every step or evaluation. max_steps / epochs
-# re-make the learning-rate schedule over the new total from the current step.
-RESUMABLE = ("name", "output_dir", "train.max_steps", "train.epochs", "train.eval_every", "train.checkpoint_every",
-             "train.keep_checkpoints", "train.early_stopping_patience", "train.eval_batch_size")
+@dataclass
+class LossContext:
+    """What a loss hook sees for one micro-batch of one source (a task, or a joint group's tasks).
+
+    model: the unwrapped MultiTaskModel (a hook may run it again, e.g. on perturbed embeddings: `forward()`);
+    inputs: input_ids, attention_mask[, token_type_ids], each (batch, seq_len); targets: {task: (rows,
+    labels)} as `mtlm.batches.collate_source` returns them; logits: {task: head output} of the loop's forward;
+    losses: {task: scalar loss} so far (the masked task losses, plus what earlier hooks added)."""
+
+    model: torch.nn.Module
+    tasks: dict
+    source: str
+    inputs: dict[str, torch.Tensor]
+    targets: dict[str, tuple]
+    logits: dict[str, torch.Tensor]
+    losses: dict[str, torch.Tensor]
+    step: int
+
+    def forward(self) -> dict[str, torch.Tensor]:
+        """The model's outputs for this micro-batch again (one backbone pass): {task: logits}."""
+        return self.model(tasks=list(self.targets), **self.inputs)
+
+    def task_losses(self, logits: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Each task's own loss of `logits` against this micro-batch's labels (labelled rows only)."""
+        return masked_losses(self.tasks, logits, self.targets)
 
 
-def check_resumable(saved: dict, recipe: Recipe, ckpt: Path) -> list[str]:
-    """The changes from the run's saved recipe dict to `recipe` that a resumed run can honour (RESUMABLE);
-    raises RecipeError listing every other change (the checkpoint's optimizer, schedule, sampler and data
-    order belong to the old settings, so e.g. a new lr would be silently ignored), and for other tasks."""
-    now = yaml.safe_load(recipe.to_yaml())
-    if sorted(saved.get("tasks") or {}) != sorted(now["tasks"]):
-        raise RecipeError([f"tasks: the checkpoint {ckpt} was trained with tasks {sorted(saved.get('tasks') or {})}, "
-                           f"the recipe has {sorted(now['tasks'])}; --resume needs the same tasks (or use --overwrite)"])
-    changes = recipe_changes(saved, now)
-    fixed = [c for c in changes if c.split(":", 1)[0] not in RESUMABLE]
-    if fixed:
-        raise RecipeError([f"{c} (--resume needs the run's value: the checkpoint's optimizer, schedule and data order "
-                           f"belong to it; start again with --overwrite, or train into another output_dir)"
-                           for c in fixed])
-    return changes
+# loss_fn(ctx) -> {task: loss}, the same keys as ctx.losses: e.g. distillation adds a teacher term per task.
+LossHook = Callable[[LossContext], dict[str, torch.Tensor]]
+# model_fn(model) -> model, between building and accelerator.prepare (and before the optimizer is made, so
+# it may freeze, replace or add parameters): LoRA, pruning masks, quantisation-aware training.
+ModelHook = Callable[[MultiTaskModel], torch.nn.Module]
 
 
-def fit(recipe: Recipe, resume: bool = False, progress: bool = True, stop_after: int | None = None,
-        overwrite: bool = False) -> Path:
-    """Train one backbone with one head per task; return the run folder (best bundle in run_dir/model).
+@dataclass
+class Run:
+    """Everything `build` constructs for one call of `fit`, and the loop's state (`state`: step, history,
+    train log, samplers; saved in every checkpoint). `stop` (a reason) ends the loop; `improved` says
+    whether the latest evaluation was the best so far (set by the BestBundle callback)."""
 
-    resume: continue from the newest checkpoint in the run folder (same schedule, optimizer, sampler state).
-    stop_after: stop after this many optimizer steps in this call, as if killed (tests, time-boxed runs).
-    overwrite: start again in a run folder that already holds checkpoints (they are deleted).
-    Raises RecipeError (bad recipe or data, or an existing run without resume/overwrite, before any model
-    loads), BackboneError."""
+    recipe: Recipe
+    run_dir: Path
+    accelerator: Accelerator
+    tasks: dict
+    tokenizer: object
+    model: torch.nn.Module                          # as prepared by Accelerate (DDP-wrapped with 2+ processes)
+    unwrapped: MultiTaskModel
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    weighting: object
+    sources: dict[str, list[str]]                  # source -> its tasks: a task alone, or a joint group
+    step_mode: str                                  # sampled | all_tasks
+    max_steps: int
+    sampler: TaskSampler
+    batches: dict[str, SourceBatches]
+    next_batch: Callable[[str], tuple[dict, dict]]  # source -> (inputs, targets) of this process's share
+    dev: dict[str, list[dict]]
+    checkpoint: Path | None
+    state: dict = field(default_factory=lambda: {"step": 0, "history": [], "train_log": []})
+    stop: str | None = None
+    improved: bool = False
+    best_step: int | None = None                    # the kept model's step (set by the BestBundle callback)
+    callbacks: list = field(default_factory=list)   # fit's, in call order (built-ins first, Checkpoints last)
+    bar: object = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def step(self) -> int:
+        return self.state["step"]
+
+    def say(self, message: str) -> None:
+        """A line for the user (main process; above the progress bar)."""
+        if self.is_main:
+            (self.bar.write if self.bar is not None else log.info)(message)
+
+
+def build(recipe: Recipe, resume: bool = False, overwrite: bool = False, model_fn: ModelHook | None = None) -> Run:
+    """Construct a run: check the recipe and data, clear (--overwrite) or resume the run folder, then data,
+    backbone, heads, `model_fn`, weighting, optimizer, schedule, Accelerate. Raises RecipeError (before any
+    model loads for recipe and data problems), BackboneError."""
     cfg = recipe.train
     run_dir = recipe.run_dir()
     existing = latest_checkpoint(run_dir)
@@ -128,9 +186,8 @@ def fit(recipe: Recipe, resume: bool = False, progress: bool = True, stop_after:
     accelerator = make_accelerator(recipe)
     main = accelerator.is_main_process
     ckpt = existing if resume else None
-    if overwrite and not resume and main and existing is not None:
-        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
-        shutil.rmtree(run_dir / "logs", ignore_errors=True)
+    if overwrite and not resume and main:          # the recipe and data are valid: the old run may go
+        clear_run(run_dir)
     accelerator.wait_for_everyone()
     if resume and ckpt is None and main:
         log.warning("no checkpoint in %s: starting from scratch", run_dir)
@@ -147,11 +204,11 @@ def fit(recipe: Recipe, resume: bool = False, progress: bool = True, stop_after:
             log.info(note)
     set_seed(cfg.seed)
 
+    # --- data: encode, join, batch, sample (one block) ---
     backbone, tokenizer = load_backbone(recipe.backbone, dropout=cfg.dropout)
     features = encode_rows(tasks, data.rows, tokenizer, recipe.max_length)
-    model = build_model(backbone, tasks, recipe.pooling, cfg.dropout)
     world = accelerator.num_processes
-    # source -> this process's micro-batches of it (a source: a task alone, or a joint group)
+    # source -> this process's micro-batches of it (a source: a task alone, or a joint group), from a DataLoader
     batches = train_batches(data, tasks, {n: f["train"] for n, f in features.items()}, cfg, world,
                             accelerator.process_index, tokenizer.pad_token_id)
     sources = list(batches)
@@ -161,8 +218,21 @@ def fit(recipe: Recipe, resume: bool = False, progress: bool = True, stop_after:
     max_steps = cfg.max_steps or steps_for_epochs(cfg.epochs, sizes,
                                                   cfg.batch_size * world * cfg.grad_accum * rounds_per_step)
     sampler = TaskSampler(sizes, cfg.sampling, cfg.temperature, cfg.seed, total=max_steps * cfg.grad_accum)
-    weighting = build_weighting(cfg, {n: t.cfg.weight for n, t in tasks.items()}, model, accelerator.device)
 
+    def next_batch(source: str) -> tuple[dict, dict]:
+        inputs, targets = batches[source].next()       # this process's share of the source's next batch
+        to = accelerator.device
+        return ({k: v.to(to) for k, v in inputs.items()},
+                {t: (None if rows is None else rows.to(to), {k: v.to(to) for k, v in labels.items()})
+                 for t, (rows, labels) in targets.items()})
+
+    dev = {n: f.get("dev", []) for n, f in features.items()}
+    # --- end of the data block ---
+
+    model = build_model(backbone, tasks, recipe.pooling, cfg.dropout)
+    if model_fn is not None:
+        model = model_fn(model)
+    weighting = build_weighting(cfg, {n: t.cfg.weight for n, t in tasks.items()}, model, accelerator.device)
     # fused AdamW: one kernel for all parameters (on CPU ~6x faster per step than the per-parameter loop);
     # a learned weighting (uncertainty) adds its parameters as its own group
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay) + weighting.param_groups(), lr=cfg.lr,
@@ -171,165 +241,140 @@ def fit(recipe: Recipe, resume: bool = False, progress: bool = True, stop_after:
     scheduler = get_scheduler(cfg.scheduler if cfg.scheduler != "constant" else "constant_with_warmup",
                               optimizer, num_warmup_steps=int(cfg.warmup_ratio * max_steps),
                               num_training_steps=max_steps)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    prepared, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)
     accelerator.register_for_checkpointing(weighting)    # loss history, learned weights, their Adam moments
-    unwrapped = accelerator.unwrap_model(model)
-    shared_ids = {id(p) for p in unwrapped.backbone.parameters()}
-    all_params = [p for p in unwrapped.parameters() if p.requires_grad]
+    return Run(recipe, run_dir, accelerator, tasks, tokenizer, prepared, accelerator.unwrap_model(prepared),
+               optimizer, scheduler, weighting, sources, step_mode, max_steps, sampler, batches, next_batch, dev,
+               ckpt, state={"step": 0, "history": [], "train_log": [], "weighting": cfg.weighting.name})
+
+
+def restore(run: Run, callbacks: list) -> None:
+    """Load the run's checkpoint (--resume): model, optimizer, schedule, RNG, samplers, callbacks' state.
+    Raises RecipeError when the checkpoint was trained with other tasks or another weighting."""
+    ckpt, cfg = run.checkpoint, run.recipe.train
+    state = json.loads((ckpt / "trainer_state.json").read_text(encoding="utf-8"))
+    saved_tasks = sorted(state.get("batches", {}))
+    if saved_tasks != sorted(run.sources):
+        raise RecipeError([f"tasks: the checkpoint {ckpt} was trained with tasks {saved_tasks}, the recipe has "
+                           f"{sorted(run.sources)}; --resume needs the same tasks (or use --overwrite)"])
+    if state.get("weighting", "static") != cfg.weighting.name:
+        raise RecipeError([f"train.weighting: the checkpoint {ckpt} was trained with {state.get('weighting')!r}, "
+                           f"the recipe has {cfg.weighting.name!r}; --resume needs the same weighting"])
+    run.accelerator.load_state(str(ckpt))
+    run.sampler.load_state_dict(state["sampler"])
+    for n, b in run.batches.items():
+        b.load_state_dict(state["batches"][n])
+    for cb in callbacks:
+        if cb.key is not None and cb.key in state.get("callbacks", {}):
+            cb.load_state_dict(state["callbacks"][cb.key])
+    run.state = state
+    if run.is_main:
+        log.info("resumed from %s (step %d)", ckpt, state["step"])
+
+
+def fit(recipe: Recipe, resume: bool = False, progress: bool = True, stop_after: int | None = None,
+        overwrite: bool = False, *, loss_fn: LossHook | list[LossHook] | None = None,
+        model_fn: ModelHook | None = None, callbacks: list | tuple = ()) -> Path:
+    """Train one backbone with one head per task; return the run folder (best bundle in run_dir/model).
+
+    resume: continue from the newest checkpoint in the run folder (same schedule, optimizer, sampler state).
+    stop_after: stop after this many optimizer steps in this call, as if killed (tests, time-boxed runs).
+    overwrite: start again in a run folder that holds an earlier run (its outputs are deleted first).
+    loss_fn: one or more loss hooks (LossHook), applied in order after the recipe's adversarial training.
+    model_fn: a ModelHook applied to the built model before the optimizer and `accelerator.prepare`.
+    callbacks: `mtlm.callbacks.Callback`s, called after the built-in ones (logging, selection, early stop).
+    Raises RecipeError (bad recipe or data, or an existing run without resume/overwrite, before any model
+    loads), BackboneError, ValueError (a loss hook that changes the task keys)."""
+    run = build(recipe, resume=resume, overwrite=overwrite, model_fn=model_fn)
+    cfg, accelerator, model, weighting = recipe.train, run.accelerator, run.model, run.weighting
+    loss_hooks = adversarial_hooks(cfg.adversarial) + \
+        (list(loss_fn) if isinstance(loss_fn, (list, tuple)) else [loss_fn] if loss_fn is not None else [])
+    run.callbacks = [TensorBoardLog(), BestBundle(run.tasks), EarlyStopping(cfg.early_stopping_patience),
+                     *callbacks, Checkpoints(cfg.checkpoint_every or cfg.eval_every, cfg.keep_checkpoints)]
+    callbacks = run.callbacks
+    if run.checkpoint is not None:
+        restore(run, callbacks)
+    state, main, max_steps = run.state, run.is_main, run.max_steps
+    shared_ids = {id(p) for p in run.unwrapped.backbone.parameters()}
+    all_params = [p for p in run.unwrapped.parameters() if p.requires_grad]
     head_params = [p for p in all_params if id(p) not in shared_ids]
-
-    state = {"step": 0, "best": None, "best_step": None, "bad_evals": 0, "history": [], "train_log": [],
-             "weighting": cfg.weighting.name}
-    if ckpt is not None:
-        state = json.loads((ckpt / "trainer_state.json").read_text(encoding="utf-8"))
-        saved_tasks = sorted(state.get("batches", {}))
-        if saved_tasks != sorted(sources):
-            raise RecipeError([f"tasks: the checkpoint {ckpt} was trained with tasks {saved_tasks}, the recipe has "
-                               f"{sorted(sources)}; --resume needs the same tasks (or use --overwrite)"])
-        if state.get("weighting", "static") != cfg.weighting.name:
-            raise RecipeError([f"train.weighting: the checkpoint {ckpt} was trained with {state.get('weighting')!r}, "
-                               f"the recipe has {cfg.weighting.name!r}; --resume needs the same weighting"])
-        accelerator.load_state(str(ckpt))
-        sampler.load_state_dict(state["sampler"])
-        for n, b in batches.items():
-            b.load_state_dict(state["batches"][n])
-        if main:
-            log.info("resumed from %s (step %d)", ckpt, state["step"])
-
-    def micro_batch(source: str) -> tuple[dict, dict]:
-        inputs, targets = batches[source].next()       # this process's share of the source's next batch
-        to = accelerator.device
-        return ({k: v.to(to) for k, v in inputs.items()},
-                {t: (None if rows is None else rows.to(to), {k: v.to(to) for k, v in labels.items()})
-                 for t, (rows, labels) in targets.items()})
-
-    writer = _tensorboard(run_dir) if main else None
-    dev = {n: f.get("dev", []) for n, f in features.items()}
     autocast_dtype = AUTOCAST.get(str(accelerator.mixed_precision))
     running: dict[str, float] = {}
-    bar = tqdm(total=max_steps, initial=state["step"], disable=not (progress and main), desc="train",
-               dynamic_ncols=True)
-    steps_this_call, stopped_early = 0, False
-    t0, tokens_seen = time.perf_counter(), 0
+    run.bar = tqdm(total=max_steps, initial=state["step"], disable=not (progress and main), desc="train",
+                   dynamic_ncols=True)
+    for cb in callbacks:
+        cb.on_train_begin(run)
+    steps_this_call, t0, tokens_seen = 0, time.perf_counter(), 0
 
-    while state["step"] < max_steps:
+    while state["step"] < max_steps and run.stop is None:
         model.train()
-        rounds = [[sampler.next()] if step_mode == "sampled" else list(sources) for _ in range(cfg.grad_accum)]
+        rounds = [[run.sampler.next()] if run.step_mode == "sampled" else list(run.sources)
+                  for _ in range(cfg.grad_accum)]
+        step_losses: dict[str, list[float]] = {}
         for r, round_sources in enumerate(rounds):      # the same sources on every process
             # sampled: DDP all-reduces in the backward of the step's last micro-batch. all_tasks: several
             # forwards feed one backward, which DDP cannot sync; gradients are averaged below instead.
-            sync = step_mode == "sampled" and r == len(rounds) - 1
+            sync = run.step_mode == "sampled" and r == len(rounds) - 1
             with contextlib.nullcontext() if sync else accelerator.no_sync(model):
                 losses = {}
                 for source in round_sources:
-                    inputs, targets = micro_batch(source)
+                    inputs, targets = run.next_batch(source)
                     tokens_seen += int(inputs["attention_mask"].sum())
                     logits = model(tasks=list(targets), **inputs)  # one backbone pass for the source's tasks
-                    losses.update(masked_losses(tasks, logits, targets))   # mean over labelled rows per task
+                    source_losses = masked_losses(run.tasks, logits, targets)  # mean over labelled rows per task
+                    for hook in loss_hooks:
+                        ctx = LossContext(run.unwrapped, run.tasks, source, inputs, targets, logits, source_losses,
+                                          state["step"])
+                        source_losses = _checked(hook(ctx), source_losses, hook)
+                    losses.update(source_losses)
                 weighting.backward(losses, accelerator, scale=1.0 / cfg.grad_accum)
             for name, loss in losses.items():
-                value = float(loss.detach())
-                running[name] = value if name not in running else 0.9 * running[name] + 0.1 * value
-                if writer:
-                    writer.add_scalar(f"loss/{name}", value, state["step"])
-        if step_mode == "all_tasks":   # pcgrad/cagrad average the backbone's per-task gradients themselves
+                step_losses.setdefault(name, []).append(float(loss.detach()))
+        if run.step_mode == "all_tasks":   # pcgrad/cagrad average the backbone's per-task gradients themselves
             average_gradients(accelerator, head_params if weighting.combines_shared_gradients else all_params)
         weighting.step(accelerator)    # update weights / combine per-task gradients (same on every process)
         if cfg.max_grad_norm:
             accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        run.optimizer.step()
+        run.optimizer.zero_grad(set_to_none=True)
         weights = weighting.current()
-        scheduler.step()
+        run.scheduler.step()
         state["step"] += 1
         steps_this_call += 1
         step = state["step"]
-        bar.update(1)
-        bar.set_postfix({n: f"{v:.3f}" for n, v in running.items()}, refresh=False)
-        if writer:
-            writer.add_scalar("lr", scheduler.get_last_lr()[0], step)
-            for n, w in weights.items():
-                writer.add_scalar(f"weight/{n}", w, step)
+        losses_now = {n: sum(v) / len(v) for n, v in step_losses.items()}
+        for name, value in losses_now.items():
+            running[name] = value if name not in running else 0.9 * running[name] + 0.1 * value
+        run.bar.update(1)
+        run.bar.set_postfix({n: f"{v:.3f}" for n, v in running.items()}, refresh=False)
         if step % 10 == 0 or step == max_steps:
-            state["train_log"].append({"step": step, "lr": scheduler.get_last_lr()[0],
+            state["train_log"].append({"step": step, "lr": run.scheduler.get_last_lr()[0],
                                        **{f"loss/{n}": round(v, 5) for n, v in running.items()},
                                        **{f"weight/{n}": round(w, 5) for n, w in weights.items()}})
-
         if step % cfg.eval_every == 0 or step == max_steps:
-            metrics = evaluate(unwrapped, tasks, dev, cfg.eval_batch_size, tokenizer.pad_token_id,
+            elapsed = time.perf_counter() - t0        # training time so far (earlier evaluations included)
+            metrics = evaluate(run.unwrapped, run.tasks, run.dev, cfg.eval_batch_size, run.tokenizer.pad_token_id,
                                accelerator.device, autocast_dtype)
-            elapsed = time.perf_counter() - t0
             state["history"].append({"step": step, **metrics, "train_tokens_per_s": tokens_seen / elapsed,
                                      "train_s": elapsed})
-            score = metrics.get("mean")   # None when no task has a dev split: keep the latest model
-            improved = score is None or state["best"] is None or score > state["best"]
-            if improved:
-                state.update(best=score, best_step=step, bad_evals=0)
-                if main:
-                    save_bundle(unwrapped, tokenizer, tasks, recipe, run_dir / "model")
-            else:
-                state["bad_evals"] += 1
-            if main:
-                shown = "  ".join(f"{k}={v:.4f}" for k, v in metrics.items())
-                bar.write(f"step {step}: {shown}" + ("  (best)" if improved and score is not None else ""))
-                for k, v in metrics.items():
-                    if writer:
-                        writer.add_scalar(f"dev/{k}", v, step)
-            patience = cfg.early_stopping_patience
-            stopped_early = patience is not None and state["bad_evals"] >= patience and step < max_steps
-        if step % (cfg.checkpoint_every or cfg.eval_every) == 0 or step == max_steps or stopped_early \
-                or (stop_after is not None and steps_this_call >= stop_after):
-            state["sampler"] = sampler.state_dict()
-            state["batches"] = {n: b.state_dict() for n, b in batches.items()}
-            save_checkpoint(accelerator, run_dir, step, state, cfg.keep_checkpoints)
-            if main:
-                _write_metrics(run_dir, state, max_steps, stopped_early)
-        if stopped_early:
-            if main:
-                bar.write(f"early stopping at step {step}: no dev improvement in {cfg.early_stopping_patience} "
-                          f"evaluations (best at step {state['best_step']})")
-            break
+            run.improved = False
+            for cb in callbacks:
+                cb.on_evaluate(run, step, metrics)
         if stop_after is not None and steps_this_call >= stop_after:
-            break
-    bar.close()
-    if writer:
-        writer.close()
-    if main and (run_dir / "model").is_dir():
-        tune_thresholds(run_dir / "model", dev, cfg.eval_batch_size)
+            run.stop = run.stop or "stop_after"
+        for cb in callbacks:                 # the last one, Checkpoints, saves the state they leave
+            cb.on_step_end(run, step, losses_now, weights)
+    run.bar.close()
+    for cb in callbacks:
+        cb.on_train_end(run)
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    return run_dir
+    return run.run_dir
 
 
-def tune_thresholds(bundle: Path, dev: dict[str, list[dict]], batch_size: int) -> None:
-    """Tune the per-label thresholds of multilabel tasks on dev with the best bundle's weights and write them
-    into its tasks.json (the dev metrics logged during training used the initial thresholds)."""
-    from mtlm.checkpoint import load_bundle
-    from mtlm.evaluate import task_outputs
-
-    names = [n for n, info in json.loads((bundle / "tasks.json").read_text())["tasks"].items()
-             if info["type"] == "multilabel" and dev.get(n)]
-    if not names:
-        return
-    model, tokenizer, tasks, meta = load_bundle(bundle)
-    for n in names:
-        preds, refs = task_outputs(model, tasks[n], dev[n], batch_size, tokenizer.pad_token_id, torch.device("cpu"))
-        tasks[n].tune_thresholds(preds, refs)
-        meta["tasks"][n]["state"] = tasks[n].state()
-    (bundle / "tasks.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
-
-
-def _write_metrics(run_dir: Path, state: dict, max_steps: int, stopped_early: bool) -> None:
-    out = {"max_steps": max_steps, "step": state["step"], "best_step": state["best_step"],
-           "best_mean": state["best"], "stopped_early": stopped_early,
-           "eval": state["history"], "train": state["train_log"]}
-    (run_dir / "metrics.json").write_text(json.dumps(out, indent=1), encoding="utf-8")
-
-
-def _tensorboard(run_dir: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:   # tensorboard not installed: logging to metrics.json only
-        return None
-    return SummaryWriter(log_dir=str(run_dir / "logs"))
+def _checked(new: dict, old: dict, hook) -> dict:
+    if set(new) != set(old):
+        raise ValueError(f"loss hook {hook!r} returned losses for {sorted(new)}, expected {sorted(old)}: a loss "
+                         f"hook keeps the task names (weighting, logging and selection are keyed by them)")
+    return new

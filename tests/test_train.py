@@ -164,3 +164,108 @@ def test_folder_that_is_not_a_model_is_a_backbone_error(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(BackboneError, match="cannot load backbone"):
         load_backbone(str(tmp_path))
+
+
+def test_overwrite_removes_the_old_run_before_training(make_recipe):
+    """--overwrite used to delete only checkpoints and logs: the old model/, metrics.json and eval files
+    stayed until the first improving evaluation (and the old bundle's thresholds were re-tuned)."""
+    from mtlm.train import fit
+    path = make_recipe(tasks=("sentiment", "emotions"), name="again", max_steps=4, eval_every=2)
+    run = fit(mtlm.load_recipe(path), progress=False)
+    (run / "eval_test.json").write_text("{}")
+    assert (run / "model" / "tasks.json").is_file()
+    fit(mtlm.load_recipe(path, ["train.eval_every=100", "train.max_steps=10"]), overwrite=True, progress=False,
+        stop_after=1)                                        # killed before its first evaluation
+    assert not (run / "model").exists() and not (run / "eval_test.json").exists()
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["step"] == 1 and m["eval"] == [] and m["max_steps"] == 10
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step_1"]
+
+
+def test_resuming_an_early_stopped_run_does_not_train_on(make_recipe):
+    from mtlm.train import fit
+    path = make_recipe(tasks=("sentiment",), name="early-resume", max_steps=50, eval_every=2, lr=1e-12,
+                       early_stopping_patience=2)
+    run = fit(mtlm.load_recipe(path), progress=False)
+    assert json.loads((run / "metrics.json").read_text())["step"] == 6
+    fit(mtlm.load_recipe(path), resume=True, progress=False)
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["step"] == 6 and m["stopped_early"] is True and latest_checkpoint(run).name == "step_6"
+    # a larger patience lets it continue: the stop is state, not a permanent mark
+    fit(mtlm.load_recipe(path, ["train.early_stopping_patience=3"]), resume=True, progress=False)
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["step"] == 8 and m["stopped_early"] is True
+
+
+def _scripted_evaluations(monkeypatch, evaluations):
+    """Make fit's dev evaluations return `evaluations` in turn (each with the old "mean" key)."""
+    import mtlm.train
+    it = iter(evaluations)
+
+    def scripted(*args, **kwargs):
+        m = dict(next(it))
+        m["mean"] = (m["sentiment/accuracy"] - m["score/mse"]) / 2
+        return m
+    monkeypatch.setattr(mtlm.train, "evaluate", scripted)
+
+
+@pytest.mark.parametrize("unit", [1.0, 100.0, 1e-4])
+def test_selection_is_scale_free(make_recipe, monkeypatch, unit):
+    """Step 2: accuracy 0.90, mse 10; step 4: accuracy 0.50, mse 9. The old mean of accuracy and -mse
+    preferred step 4 (the unbounded mse dominated); the scale-free score keeps step 2 whatever the mse's
+    units, and each task's own best is recorded."""
+    from mtlm.train import fit
+    _scripted_evaluations(monkeypatch, [{"sentiment/accuracy": 0.9, "score/mse": 10.0 * unit},
+                                        {"sentiment/accuracy": 0.5, "score/mse": 9.0 * unit}])
+    path = make_recipe(tasks=("sentiment", "score"), name=f"select-{unit:g}", max_steps=4, eval_every=2,
+                       early_stopping_patience=None)
+    run = fit(mtlm.load_recipe(path, ["tasks.score.metric=mse"]), progress=False)
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["best_step"] == 2
+    assert m["task_best"] == {"sentiment": {"metric": "accuracy", "value": 0.9, "step": 2},
+                              "score": {"metric": "mse", "value": 9.0 * unit, "step": 4}}
+    assert m["eval"][1]["score"] == pytest.approx(((0.1 - 0.5) / 0.1 + 0.1) / 2)
+
+
+def test_threshold_tuning_rewrites_tasks_json_atomically(make_recipe, monkeypatch):
+    """A crash while tasks.json is written leaves the previous file, not a truncated one."""
+    from pathlib import Path as P
+
+    from mtlm.callbacks import tune_thresholds
+    from mtlm.checkpoint import load_bundle
+    from mtlm.data import encode_rows, prepare_rows
+    from mtlm.tasks import build_task
+    from mtlm.train import fit
+    recipe = mtlm.load_recipe(make_recipe(tasks=("emotions",), name="atomic", max_steps=2, eval_every=2))
+    run = fit(recipe, progress=False)
+    before = (run / "model" / "tasks.json").read_text()
+    _, tokenizer, _, _ = load_bundle(run / "model")
+    tasks = {"emotions": build_task("emotions", recipe.tasks["emotions"])}
+    dev = {n: f["dev"] for n, f in encode_rows(tasks, prepare_rows(recipe, tasks).rows, tokenizer, 32).items()}
+    real_write = P.write_text
+
+    def crash_midway(self, text, *args, **kwargs):
+        if self.name.startswith("tasks.json"):
+            real_write(self, text[: len(text) // 2], *args, **kwargs)
+            raise OSError("no space left on device")
+        return real_write(self, text, *args, **kwargs)
+    monkeypatch.setattr(P, "write_text", crash_midway)
+    with pytest.raises(OSError, match="no space"):
+        tune_thresholds(run / "model", dev, 16)
+    monkeypatch.undo()
+    assert (run / "model" / "tasks.json").read_text() == before
+
+
+def test_resume_of_a_run_whose_recipe_predates_a_new_setting(make_recipe):
+    """recipe.yaml of a run started before train.adversarial existed: the new setting at its default is no
+    change, so --resume continues."""
+    import yaml
+
+    from mtlm.train import fit
+    path = make_recipe(tasks=("sentiment",), name="older", max_steps=4, eval_every=4)
+    run = fit(mtlm.load_recipe(path), progress=False, stop_after=2)
+    saved = yaml.safe_load((run / "recipe.yaml").read_text())
+    del saved["train"]["adversarial"]
+    (run / "recipe.yaml").write_text(yaml.safe_dump(saved))
+    fit(mtlm.load_recipe(path), resume=True, progress=False)
+    assert json.loads((run / "metrics.json").read_text())["step"] == 4

@@ -16,8 +16,6 @@ TASK_TYPES = {
     "multiple_choice": MultipleChoice,
 }
 
-LOWER_IS_BETTER = {"mse"}   # selection metrics where smaller is better
-
 
 def build_task(name: str, cfg):
     """The task-type instance for one recipe task (unfitted)."""

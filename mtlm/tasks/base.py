@@ -54,6 +54,11 @@ class TaskType(Protocol):
     # whether tasks of this type can share a micro-batch with other tasks labelled on the same rows (a joint
     # group, mtlm.data): one backbone row and one feature per data row
     joinable: ClassVar[bool]
+    lower_is_better: ClassVar[frozenset[str]]  # metrics where smaller is better (>= 0, 0 perfect); the others
+    #                                            lie in [-1, 1] or [0, 1] with 1 perfect (mtlm.selection relies on it)
+    outputs: ClassVar[str]  # what the logits are: categorical (softmax over the last dim), bernoulli (sigmoid
+    #                         per label), real, span (softmax over positions per start/end), choices (softmax
+    #                         over an example's choice rows); mtlm.adversarial compares outputs by it
 
     name: str
     cfg: TaskConfig

@@ -21,6 +21,8 @@ class Classification(TextTask):
     metric_names: ClassVar[tuple[str, ...]] = ("accuracy", "macro_f1", "mcc")
     class_role: ClassVar[str | None] = "label"
     joinable: ClassVar[bool] = True
+    lower_is_better: ClassVar[frozenset[str]] = frozenset()
+    outputs: ClassVar[str] = "categorical"
 
     labels: list[str]
 

@@ -217,6 +217,8 @@ class ExtractiveQA(NothingToFit):
     default_columns: ClassVar[dict[str, str]] = {"question": "question", "context": "context", "answers": "answers"}
     metric_names: ClassVar[tuple[str, ...]] = ("f1", "exact_match", "has_ans_f1", "has_ans_exact_match",
                                                "no_ans_exact_match")
+    lower_is_better: ClassVar[frozenset[str]] = frozenset()
+    outputs: ClassVar[str] = "span"
     head_input: ClassVar[str] = "tokens"
     class_role: ClassVar[str | None] = None
     joinable: ClassVar[bool] = False            # several windows (backbone rows) per data row

@@ -23,6 +23,8 @@ class MultiLabel(TextTask):
     metric_names: ClassVar[tuple[str, ...]] = ("micro_f1", "macro_f1", "subset_accuracy")
     class_role: ClassVar[str | None] = None     # a label set per row: splits are not stratified
     joinable: ClassVar[bool] = True
+    lower_is_better: ClassVar[frozenset[str]] = frozenset()
+    outputs: ClassVar[str] = "bernoulli"
 
     labels: list[str]
     thresholds: list[float]

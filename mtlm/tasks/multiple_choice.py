@@ -58,6 +58,8 @@ class MultipleChoice(NothingToFit):
     class_role: ClassVar[None] = None                       # the label is a choice, not a class to stratify by
     joinable: ClassVar[bool] = False                        # one backbone row per choice
     metric_names: ClassVar[tuple[str, ...]] = ("accuracy", "mrr", "recall_at_2")
+    lower_is_better: ClassVar[frozenset[str]] = frozenset()
+    outputs: ClassVar[str] = "choices"
     head_input: ClassVar[str] = "pooled"
 
     def __init__(self, name: str, cfg):

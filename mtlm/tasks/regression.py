@@ -38,6 +38,8 @@ class Regression(TextTask):
     metric_names: ClassVar[tuple[str, ...]] = ("pearson", "spearman", "mse")
     class_role: ClassVar[str | None] = None
     joinable: ClassVar[bool] = True
+    lower_is_better: ClassVar[frozenset[str]] = frozenset({"mse"})
+    outputs: ClassVar[str] = "real"
 
     mean: float
     std: float

@@ -78,6 +78,8 @@ class TokenClassification:
     roles: ClassVar[dict[str, bool]] = {"tokens": True, "tags": True}
     default_columns: ClassVar[dict[str, str]] = {"tokens": "tokens", "tags": "tags"}
     metric_names: ClassVar[tuple[str, ...]] = ("f1", "precision", "recall")
+    lower_is_better: ClassVar[frozenset[str]] = frozenset()
+    outputs: ClassVar[str] = "categorical"
     head_input: ClassVar[str] = "tokens"
     class_role: ClassVar[str | None] = None     # a tag per word: splits are not stratified
     joinable: ClassVar[bool] = True
