@@ -36,7 +36,8 @@ def contexts(make_recipe):
     model = build_model(backbone, tasks, "mean", 0.0).eval()
     out = {}
     for name in tasks:
-        inputs, targets = collate_source(tasks, [name], None, train, list(range(8)), tokenizer.pad_token_id)
+        items = [{"inputs": f, "labels": {name: f}} for f in train[name][:8]]     # SourceDataset items
+        inputs, targets = collate_source(tasks, items, tokenizer.pad_token_id)
         logits = model(tasks=list(targets), **inputs)
         out[name] = LossContext(model, tasks, name, inputs, targets, logits, masked_losses(tasks, logits, targets), 0)
     return out
