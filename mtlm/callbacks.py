@@ -32,7 +32,7 @@ from mtlm.checkpoint import save_bundle, save_checkpoint
 from mtlm.selection import Selection
 
 if TYPE_CHECKING:
-    from mtlm.train import Run
+    from mtlm.hooks import Run
 
 log = logging.getLogger("mtlm")
 

@@ -18,9 +18,7 @@ import contextlib
 import json
 import logging
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 import yaml
@@ -30,14 +28,15 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from mtlm.adversarial import adversarial_hooks
-from mtlm.batches import SourceBatches, TaskSampler, masked_losses, steps_for_epochs, train_batches
+from mtlm.batches import TaskSampler, masked_losses, steps_for_epochs, train_batches
 from mtlm.callbacks import BestBundle, Checkpoints, EarlyStopping, TensorBoardLog
 from mtlm.checkpoint import latest_checkpoint
 from mtlm.config import Recipe, RecipeError
 from mtlm.contract import write_contract
 from mtlm.data import encode_rows, prepare_rows
 from mtlm.evaluate import evaluate
-from mtlm.model import MultiTaskModel, build_model, load_backbone
+from mtlm.hooks import LossContext, LossHook, ModelHook, Run   # noqa: F401  (fit's public hook types)
+from mtlm.model import build_model, load_backbone
 from mtlm.run_folder import check_resumable, clear_run
 from mtlm.tasks import build_task
 from mtlm.weighting import build_weighting, resolve_step_mode
@@ -90,85 +89,6 @@ def cpu_has_bf16() -> bool:
     """Whether oneDNN has native bf16 kernels on this CPU (AVX512-BF16 or AMX)."""
     probe = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
     return bool(probe()) if probe is not None else True
-
-
-@dataclass
-class LossContext:
-    """What a loss hook sees for one micro-batch of one source (a task, or a joint group's tasks).
-
-    model: the unwrapped MultiTaskModel (a hook may run it again, e.g. on perturbed embeddings: `forward()`);
-    inputs: input_ids, attention_mask[, token_type_ids], each (batch, seq_len); targets: {task: (rows,
-    labels)} as `mtlm.batches.collate_source` returns them; logits: {task: head output} of the loop's forward;
-    losses: {task: scalar loss} so far (the masked task losses, plus what earlier hooks added)."""
-
-    model: torch.nn.Module
-    tasks: dict
-    source: str
-    inputs: dict[str, torch.Tensor]
-    targets: dict[str, tuple]
-    logits: dict[str, torch.Tensor]
-    losses: dict[str, torch.Tensor]
-    step: int
-
-    def forward(self) -> dict[str, torch.Tensor]:
-        """The model's outputs for this micro-batch again (one backbone pass): {task: logits}."""
-        return self.model(tasks=list(self.targets), **self.inputs)
-
-    def task_losses(self, logits: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Each task's own loss of `logits` against this micro-batch's labels (labelled rows only)."""
-        return masked_losses(self.tasks, logits, self.targets)
-
-
-# loss_fn(ctx) -> {task: loss}, the same keys as ctx.losses: e.g. distillation adds a teacher term per task.
-LossHook = Callable[[LossContext], dict[str, torch.Tensor]]
-# model_fn(model) -> model, between building and accelerator.prepare (and before the optimizer is made, so
-# it may freeze, replace or add parameters): LoRA, pruning masks, quantisation-aware training.
-ModelHook = Callable[[MultiTaskModel], torch.nn.Module]
-
-
-@dataclass
-class Run:
-    """Everything `build` constructs for one call of `fit`, and the loop's state (`state`: step, history,
-    train log, samplers; saved in every checkpoint). `stop` (a reason) ends the loop; `improved` says
-    whether the latest evaluation was the best so far (set by the BestBundle callback)."""
-
-    recipe: Recipe
-    run_dir: Path
-    accelerator: Accelerator
-    tasks: dict
-    tokenizer: object
-    model: torch.nn.Module                          # as prepared by Accelerate (DDP-wrapped with 2+ processes)
-    unwrapped: MultiTaskModel
-    optimizer: torch.optim.Optimizer
-    scheduler: object
-    weighting: object
-    sources: dict[str, list[str]]                  # source -> its tasks: a task alone, or a joint group
-    step_mode: str                                  # sampled | all_tasks
-    max_steps: int
-    sampler: TaskSampler
-    batches: dict[str, SourceBatches]
-    next_batch: Callable[[str], tuple[dict, dict]]  # source -> (inputs, targets) of this process's share
-    dev: dict[str, list[dict]]
-    checkpoint: Path | None
-    state: dict = field(default_factory=lambda: {"step": 0, "history": [], "train_log": []})
-    stop: str | None = None
-    improved: bool = False
-    best_step: int | None = None                    # the kept model's step (set by the BestBundle callback)
-    callbacks: list = field(default_factory=list)   # fit's, in call order (built-ins first, Checkpoints last)
-    bar: object = None
-
-    @property
-    def is_main(self) -> bool:
-        return self.accelerator.is_main_process
-
-    @property
-    def step(self) -> int:
-        return self.state["step"]
-
-    def say(self, message: str) -> None:
-        """A line for the user (main process; above the progress bar)."""
-        if self.is_main:
-            (self.bar.write if self.bar is not None else log.info)(message)
 
 
 def build(recipe: Recipe, resume: bool = False, overwrite: bool = False, model_fn: ModelHook | None = None) -> Run:
