@@ -69,3 +69,13 @@ def running_server(bundle: Path, log_dir: Path, *args: str, verbose: bool = Fals
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait(timeout=10)
+
+
+def metric(text: str, name: str, **labels) -> float:
+    """The value of one sample in Prometheus text output (0.0 when absent)."""
+    from prometheus_client.parser import text_string_to_metric_families
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return sample.value
+    return 0.0

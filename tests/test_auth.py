@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from servers import fit_bundle, running_server
+from servers import fit_bundle, metric, running_server
 
 from mtlm.serve.app import create_app
 from mtlm.serve.auth import ENV_AUTH, AccessConfigError, APIKeys, read_keys
@@ -45,15 +45,6 @@ async def client_for(bundle: Path, api_keys: APIKeys | None):
 
 def bearer(key: str) -> dict:
     return {"Authorization": f"Bearer {key}"}
-
-
-def metric(text: str, name: str, **labels) -> float:
-    from prometheus_client.parser import text_string_to_metric_families
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and sample.labels == labels:
-                return sample.value
-    return 0.0
 
 
 def test_cli_reports_a_bad_key_file_in_one_line(tmp_path, capsys):

@@ -21,6 +21,7 @@ import pytest
 
 import mtlm
 from conftest import write_recipe
+from servers import metric
 from mtlm.serve.app import create_app
 from mtlm.serve.schemas import ServeSettings
 
@@ -94,16 +95,6 @@ async def wait_until(predicate, timeout_s: float = 10.0):
     while not predicate():
         assert time.monotonic() < deadline, "condition not reached"
         await asyncio.sleep(0.005)
-
-
-def metric(text: str, name: str, **labels) -> float:
-    """The value of one sample in Prometheus text output (0.0 when absent)."""
-    from prometheus_client.parser import text_string_to_metric_families
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and sample.labels == labels:
-                return sample.value
-    return 0.0
 
 
 def assert_same(got: dict, want: dict):
