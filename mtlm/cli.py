@@ -1,4 +1,4 @@
-"""`mtlm train|eval|predict|baseline|quickstart|serve`: parse arguments, then call one function.
+"""`mtlm train|eval|predict|baseline|quickstart|serve|export|compress`: parse arguments, then call one function.
 
 User errors (bad recipe, bad data, missing backbone package, bad bundle, bad input) print one message and
 exit with status 2, without a traceback."""
@@ -22,8 +22,10 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from mtlm.sources import DataError
     from mtlm.serve.auth import AccessConfigError
     from pydantic import ValidationError         # a `mtlm serve` setting out of range
+    from mtlm.compress import CompressError
+    from mtlm.engine import EngineError
     return (RecipeError, DataError, BackboneError, BundleError, InputError, ValidationError, MissingPackage,
-            AccessConfigError)
+            AccessConfigError, EngineError, CompressError)
 
 
 def cmd_train(args) -> None:
@@ -36,7 +38,8 @@ def cmd_train(args) -> None:
 
 def cmd_eval(args) -> None:
     from mtlm.evaluate import by_task, evaluate_bundle, format_deltas, format_table
-    metrics, tasks, out_path = evaluate_bundle(args.run, args.split, args.batch_size, data_dir=args.data_dir)
+    metrics, tasks, out_path = evaluate_bundle(args.run, args.split, args.batch_size, data_dir=args.data_dir,
+                                               engine=args.engine)
     print(format_table(by_task(metrics), tasks))
     if "mean" in metrics:
         print(f"{'mean':<20} {'':<22} {metrics['mean']:.4f}")
@@ -81,7 +84,7 @@ def cmd_predict(args) -> None:
     out_path = Path(args.output) if args.output else None
     if out_path is not None and not os.access(out_path.parent if str(out_path.parent) else ".", os.W_OK):
         raise InputError(f"--output {args.output}: cannot write to {out_path.parent}")   # before the model loads
-    predictor = load(args.run)
+    predictor = load(args.run, engine=args.engine)
     tasks = args.tasks.split(",") if args.tasks else None
     try:
         results = predictor.predict(inputs, tasks=tasks)
@@ -122,7 +125,33 @@ def cmd_serve(args) -> None:
     except ModuleNotFoundError as e:     # an install made with --no-deps, or an old one
         raise MissingPackage(f"`mtlm serve` needs the {e.name!r} package: pip install fastapi 'uvicorn[standard]' "
                              "prometheus-client (or reinstall mtlm: pip install -e .)") from None
+    from mtlm.checkpoint import find_bundle
+    from mtlm.engine import precheck_engine
+    if getattr(args, "setting_engine", None):      # before the workers start: a clear error, not a failed load
+        precheck_engine(args.setting_engine, find_bundle(args.run))
     serve(args)
+
+
+def cmd_export(args) -> None:
+    from mtlm.export import export_run
+    bundle, report = export_run(args.run, args.output, args.format)
+    fused = report["fused_operators"]
+    print(f"wrote {bundle / report['file']}: outputs {', '.join(report['outputs'])}; onnxruntime fp32 vs torch "
+          f"max |diff| {max(report['max_abs_diff'].values()):.2e} on {sum(report['rows_checked'].values())} dev rows")
+    print("fused operators (onnxruntime transformer optimiser): "
+          + (", ".join(f"{k} {v}" for k, v in fused.items()) if fused else "none found / optimiser unavailable"))
+
+
+def cmd_compress(args) -> None:
+    from mtlm.compress import REPORT_FILE, compress_run, format_report
+    run_dir, report = compress_run(args.run, args.method, args.budget, args.output)
+    print(format_report(report))
+    print(f"derived run: {run_dir} (mtlm eval {run_dir} --split dev|test compares it with its parent)\n"
+          f"report: {run_dir / REPORT_FILE}")
+
+
+ENGINE_HELP = ("what runs the model: torch, torch-bf16, onnx, onnx-int8 (default: the fastest engine the bundle holds "
+               "that passes its check against torch fp32 on this machine)")
 
 
 def _positive_int(value: str) -> int:
@@ -151,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=_positive_int, default=64)
     e.add_argument("--data-dir", help="where the data moved: a folder standing in for the recipe folder (the run's "
                                       "data paths are tried under it, then by file name)")
+    e.add_argument("--engine", help=ENGINE_HELP)
     e.set_defaults(func=cmd_eval)
 
     q = sub.add_parser("predict", help="predict all (or some) tasks for texts")
@@ -160,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--input", help="JSONL file, one input per line: a string, {text, text_pair}, "
                                    "{question, context} (extractive QA) or {text, choices} (multiple choice)")
     q.add_argument("--output", help="JSONL output file (default: stdout)")
+    q.add_argument("--engine", help=ENGINE_HELP)
     q.set_defaults(func=cmd_predict)
 
     b = sub.add_parser("baseline", help="multi-task vs one single-task model per task, same step budget")
@@ -185,10 +216,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="server processes, each with its own model copy (default: %(default)s)")
     from mtlm.serve.schemas import ServeSettings
     for name, info in ServeSettings.model_fields.items():    # one flag per setting, e.g. --max-windows
-        kind = float if info.annotation in (float, float | None) else int
+        kind = (float if info.annotation in (float, float | None) else str if info.annotation in (str, str | None)
+                else int)
         default = "" if info.default is None else f" (default: {info.default})"
         v.add_argument(f"--{name.replace('_', '-')}", type=kind, default=None, dest=f"setting_{name}",
-                       metavar="MS" if name.endswith("_ms") else "N", help=f"{info.description}{default}")
+                       metavar="MS" if name.endswith("_ms") else "NAME" if kind is str else "N",
+                       help=f"{info.description}{default}")
     a = v.add_argument_group("access", "who may call the server (README 'Serving')")
     a.add_argument("--api-key", action="append", dest="api_keys", metavar="KEY",
                    help="require 'Authorization: Bearer KEY' on /v1/* (repeatable; shows in the process list: "
@@ -199,6 +232,22 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--ssl-certfile", metavar="PEM", help="serve HTTPS with this certificate (chain)")
     a.add_argument("--ssl-keyfile", metavar="PEM", help="the certificate's private key")
     v.set_defaults(func=cmd_serve)
+
+    x = sub.add_parser("export", help="export a run's model as one ONNX graph (backbone + every head)")
+    x.add_argument("run", help="run folder or bundle folder")
+    x.add_argument("--format", default="onnx", help="export format (default: %(default)s; the only one)")
+    x.add_argument("--output", help="write a new derived run folder holding the graph (default: into the run's "
+                                    "own model/onnx/)")
+    x.set_defaults(func=cmd_export)
+
+    c = sub.add_parser("compress", help="a faster model keeping every task within an accuracy budget on dev")
+    c.add_argument("run", help="run folder (with its stored dev rows)")
+    c.add_argument("--method", default="auto", help="auto | int8 | bf16 (prune, layers: not built yet); "
+                                                    "default: %(default)s")
+    c.add_argument("--budget", type=float, default=1.0,
+                   help="relative drop in percent allowed for EACH task's dev metric (default: %(default)s)")
+    c.add_argument("--output", help="derived run folder (default: <run>-<method> beside the run)")
+    c.set_defaults(func=cmd_compress)
     return p
 
 

@@ -1,23 +1,40 @@
 """Engines: what runs the backbone and heads at prediction time.
 
 An engine takes a padded micro-batch (`mtlm.encoded.ModelInputs`) and returns every asked head's output by
-task name. `mtlm.predict.Predictor` and the server run the model only through one, so an engine that is not
-torch eager (bf16 autocast, an ONNX Runtime session of `MultiTaskModel.infer`, int8) plugs in by name:
+task name. `mtlm.predict.Predictor`, the server and `mtlm eval` run the model only through one, chosen by name:
 
-    ENGINES = {"torch": TorchEngine}      # name -> factory(model, device) -> Engine
+    ENGINES = {"torch": TorchEngine,            # torch eager, fp32 as loaded: the reference
+               "torch-bf16": TorchBf16Engine,   # torch eager under bf16 autocast (native-bf16 CPUs, GPUs)
+               "onnx": OnnxEngine,              # ONNX Runtime, the bundle's fp32 graph (model/onnx/model.onnx)
+               "onnx-int8": OnnxInt8Engine}     # ONNX Runtime, its dynamic int8 graph (model/onnx/model.int8.onnx)
 
-Outputs are torch tensors on the CPU or the model's device, one per task: the head's logits, (rows, ...)
-with one row per backbone row (the task types' `decode` regroups multi-row inputs).
+A factory is called as factory(model, device, bundle): `model` the loaded `MultiTaskModel` (torch engines),
+`bundle` the bundle folder (ONNX engines read only their graph file from it). Outputs are torch tensors on
+the CPU or the model's device, one per task: the head's logits, (rows, ...) with one row per backbone row.
+Which engines a bundle holds, and which is its default, is `mtlm.engines_manifest`'s job; checking an engine
+against torch fp32 before use is `mtlm.engine_check`'s.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+from pathlib import Path
 from typing import Callable, Protocol, Sequence
 
 import torch
 from torch import Tensor
 
 from mtlm.encoded import ModelInputs
+
+ONNX_DIR = "onnx"                       # inside a bundle
+ONNX_FILES = {"onnx": "model.onnx", "onnx-int8": "model.int8.onnx"}
+GRAPH_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+class EngineError(ValueError):
+    """An engine that cannot run here: unknown name, a graph the bundle does not hold, an instruction set
+    the CPU lacks, or a failed check against torch fp32. The message says what to do instead."""
 
 
 class Engine(Protocol):
@@ -31,27 +48,141 @@ class Engine(Protocol):
         ...
 
 
+def cpu_has_bf16() -> bool:
+    """Whether oneDNN has native bf16 kernels on this CPU (AVX512-BF16 or AMX); without them PyTorch emulates
+    bf16 matmuls (measured 6-9x slower than fp32 on an AVX2 CPU)."""
+    probe = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return bool(probe()) if probe is not None else True
+
+
 class TorchEngine:
     """Torch eager on `device` (fp32 as loaded), under `torch.inference_mode()`: one backbone pass, then
     only the asked heads."""
 
     name = "torch"
 
-    def __init__(self, model, device: torch.device | str = "cpu"):
+    def __init__(self, model, device: torch.device | str = "cpu", bundle: Path | None = None):
         self.model, self.device = model, torch.device(device)
+
+    def _context(self):
+        return contextlib.nullcontext()
 
     @torch.inference_mode()
     def run(self, inputs: ModelInputs, tasks: Sequence[str]) -> dict[str, Tensor]:
-        return self.model.infer(**inputs.to(self.device).as_dict(), tasks=list(tasks))
+        with self._context():
+            out = self.model.infer(**inputs.to(self.device).as_dict(), tasks=list(tasks))
+        return {n: v.float() for n, v in out.items()}
+
+
+class TorchBf16Engine(TorchEngine):
+    """Torch eager under `torch.autocast(dtype=torch.bfloat16)` (weights stay fp32; matmuls run in bf16,
+    LayerNorm and softmax in fp32), outputs cast back to fp32. On a CPU it needs native bf16 (AVX512-BF16 or
+    AMX): raises EngineError otherwise, since emulated bf16 is several times slower than fp32."""
+
+    name = "torch-bf16"
+
+    def __init__(self, model, device: torch.device | str = "cpu", bundle: Path | None = None):
+        super().__init__(model, device, bundle)
+        if self.device.type == "cpu" and not cpu_has_bf16():
+            raise EngineError("engine torch-bf16: this CPU has no native bf16 (AVX512-BF16 or AMX; see the flags in "
+                              "/proc/cpuinfo), so bf16 would run emulated, several times slower than fp32; use "
+                              "--engine onnx-int8 (after `mtlm compress RUN --method int8`) or torch")
+
+    def _context(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
+
+def onnx_path(bundle: Path | None, name: str) -> Path:
+    """The graph file of ONNX engine `name` in `bundle`. Raises EngineError when the bundle does not hold it
+    (saying which command writes it)."""
+    if bundle is None:
+        raise EngineError(f"engine {name}: needs a bundle folder holding {ONNX_DIR}/{ONNX_FILES[name]}")
+    path = Path(bundle) / ONNX_DIR / ONNX_FILES[name]
+    if not path.is_file():
+        how = ("mtlm export RUN --format onnx" if name == "onnx"
+               else "mtlm compress RUN --method int8 (it writes a new run whose bundle holds it)")
+        raise EngineError(f"engine {name}: the bundle {bundle} holds no {ONNX_DIR}/{ONNX_FILES[name]}; make it with "
+                          f"`{how}`")
+    return path
+
+
+def ort_session(path: Path, threads: int | None = None):
+    """An ONNX Runtime CPU session of `path` with every graph optimisation on and `threads` intra-op threads
+    (default: torch's thread count, so engines compare at the same parallelism). Raises EngineError when
+    onnxruntime is not installed."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise EngineError("the ONNX engines need onnxruntime: pip install onnxruntime") from None
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = threads or torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+class OnnxEngine:
+    """ONNX Runtime (CPU) running the bundle's exported graph of backbone + every head (`mtlm.export`):
+    every call computes all heads and returns the asked ones. Needs no torch weights: `model` is unused.
+    Inputs are fed as int64; token_type_ids as zeros when the tokenizer has none."""
+
+    name = "onnx"
+
+    def __init__(self, model=None, device: torch.device | str = "cpu", bundle: Path | None = None):
+        if torch.device(device).type != "cpu":
+            raise EngineError(f"engine {self.name}: runs on the CPU only (onnxruntime's CPU package); use torch "
+                              f"or torch-bf16 on {device}")
+        self.path = onnx_path(bundle, self.name)
+        self.session = ort_session(self.path)
+        self.outputs = [o.name for o in self.session.get_outputs()]
+
+    def run(self, inputs: ModelInputs, tasks: Sequence[str]) -> dict[str, Tensor]:
+        unknown = [t for t in tasks if t not in self.outputs]
+        if unknown:
+            raise KeyError(f"unknown task(s) {unknown}; the graph's heads: {', '.join(self.outputs)}")
+        feed = inputs.as_dict()
+        feed.setdefault("token_type_ids", torch.zeros_like(inputs.input_ids))
+        values = self.session.run(self.outputs, {k: feed[k].cpu().numpy().astype("int64") for k in GRAPH_INPUTS})
+        return {n: torch.from_numpy(v) for n, v in zip(self.outputs, values) if n in tasks}
+
+
+class OnnxInt8Engine(OnnxEngine):
+    """ONNX Runtime running the bundle's dynamic int8 graph (`mtlm.compress`: onnxruntime's dynamic
+    quantisation, per-channel weights; activations quantised per batch at run time)."""
+
+    name = "onnx-int8"
 
 
 ENGINES: dict[str, Callable[..., Engine]] = {
     "torch": TorchEngine,
+    "torch-bf16": TorchBf16Engine,
+    "onnx": OnnxEngine,
+    "onnx-int8": OnnxInt8Engine,
 }
 
 
-def make_engine(name: str, model, device: torch.device | str = "cpu") -> Engine:
-    """The engine called `name` for a loaded `MultiTaskModel`. Raises ValueError listing the known names."""
+def make_engine(name: str, model, device: torch.device | str = "cpu", bundle: Path | None = None) -> Engine:
+    """The engine called `name` for a loaded `MultiTaskModel` (torch engines) or the bundle folder `bundle`
+    (ONNX engines). Raises EngineError (a ValueError) listing the known names on an unknown one, or saying
+    why a known one cannot run here."""
     if name not in ENGINES:
-        raise ValueError(f"unknown engine {name!r}; known engines: {', '.join(ENGINES)}")
-    return ENGINES[name](model, device)
+        raise EngineError(f"unknown engine {name!r}; known engines: {', '.join(ENGINES)}")
+    return ENGINES[name](model, device, bundle)
+
+
+def read_manifest(bundle: Path) -> dict:
+    """The bundle's engines.json ({} when absent): {"format", "engines": {name: {...}}, "measured": {...}}."""
+    path = Path(bundle) / "engines.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def precheck_engine(name: str, bundle: Path) -> None:
+    """What can be told about engine `name` for `bundle` without loading the model: a known name, a graph
+    file the bundle holds, native bf16 for torch-bf16 on a CPU-only machine. Raises EngineError."""
+    if name not in ENGINES:
+        raise EngineError(f"unknown engine {name!r}; known engines: {', '.join(ENGINES)}")
+    if name in ONNX_FILES:
+        onnx_path(bundle, name)
+    if name == "torch-bf16" and not torch.cuda.is_available():
+        TorchBf16Engine(None, "cpu")

@@ -104,18 +104,20 @@ def by_task(flat: dict[str, float]) -> dict[str, dict[str, float]]:
 
 
 def evaluate_bundle(path, split: str = "test", batch_size: int = 64, data_dir=None,
-                    contract_from=None) -> tuple[dict[str, float], dict, Path]:
+                    contract_from=None, engine: str | None = None) -> tuple[dict[str, float], dict, Path]:
     """Evaluate a run or bundle on the `split` rows stored in its evaluation contract (`mtlm.contract`): the
     exact rows it was trained and selected with, re-read from its data files after checking their digests.
 
     data_dir: a folder standing in for the recipe folder when the data moved (see `contract.resolve_source`).
     contract_from: evaluate on another run's stored rows (`mtlm baseline`: the multi-task run's).
+    engine: what runs the model (`mtlm.engine.ENGINES`); default: the bundle's default engine, as `mtlm.load`
+    chooses it (a compressed run: its int8 / bf16 engine), recorded in the report as "engine".
     A derived run (parent.json) is evaluated on its parent's rows; its report adds the parent's metrics and
     per-task deltas (this run - parent), evaluating the parent first when its eval_<split>.json is missing or
     was made on other rows. A run without a contract (trained before mtlm stored one) is evaluated the old
     way, re-splitting the recipe's data, with a warning. Writes eval_<split>.json in the run folder and returns
     (metrics, tasks, that path). Raises BundleError, RecipeError, ContractError (a data file changed or is
-    missing, naming it; a parent run missing or retrained)."""
+    missing, naming it; a parent run missing or retrained), EngineError (an engine that cannot run here)."""
     from mtlm.checkpoint import find_bundle, load_bundle
     from mtlm.config import RecipeError
 
@@ -133,8 +135,11 @@ def evaluate_bundle(path, split: str = "test", batch_size: int = 64, data_dir=No
     features = {n: tasks[n].encode(rows[n].records, tokenizer, meta["max_length"]) for n in rows}
     if not features:
         raise RecipeError([f"no task has a {split} split (set tasks.<name>.data.{split} or data.split.{split})"])
-    metrics = evaluate(model, tasks, features, batch_size, tokenizer.pad_token_id, device)
-    report = {"split": split, "bundle": _relative(bundle, run_dir),
+    from mtlm.engine_check import EngineModel, choose_engine
+    runner = choose_engine(bundle, model, tokenizer, tasks, meta, device, requested=engine)
+    scored = model if runner.name == "torch" else EngineModel(runner)
+    metrics = evaluate(scored, tasks, features, batch_size, tokenizer.pad_token_id, device)
+    report = {"split": split, "bundle": _relative(bundle, run_dir), "engine": runner.name,
               "contract": None if contract_dir is None else _relative(contract_dir, run_dir),
               "rows": {n: len(rows[n].records) for n in features},   # examples (a QA example has windows)
               "rows_sha256": digests, "model_sha256": bundle_sha256(bundle), "metrics": metrics}

@@ -271,9 +271,17 @@ class Predictor:
         return [{n: r[n] for n in plan.names if n in r} for r in results]
 
 
-def load(path: str | Path, device: str | None = None, engine: str = "torch") -> Predictor:
-    """Load a run folder or bundle for prediction, run by `engine` (a name in `mtlm.engine.ENGINES`).
-    Raises mtlm.checkpoint.BundleError, ValueError (unknown engine)."""
+def load(path: str | Path, device: str | None = None, engine: str | None = None) -> Predictor:
+    """Load a run folder or bundle for prediction, run by `engine` (a name in `mtlm.engine.ENGINES`: torch,
+    torch-bf16, onnx, onnx-int8). Default (None): the fastest engine the bundle holds that runs on this
+    machine and passes its check against torch fp32 on the bundle's dev rows (`mtlm.engine_check.choose_engine`;
+    torch for a bundle holding no other). A named engine other than torch is checked the same way first.
+    Raises mtlm.checkpoint.BundleError, mtlm.engine.EngineError (a ValueError: unknown engine, one this
+    machine or bundle cannot run, or one that fails its check)."""
+    from mtlm.checkpoint import find_bundle
+    from mtlm.engine_check import choose_engine
+
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, tokenizer, tasks, meta = load_bundle(path, dev)
-    return Predictor(model, tokenizer, tasks, meta, dev, engine=engine)
+    chosen = choose_engine(find_bundle(path), model, tokenizer, tasks, meta, dev, requested=engine)
+    return Predictor(model, tokenizer, tasks, meta, dev, engine=chosen)

@@ -76,7 +76,7 @@ class Service:
                 predictor = await asyncio.to_thread(self.source)
             else:
                 from mtlm.predict import load
-                predictor = await asyncio.to_thread(load, self.source)
+                predictor = await asyncio.to_thread(load, self.source, None, self.settings.engine)
             predictor.max_pass_tokens = self.settings.max_batch_tokens   # a many-window input runs in chunks
             self.predictor = predictor
             self.runner = Runner(predictor, self.settings.torch_threads)

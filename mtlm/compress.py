@@ -1,0 +1,257 @@
+"""`mtlm compress RUN --method auto|int8|bf16 --budget X`: a faster model that keeps EVERY task within an
+accuracy budget on dev, written as a derived run (`mtlm.contract.derive_run`: judged on the parent's rows).
+
+`--budget X` is the relative drop in percent of each task's selection metric on its dev rows, allowed for
+every task. Methods:
+- int8: onnxruntime dynamic int8, per-channel (`mtlm.quantize`); the search keeps the strongest setting of
+  which node groups stay fp32 that fits, and names the task that bound it.
+- bf16: torch bf16 autocast (engine torch-bf16); on a CPU only with native bf16 (AVX512-BF16 / AMX).
+- auto: every method this machine runs (int8, the fp32 ONNX graph, bf16 where native), then the fastest
+  within budget, measured side by side with torch fp32 in this run.
+- prune, layers: structured pruning / layer dropping with distillation; not built yet (refused).
+The chosen model is re-evaluated from the files written before it is returned: a setting that violates the
+budget on dev is never returned; when none fits, CompressError says what each try lost.
+
+The report (`compress_report.json` in the derived run, also printed): per task the selection metric of the
+parent and of the result on dev and test with relative drops; per engine, measured in one run on the same
+real texts (the dev rows): texts/s at batch 32 (all heads), p50 batch-1 latency, size on disk, peak resident
+memory; the CPU's instruction-set flags.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from mtlm.engine import (ONNX_DIR, ONNX_FILES, EngineError, OnnxEngine, OnnxInt8Engine, TorchBf16Engine,
+                         TorchEngine, cpu_has_bf16)
+from mtlm.engine_check import EngineModel, dev_features
+from mtlm.quantize import Trial, node_groups, quantize_int8, relative_drop, search
+
+log = logging.getLogger("mtlm")
+
+METHODS = ("auto", "int8", "bf16", "prune", "layers")
+NOT_BUILT = ("prune", "layers")
+REPORT_FILE = "compress_report.json"
+
+
+class CompressError(ValueError):
+    """A compression that cannot be done or found nothing within budget; the message says why."""
+
+
+def _check_arguments(method: str, budget: float) -> None:
+    if method not in METHODS:
+        raise CompressError(f"unknown method {method!r}; known methods: {', '.join(METHODS)}")
+    if method in NOT_BUILT:
+        raise CompressError(f"--method {method}: not built yet (it needs recovery training with distillation "
+                            f"through fit's loss hook); use --method int8, bf16 or auto")
+    if not budget >= 0:
+        raise CompressError(f"--budget {budget}: must be 0 or more (the relative drop in percent allowed per task)")
+
+
+class Scorer:
+    """Dev (or test) metrics of any engine on fixed encoded rows, and relative drops from a baseline."""
+
+    def __init__(self, tasks: dict, features: dict[str, list[dict]], pad_token_id: int, batch_size: int = 64):
+        from mtlm.tasks import LOWER_IS_BETTER, default_metric
+        self.tasks, self.features, self.pad, self.batch_size = tasks, features, pad_token_id, batch_size
+        self.keys = {n: f"{n}/{default_metric(tasks[n])}" for n in features}
+        self.lower = {n: default_metric(tasks[n]) in LOWER_IS_BETTER for n in features}
+
+    def metrics(self, engine) -> dict[str, float]:
+        """{task: selection metric} of `engine` on the rows."""
+        from mtlm.evaluate import evaluate
+        flat = evaluate(EngineModel(engine), self.tasks, self.features, self.batch_size, self.pad, torch.device("cpu"))
+        return {n: flat[k] for n, k in self.keys.items()}
+
+    def drops(self, base: dict[str, float], metrics: dict[str, float]) -> dict[str, float]:
+        return {n: relative_drop(base[n], metrics[n], self.lower[n]) for n in base}
+
+
+def compress_run(run: str | Path, method: str = "auto", budget: float = 1.0, output: str | Path | None = None,
+                 measure_memory: bool = True, rounds: int = 3) -> tuple[Path, dict]:
+    """Compress run `run` by `method` within `budget` (% relative drop per task on dev) into a derived run
+    (`output`, default `<run>-<method>` beside it). Returns (the derived run folder, the report dict).
+
+    Raises CompressError (unknown or unbuilt method, budget < 0, a task without dev rows, output exists,
+    nothing within budget), EngineError (bf16 on a CPU without native bf16), ContractError (no stored
+    evaluation contract, or its data cannot be read), BundleError."""
+    from mtlm.checkpoint import find_bundle, load_bundle
+    from mtlm.contract import ContractError, derive_run
+    from mtlm.measure import cpu_flags, model_rows, peak_memory_mb, size_on_disk, speed
+
+    _check_arguments(method, budget)
+    bundle = find_bundle(run)
+    parent = bundle.parent if bundle.name == "model" else bundle
+    out = Path(output) if output is not None else parent.with_name(f"{parent.name}-{method}")
+    if (out / "model").exists():
+        raise CompressError(f"{out} already holds a model: pass --output NEW_FOLDER")
+    bf16_ok = torch.cuda.is_available() or cpu_has_bf16()
+    if method == "bf16" and not bf16_ok:
+        TorchBf16Engine(None, "cpu")                       # raises EngineError with the reason
+    model, tokenizer, tasks, meta = load_bundle(bundle, "cpu")
+    try:
+        dev = dev_features(bundle, tasks, tokenizer, int(meta["max_length"]), rows=None)
+    except ContractError as e:
+        raise CompressError(f"{run}: the budget is judged on the stored dev rows, which cannot be read: {e}") from None
+    missing = [n for n in tasks if not dev.get(n)]
+    if missing:
+        raise CompressError(f"{run}: task(s) {', '.join(missing)} have no dev rows; the budget is judged on dev "
+                            f"(set tasks.<name>.data.dev or data.split.dev and retrain)")
+    scorer = Scorer(tasks, dev, tokenizer.pad_token_id)
+    reference = TorchEngine(model, "cpu")
+    base = scorer.metrics(reference)
+    log.info("torch fp32 on dev: %s", "  ".join(f"{n} {v:.4f}" for n, v in base.items()))
+
+    work = Path(tempfile.mkdtemp(prefix="mtlm-compress-"))
+    try:
+        found: dict[str, dict] = {}              # engine -> {"trial", "engine", "details"}
+        trials: list[dict] = []
+        bound = None
+        if method in ("int8", "auto"):
+            found_int8, int8_trials, bound = _search_int8(model, work, scorer, base, budget)
+            trials += [t.as_dict() for t in int8_trials]
+            if found_int8 is not None:
+                found["onnx-int8"] = found_int8
+            if method == "auto" and (work / ONNX_DIR / ONNX_FILES["onnx"]).is_file():
+                engine = OnnxEngine(None, "cpu", work)
+                metrics = scorer.metrics(engine)
+                trial = Trial("onnx fp32", [], metrics, scorer.drops(base, metrics), budget)
+                trials.append(trial.as_dict())
+                if trial.fits:
+                    found["onnx"] = {"trial": trial, "engine": engine, "details": {}}
+        if method in ("bf16", "auto") and bf16_ok:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+            engine = TorchBf16Engine(model.to(device), device)
+            metrics = scorer.metrics(engine)
+            model.to("cpu")
+            trial = Trial("torch bf16 autocast", [], metrics, scorer.drops(base, metrics), budget)
+            trials.append(trial.as_dict())
+            if trial.fits:
+                found["torch-bf16"] = {"trial": trial, "engine": TorchBf16Engine(model, "cpu") if device == "cpu"
+                                       else engine, "details": {"autocast": "bfloat16"}}
+        if not found:
+            lines = [f"  {t['name']}: " + ", ".join(f"{n} {d:+.2f}%" for n, d in t["dev_drop_pct"].items())
+                     for t in trials]
+            skipped = "" if bf16_ok or method != "auto" else " (bf16 not tried: this CPU has no native bf16)"
+            raise CompressError(f"nothing fits a {budget}% budget on dev for every task{skipped}; relative drops "
+                                f"per try:\n" + "\n".join(lines))
+
+        rows = model_rows(dev)
+        speeds = speed({"torch": reference, **{n: f["engine"] for n, f in found.items()}}, list(tasks), rows,
+                       tokenizer.pad_token_id, rounds=rounds)
+        chosen = max(found, key=lambda n: speeds[n]["texts_per_s"])
+        details = {"budget_pct": budget, "engine": chosen, "bound_by": bound if chosen == "onnx-int8" else None,
+                   **found[chosen]["details"]}
+        derived = derive_run(parent, out, method=method if method != "auto" else f"auto:{chosen}", details=details)
+        target = derived / "model"
+        if chosen in ONNX_FILES:
+            (target / ONNX_DIR).mkdir(exist_ok=True)
+            shutil.copy2(work / ONNX_DIR / ONNX_FILES[chosen], target / ONNX_DIR / ONNX_FILES[chosen])
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    final = _reopen(chosen, model, target)          # the files as written, scored again: never over budget
+    dev_after = scorer.metrics(final)
+    dev_drops = scorer.drops(base, dev_after)
+    if any(d > budget + 1e-9 for d in dev_drops.values()):
+        shutil.rmtree(derived, ignore_errors=True)
+        raise CompressError(f"the written model {target} scores outside the budget on dev ({dev_drops}); removed")
+    from mtlm.engine_check import CHECK_ROWS, compare
+    from mtlm.export import write_manifest
+    checks = compare(final, reference, tasks, {n: f[:CHECK_ROWS] for n, f in dev.items()}, tokenizer.pad_token_id)
+    details["check"] = {n: c.as_dict() for n, c in checks.items()}     # what `mtlm.load`'s check compares with
+    flags = cpu_flags()
+    write_manifest(target, {chosen: {"file": f"{ONNX_DIR}/{ONNX_FILES[chosen]}" if chosen in ONNX_FILES else None,
+                                     **details}},
+                   measured={"texts_per_s": {n: speeds[n]["texts_per_s"] for n in ("torch", chosen)},
+                             "cpu_flags": flags})
+    test = _test_scores(bundle, tasks, tokenizer, meta, reference, final)
+    report = {"parent": str(parent), "run": str(derived), "method": method, "engine": chosen,
+              "budget_pct": budget, "bound_by": details["bound_by"], "cpu_flags": flags,
+              "tasks": {n: {"metric": scorer.keys[n].split("/", 1)[1], "dev_before": base[n], "dev_after": dev_after[n],
+                            "dev_drop_pct": dev_drops[n], **test.get(n, {})} for n in tasks},
+              "trials": trials,
+              "engines": {n: {**speeds[n], "ratio_vs_torch": speeds[n]["texts_per_s"] / speeds["torch"]["texts_per_s"]}
+                          for n in speeds},
+              "measured_on_rows": len(rows)}
+    for name, where in (("torch", bundle), (chosen, target)):
+        entry = report["engines"][name]
+        entry["size_mb"] = size_on_disk(where, name) / 2**20
+        if measure_memory:
+            entry["peak_rss_mb"] = peak_memory_mb(where, name, rows, tokenizer.pad_token_id)
+    (derived / REPORT_FILE).write_text(json.dumps(report, indent=2), encoding="utf-8")
+    return derived, report
+
+
+def _search_int8(model, work: Path, scorer: Scorer, base: dict, budget: float):
+    """Export the fp32 graph into work/onnx, search the int8 ladder; the chosen setting's graph is left at
+    work/onnx/model.int8.onnx. Returns ({"trial", "engine", "details"} or None, trials, binding task)."""
+    from mtlm.export import export_onnx
+    source = work / ONNX_DIR / ONNX_FILES["onnx"]
+    export_onnx(model, source)
+    groups = node_groups(source)
+    target = work / ONNX_DIR / ONNX_FILES["onnx-int8"]
+
+    def quantized(fp32_groups: list[str]) -> OnnxInt8Engine:
+        quantize_int8(source, target, [n for g in fp32_groups for n in groups[g]])
+        return OnnxInt8Engine(None, "cpu", work)
+
+    def measure(fp32_groups: list[str]):
+        metrics = scorer.metrics(quantized(fp32_groups))
+        return metrics, scorer.drops(base, metrics)
+
+    best, trials, bound = search(groups, measure, budget)
+    if best is None:
+        return None, trials, bound
+    engine = quantized(best.fp32_groups)                 # the search may have quantised another setting last
+    details = {"quantization": "onnxruntime dynamic int8, per-channel QInt8 weights", "fp32_groups": best.fp32_groups,
+               "int8_groups": [g for g in groups if g not in best.fp32_groups], "setting": best.name}
+    return {"trial": best, "engine": engine, "details": details}, trials, bound
+
+
+def _reopen(name: str, model, bundle: Path):
+    from mtlm.engine import make_engine
+    return make_engine(name, model, "cpu", bundle)
+
+
+def _test_scores(bundle: Path, tasks: dict, tokenizer, meta: dict, reference, final) -> dict[str, dict]:
+    """{task: {"test_before", "test_after", "test_drop_pct"}} on the stored test rows (tasks without a test
+    split are left out; {} when the test rows cannot be read, with a warning)."""
+    from mtlm.contract import ContractError
+    try:
+        test = dev_features(bundle, tasks, tokenizer, int(meta["max_length"]), rows=None, split="test")
+    except ContractError as e:
+        log.warning("test rows cannot be read, the report has dev only: %s", e)
+        return {}
+    test = {n: f for n, f in test.items() if f}
+    if not test:
+        return {}
+    scorer = Scorer(tasks, test, tokenizer.pad_token_id)
+    before, after = scorer.metrics(reference), scorer.metrics(final)
+    drops = scorer.drops(before, after)
+    return {n: {"test_before": before[n], "test_after": after[n], "test_drop_pct": drops[n]} for n in test}
+
+
+def format_report(report: dict) -> str:
+    """The report as text: per-task metrics and drops, then per-engine speed, size and memory."""
+    lines = [f"{report['method']} -> engine {report['engine']} (budget {report['budget_pct']}% per task on dev"
+             + (f"; bound by {report['bound_by']})" if report.get("bound_by") else ")"),
+             f"{'task':<16}{'metric':<10}{'dev before':>11}{'after':>9}{'drop %':>8}{'test before':>13}{'after':>9}{'drop %':>8}"]
+    for name, t in report["tasks"].items():
+        test = (f"{t['test_before']:>13.4f}{t['test_after']:>9.4f}{t['test_drop_pct']:>+8.2f}" if "test_before" in t
+                else f"{'-':>13}{'-':>9}{'-':>8}")
+        lines.append(f"{name:<16}{t['metric']:<10}{t['dev_before']:>11.4f}{t['dev_after']:>9.4f}"
+                     f"{t['dev_drop_pct']:>+8.2f}{test}")
+    lines.append(f"{'engine':<12}{'texts/s':>9}{'x torch':>9}{'p50 ms':>8}{'size MB':>9}{'peak MB':>9}")
+    for name, e in report["engines"].items():
+        size = f"{e['size_mb']:>9.1f}" if "size_mb" in e else f"{'-':>9}"
+        peak = f"{e['peak_rss_mb']:>9.0f}" if e.get("peak_rss_mb") else f"{'-':>9}"
+        lines.append(f"{name:<12}{e['texts_per_s']:>9.1f}{e['ratio_vs_torch']:>9.2f}{e['p50_latency_ms']:>8.1f}{size}{peak}")
+    lines.append(f"cpu flags: {' '.join(report['cpu_flags']) or 'unknown'}; {report['measured_on_rows']} dev texts")
+    return "\n".join(lines)
