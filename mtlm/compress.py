@@ -5,7 +5,8 @@ accuracy budget on dev, written as a derived run (`mtlm.contract.derive_run`: ju
 every task. Methods:
 - int8: onnxruntime dynamic int8, per-channel (`mtlm.quantize`); the search keeps the strongest setting of
   which node groups stay fp32 that fits, and names the task that bound it.
-- bf16: torch bf16 autocast (engine torch-bf16); on a CPU only with native bf16 (AVX512-BF16 / AMX).
+- bf16: torch bf16 autocast (engine torch-bf16), measured on the CPU: only with native bf16 (AVX512-BF16 /
+  AMX). (A GPU runs the torch-bf16 engine through `mtlm.load(path, "cuda", "torch-bf16")`.)
 - auto: every method this machine runs (int8, the fp32 ONNX graph, bf16 where native), then the fastest
   within budget, measured side by side with torch fp32 in this run.
 - prune, layers: structured pruning / layer dropping with distillation; not built yet (refused).
@@ -28,8 +29,8 @@ from pathlib import Path
 
 import torch
 
-from mtlm.engine import (ONNX_DIR, ONNX_FILES, EngineError, OnnxEngine, OnnxInt8Engine, TorchBf16Engine,
-                         TorchEngine, cpu_has_bf16)
+import mtlm.engine
+from mtlm.engine import ONNX_DIR, ONNX_FILES, OnnxEngine, OnnxInt8Engine, TorchBf16Engine, TorchEngine
 from mtlm.engine_check import EngineModel, dev_features
 from mtlm.quantize import Trial, node_groups, quantize_int8, relative_drop, search
 
@@ -91,7 +92,7 @@ def compress_run(run: str | Path, method: str = "auto", budget: float = 1.0, out
     out = Path(output) if output is not None else parent.with_name(f"{parent.name}-{method}")
     if (out / "model").exists():
         raise CompressError(f"{out} already holds a model: pass --output NEW_FOLDER")
-    bf16_ok = torch.cuda.is_available() or cpu_has_bf16()
+    bf16_ok = mtlm.engine.cpu_has_bf16()          # compress measures on the CPU; a GPU runs torch-bf16 via `mtlm.load`
     if method == "bf16" and not bf16_ok:
         TorchBf16Engine(None, "cpu")                       # raises EngineError with the reason
     model, tokenizer, tasks, meta = load_bundle(bundle, "cpu")
@@ -126,15 +127,12 @@ def compress_run(run: str | Path, method: str = "auto", budget: float = 1.0, out
                 if trial.fits:
                     found["onnx"] = {"trial": trial, "engine": engine, "details": {}}
         if method in ("bf16", "auto") and bf16_ok:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-            engine = TorchBf16Engine(model.to(device), device)
+            engine = TorchBf16Engine(model, "cpu")
             metrics = scorer.metrics(engine)
-            model.to("cpu")
             trial = Trial("torch bf16 autocast", [], metrics, scorer.drops(base, metrics), budget)
             trials.append(trial.as_dict())
             if trial.fits:
-                found["torch-bf16"] = {"trial": trial, "engine": TorchBf16Engine(model, "cpu") if device == "cpu"
-                                       else engine, "details": {"autocast": "bfloat16"}}
+                found["torch-bf16"] = {"trial": trial, "engine": engine, "details": {"autocast": "bfloat16"}}
         if not found:
             lines = [f"  {t['name']}: " + ", ".join(f"{n} {d:+.2f}%" for n, d in t["dev_drop_pct"].items())
                      for t in trials]

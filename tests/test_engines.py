@@ -79,7 +79,7 @@ def test_onnx_engine_predicts_as_torch_and_is_the_default_of_its_bundle(exported
     assert all(c.max_abs_diff <= PARITY_ATOL and c.agreement == 1.0 for c in checks.values())
 
 
-def test_bf16_is_refused_without_native_bf16_and_agrees_where_allowed(run, monkeypatch):
+def test_bf16_is_refused_without_native_bf16_and_agrees_where_allowed(run, monkeypatch, tmp_path):
     monkeypatch.setattr(engine_module, "cpu_has_bf16", lambda: False)
     with pytest.raises(EngineError, match="no native bf16"):
         load(run, engine="torch-bf16")
@@ -91,6 +91,13 @@ def test_bf16_is_refused_without_native_bf16_and_agrees_where_allowed(run, monke
     reference = load(run, engine="torch")
     got, want = predictor.predict(TEXTS), reference.predict(TEXTS)
     assert sum(g["sentiment"]["label"] == w["sentiment"]["label"] for g, w in zip(got, want)) >= len(TEXTS) - 1
+
+    derived, report = compress_run(run, "bf16", 100.0, tmp_path / "bf16", measure_memory=False, rounds=1)
+    assert report["engine"] == "torch-bf16" and report["trials"][0]["name"] == "torch bf16 autocast"
+    manifest = json.loads((derived / "model" / "engines.json").read_text())
+    speeds = manifest["measured"]["texts_per_s"]
+    assert set(speeds) == {"torch", "torch-bf16"} and "torch-bf16" in manifest["engines"]
+    assert load(derived).engine.name == max(speeds, key=speeds.get)    # default: the faster one measured
 
 
 def test_a_failed_check_refuses_a_named_engine(exported):
