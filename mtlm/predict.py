@@ -135,8 +135,9 @@ class Predictor:
                  max_pass_tokens: int = 16384, engine: str | Engine = "torch"):
         """model: the loaded `MultiTaskModel` the engine is built from. max_pass_tokens: padded tokens
         (rows x seq_len) per engine call; a larger micro-batch (a QA context of many windows, many choices)
-        runs in row chunks, so activation memory stays bounded. engine: a name in `mtlm.engine.ENGINES` or
-        an Engine. Raises ValueError on an unknown engine name."""
+        runs in row chunks, so activation memory stays bounded. engine: an Engine, or the name of a torch
+        engine (torch, torch-bf16); ONNX engines read their graph from a bundle: `mtlm.load(path, engine=...)`
+        builds and checks them. Raises ValueError (mtlm.engine.EngineError) on an unknown engine name."""
         self.model, self.tokenizer, self.tasks, self.meta, self.device = model, tokenizer, tasks, meta, device
         self.max_length = int(meta["max_length"])
         self.max_pass_tokens = max_pass_tokens
