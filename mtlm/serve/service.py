@@ -76,6 +76,9 @@ class Service:
                 predictor = await asyncio.to_thread(self.source)
             else:
                 from mtlm.predict import load
+                if self.settings.torch_threads:      # an ONNX Runtime session takes its threads when created
+                    import torch
+                    torch.set_num_threads(self.settings.torch_threads)
                 predictor = await asyncio.to_thread(load, self.source, None, self.settings.engine)
             predictor.max_pass_tokens = self.settings.max_batch_tokens   # a many-window input runs in chunks
             self.predictor = predictor
