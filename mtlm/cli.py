@@ -43,10 +43,11 @@ def cmd_eval(args) -> None:
     print(format_table(by_task(metrics), tasks))
     if "mean" in metrics:
         print(f"{'mean':<20} {'':<22} {metrics['mean']:.4f}")
-    deltas = format_deltas(json.loads(out_path.read_text(encoding="utf-8")), tasks)
+    report = json.loads(out_path.read_text(encoding="utf-8"))
+    deltas = format_deltas(report, tasks)
     if deltas:
         print(deltas)
-    print(f"wrote {out_path}")
+    print(f"engine: {report.get('engine', 'torch')}\nwrote {out_path}")
 
 
 def read_inputs(path: str) -> tuple[list, list[int]]:
