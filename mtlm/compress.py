@@ -59,10 +59,10 @@ class Scorer:
     """Dev (or test) metrics of any engine on fixed encoded rows, and relative drops from a baseline."""
 
     def __init__(self, tasks: dict, features: dict[str, list[dict]], pad_token_id: int, batch_size: int = 64):
-        from mtlm.tasks import LOWER_IS_BETTER, default_metric
+        from mtlm.tasks import default_metric
         self.tasks, self.features, self.pad, self.batch_size = tasks, features, pad_token_id, batch_size
         self.keys = {n: f"{n}/{default_metric(tasks[n])}" for n in features}
-        self.lower = {n: default_metric(tasks[n]) in LOWER_IS_BETTER for n in features}
+        self.lower = {n: default_metric(tasks[n]) in tasks[n].lower_is_better for n in features}
 
     def metrics(self, engine) -> dict[str, float]:
         """{task: selection metric} of `engine` on the rows."""

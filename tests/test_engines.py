@@ -238,3 +238,35 @@ def test_minilm_onnx_within_1e4_and_int8_close_on_real_sentences(tmp_path):
         np.testing.assert_allclose(got[name].numpy(), want[name].numpy(), atol=1e-4, rtol=0, err_msg=name)
         cosine = torch.nn.functional.cosine_similarity(int8[name].flatten(), want[name].flatten(), dim=0)
         assert cosine > 0.95, (name, float(cosine))           # random heads: no decisions to compare
+
+
+def test_check_compares_decisions_of_every_head_type(tiny_backbone):
+    """`compare` on every task type: an engine equal to torch agrees on everything (regression: no decision,
+    only the difference); one whose logits are scrambled changes decisions and fails its check."""
+    from mtlm.engine import TorchEngine
+    from mtlm.model import build_model, load_backbone
+    from test_task_matrix import CASES, MAX_LENGTH, fitted_task
+
+    backbone, tokenizer = load_backbone(tiny_backbone)
+    fitted = {key.replace("_", "-"): fitted_task(key.replace("_", "-"), case) for key, case in CASES.items()}
+    tasks = {n: t for n, (t, _) in fitted.items()}
+    torch.manual_seed(0)
+    model = build_model(backbone, tasks, "mean", 0.0).eval()
+    features = {n: t.encode(rows[:12], tokenizer, MAX_LENGTH) for n, (t, rows) in fitted.items()}
+    reference = TorchEngine(model)
+    same = compare(TorchEngine(model), reference, tasks, features, tokenizer.pad_token_id, batch_size=5)
+    assert set(same) == set(tasks)
+    for name, check in same.items():
+        assert check.max_abs_diff == 0.0 and check.rows == len(features[name]) > 0, name
+        assert check.agreement == (None if tasks[name].cfg.type == "regression" else 1.0), name
+    assert failures("onnx-int8", same) == [] and failures("onnx", same) == []
+
+    class Scrambled(TorchEngine):
+        def run(self, inputs, names):
+            generator = torch.Generator().manual_seed(1)
+            return {n: v + 10 * torch.randn(v.shape, generator=generator) for n, v in super().run(inputs, names).items()}
+
+    noisy = compare(Scrambled(model), reference, tasks, features, tokenizer.pad_token_id, batch_size=5)
+    decided = [n for n in tasks if tasks[n].cfg.type != "regression"]
+    assert all(noisy[n].agreement < 0.9 for n in decided), {n: noisy[n].agreement for n in decided}
+    assert {line.split(":")[0] for line in failures("onnx-int8", noisy)} == set(decided)
