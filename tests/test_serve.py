@@ -269,14 +269,14 @@ def test_a_deadline_too_short_for_the_request_size_gets_422_before_queueing(pred
 
     async def main():
         async with serving(lambda: slow, max_wait_ms=0) as (app, client):
+            before = len(seen)
+            body = {"inputs": [f"input {i}" for i in range(20)], "tasks": ["topic"], "timeout_ms": 150}
+            r = await client.post("/v1/predict", json=body)
+            assert r.status_code == 422, r.text                            # was 504, after computing late
             service = app.state.service
             assert service.input_cost_ms >= 10                            # measured at warm-up
             least = service.least_timeout_ms(20)
             assert least >= 20 * 10 and least == service.least_timeout_ms(64) > service.least_timeout_ms(1)
-            before = len(seen)
-            body = {"inputs": [f"input {i}" for i in range(20)], "tasks": ["topic"], "timeout_ms": 150}
-            r = await client.post("/v1/predict", json=body)
-            assert r.status_code == 422, r.text
             detail = r.json()["detail"]
             assert f"minimum of {least:g} ms for 20 input(s)" in detail and "measured at warm-up" in detail
             assert len(seen) == before                                   # refused before the queue
