@@ -10,7 +10,8 @@ Routes (OpenAPI at /docs):
 Status codes: 413 body over max_body_bytes; 422 bad input (the reason in `detail`), also a timeout_ms under
 the least time a request of this many inputs needs on this server (`mtlm.serve.service.deadline_floors`);
 429 queue full (with Retry-After, seconds); 503 not ready or draining (Retry-After); 504 timeout_ms passed
-before the inputs ran (load, or texts longer than the warm-up's); 500 a model failure. Every response carries X-Request-ID (the client's when it sent a sane one).
+before the inputs ran (load, or texts longer than the warm-up's); 500 a model failure. Every response
+carries X-Request-ID (the client's when it sent a sane one).
 With API keys (`mtlm.serve.auth`), every route but /health and /ready (and /metrics, /docs when opened)
 answers 401 without `Authorization: Bearer <key>`. /openapi.json describes the loaded bundle
 (`mtlm.serve.openapi`): what it calls valid is accepted, what it calls invalid gets a 4xx.

@@ -30,8 +30,9 @@ WARMUP_INPUT = {"text": "Warm-up sentence for the first batch.", "text_pair": "A
 def deadline_floors(settings: ServeSettings, input_cost_ms: float) -> list[tuple[int, float]]:
     """The least timeout_ms per request size: [(up to this many inputs, least timeout_ms)], ascending.
 
-    A request of n inputs needs at least n x `input_cost_ms` (one input alone through tokenizer and model:
-    an upper bound of what each input of a batch costs), never less than `min_timeout_ms`. Sizes are tiers
+    A request of n inputs is given n x `input_cost_ms` (ms; one input alone through tokenizer and model,
+    which costs more than one input of a batch: a conservative estimate of the time an idle server needs),
+    never less than `min_timeout_ms`. Sizes are tiers
     of 1, 4, 16, 64, ... inputs up to `max_inputs_per_request` (JSON Schema can state a minimum per tier,
     not a product), floors rounded up to 10 ms and capped at `max_timeout_ms`; tiers with the same floor
     merge. Deterministic for a given `input_cost_ms`."""
@@ -153,8 +154,9 @@ class Service:
         return best * 1e3
 
     def least_timeout_ms(self, inputs: int) -> float:
-        """The least timeout_ms (ms) this server accepts for a request of `inputs` inputs: under it, even an
-        idle server cannot answer in time (`deadline_floors`). `min_timeout_ms` until warmed up."""
+        """The least timeout_ms (ms) this server accepts for a request of `inputs` inputs: under it, the
+        server expects to miss the deadline even when idle (`deadline_floors`, conservative) and answers
+        422 before queueing. `min_timeout_ms` until warmed up."""
         if self.floors is None:
             return self.settings.min_timeout_ms
         return least_timeout_ms(self.floors, inputs)
