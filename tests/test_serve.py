@@ -166,9 +166,10 @@ def test_concurrent_requests_share_one_backbone_pass(predictor):
 
     async def main():
         async with serving(lambda: gate.predictor, gate, max_wait_ms=0, max_batch_size=64) as (app, client):
+            warm = len(gate.calls)              # 2 warm-up batches, then the cost of one input measured
             gate.event.clear()
             busy = asyncio.create_task(client.post("/v1/predict", json={"inputs": ["hold"], "tasks": ["topic"]}))
-            await wait_until(lambda: len(gate.calls) == 3)                  # 2 warm-up batches + "hold"
+            await wait_until(lambda: len(gate.calls) == warm + 1)
             posts = [asyncio.create_task(client.post("/v1/predict", json={"inputs": [TEXTS[i % 6]], "tasks": s}))
                      for i, s in enumerate(subsets)]
             await wait_until(lambda: app.state.service.batcher.queued_inputs == len(subsets))
@@ -179,7 +180,7 @@ def test_concurrent_requests_share_one_backbone_pass(predictor):
                 assert r.status_code == 200, r.text
                 assert r.json()["timing"]["batch_size"] == len(subsets)
                 assert_same(r.json()["predictions"][0], predictor.predict([TEXTS[i % 6]], subset)[0])
-            texts, names, row_tasks = gate.calls[3]
+            texts, names, row_tasks = gate.calls[warm + 1]
             assert len(texts) == len(subsets) and set(names) == {"sentiment", "topic", "ner", "score"}
             # each row carries the tasks its request asked for: heads are decoded only for those rows
             assert sorted(zip(texts, map(tuple, row_tasks))) == sorted((TEXTS[i % 6], tuple(s))
@@ -204,9 +205,10 @@ def test_full_queue_answers_429_with_retry_after(predictor):
             post = lambda inputs: client.post("/v1/predict", json={"inputs": inputs, "tasks": ["topic"]})  # noqa
             r = await post(["x"] * 3)
             assert r.status_code == 413                                   # larger than the whole queue
+            warm = len(gate.calls)
             gate.event.clear()
             running = asyncio.create_task(post(["a"]))
-            await wait_until(lambda: len(gate.calls) == 3)
+            await wait_until(lambda: len(gate.calls) == warm + 1)
             queued = [asyncio.create_task(post(["b"]))]
             await wait_until(lambda: app.state.service.batcher.queued_inputs == 1)
             r = await post(["d1", "d2"])                                   # 2 inputs, room for 1
@@ -233,9 +235,10 @@ def test_timeout_answers_504_and_skips_the_input(predictor):
 
     async def main():
         async with serving(lambda: gate.predictor, gate, max_wait_ms=0) as (app, client):
+            warm = len(gate.calls)
             gate.event.clear()
             running = asyncio.create_task(client.post("/v1/predict", json={"inputs": ["a"], "tasks": ["topic"]}))
-            await wait_until(lambda: len(gate.calls) == 3)
+            await wait_until(lambda: len(gate.calls) == warm + 1)
             t0 = time.perf_counter()
             r = await client.post("/v1/predict", json={"inputs": ["late input"], "tasks": ["topic"],
                                                        "timeout_ms": 100})
@@ -246,6 +249,50 @@ def test_timeout_answers_504_and_skips_the_input(predictor):
             r = await client.post("/v1/predict", json={"inputs": ["on time"], "tasks": ["topic"]})
             assert r.status_code == 200
             assert not any("late input" in texts for texts, *_ in gate.calls)
+
+    asyncio.run(main())
+
+
+def test_a_deadline_too_short_for_the_request_size_gets_422_before_queueing(predictor):
+    """A model that takes 10 ms per row: the server measures it at warm-up, so 20 inputs with a 150 ms
+    deadline (they need over 200 ms) are refused with 422 naming the least timeout_ms and the measured cost,
+    and never reach the model (before: queued, computed late, 504). One input with 150 ms is fine; the
+    schema states the same minimum for that many inputs."""
+    slow = copy.copy(predictor)
+    inner, seen = predictor.run, []
+
+    def run(feats, names, row_tasks=None, should_stop=None):
+        seen.extend(f.meta["text"] for f in feats)
+        time.sleep(0.01 * len(feats))
+        return inner(feats, names, row_tasks, should_stop)
+    slow.run = run
+
+    async def main():
+        async with serving(lambda: slow, max_wait_ms=0) as (app, client):
+            before = len(seen)
+            body = {"inputs": [f"input {i}" for i in range(20)], "tasks": ["topic"], "timeout_ms": 150}
+            r = await client.post("/v1/predict", json=body)
+            assert r.status_code == 422, r.text                            # was 504, after computing late
+            service = app.state.service
+            assert service.input_cost_ms >= 10                            # measured at warm-up
+            least = service.least_timeout_ms(20)
+            assert least >= 20 * 10 and least == service.least_timeout_ms(64) > service.least_timeout_ms(1)
+            detail = r.json()["detail"]
+            assert f"minimum of {least:g} ms for 20 input(s)" in detail and "measured at warm-up" in detail
+            assert len(seen) == before                                   # refused before the queue
+            r = await client.post("/v1/predict", json={**body, "timeout_ms": least})
+            assert r.status_code == 200, r.text
+            r = await client.post("/v1/predict", json={"inputs": ["one"], "tasks": ["topic"], "timeout_ms": 150})
+            assert r.status_code == 200, r.text
+            doc = (await client.get("/openapi.json")).json()
+            branches = doc["paths"]["/v1/predict"]["post"]["requestBody"]["content"]["application/json"][
+                "schema"]["anyOf"]
+            tier = [b for b in branches if b["properties"]["inputs"]["minItems"] <= 20
+                    <= b["properties"]["inputs"]["maxItems"]]
+            assert tier and all(b["properties"]["timeout_ms"]["anyOf"][0]["minimum"] == least for b in tier)
+            m = (await client.get("/metrics")).text
+            assert metric(m, "mtlm_requests_total", task="none", status="422") == 1
+            assert "status=\"504\"" not in m
 
     asyncio.run(main())
 

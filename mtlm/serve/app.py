@@ -7,9 +7,11 @@ Routes (OpenAPI at /docs):
     GET  /health                     200 while the process is alive (also while loading); 503 if loading failed
     GET  /ready                      200 once loaded and warmed up; 503 while loading, draining or failed
     GET  /metrics                    Prometheus text format
-Status codes: 413 body over max_body_bytes; 422 bad input (the reason in `detail`); 429 queue full (with
-Retry-After, seconds); 503 not ready or draining (Retry-After); 504 timeout_ms passed before the inputs
-ran; 500 a model failure. Every response carries X-Request-ID (the client's when it sent a sane one).
+Status codes: 413 body over max_body_bytes; 422 bad input (the reason in `detail`), also a timeout_ms under
+the least time a request of this many inputs needs on this server (`mtlm.serve.service.deadline_floors`);
+429 queue full (with Retry-After, seconds); 503 not ready or draining (Retry-After); 504 timeout_ms passed
+before the inputs ran (load, or texts longer than the warm-up's); 500 a model failure. Every response
+carries X-Request-ID (the client's when it sent a sane one).
 With API keys (`mtlm.serve.auth`), every route but /health and /ready (and /metrics, /docs when opened)
 answers 401 without `Authorization: Bearer <key>`. /openapi.json describes the loaded bundle
 (`mtlm.serve.openapi`): what it calls valid is accepted, what it calls invalid gets a 4xx.
@@ -184,6 +186,16 @@ def _path(loc: list) -> str:
     return out
 
 
+def _floor_reason(service: Service) -> str:
+    """Why a request's least timeout_ms is what it is (the 422's explanation)."""
+    floors = "; ".join(f"up to {n} inputs: {f:g} ms" for n, f in service.floors or [])
+    if service.input_cost_ms is None:
+        return f"no request is computed in under --min-timeout-ms ({service.settings.min_timeout_ms:g} ms)"
+    how = "set by --input-cost-ms" if service.settings.input_cost_ms else "one input alone, measured at warm-up"
+    return (f"each input needs about {service.input_cost_ms:.3g} ms on this server ({how}), at least "
+            f"--min-timeout-ms; the minimum per request size ({floors}) is in /openapi.json")
+
+
 def _chain_signal_handlers(service: Service) -> None:
     """Make SIGTERM/SIGINT flip /ready to 503 before uvicorn's own handler starts its graceful shutdown
     (stop listening, finish open requests, then lifespan shutdown drains the batcher). uvicorn restores
@@ -300,8 +312,10 @@ def create_app(source: str | Path | Callable[[], Predictor], settings: ServeSett
             timeout_ms = settings.default_timeout_ms if timeout_ms is None else timeout_ms
             if timeout_ms > settings.max_timeout_ms:
                 raise InputError(f"timeout_ms: {timeout_ms:g} is over the limit of {settings.max_timeout_ms:g}")
-            if timeout_ms < settings.min_timeout_ms:   # a deadline no request can meet: refuse it up front
-                raise InputError(f"timeout_ms: {timeout_ms:g} is under the minimum of {settings.min_timeout_ms:g}")
+            least = service.least_timeout_ms(len(inputs))
+            if timeout_ms < least:     # a deadline even an idle server cannot meet: refuse it before queueing
+                raise InputError(f"timeout_ms: {timeout_ms:g} is under the minimum of {least:g} ms for "
+                                 f"{len(inputs)} input(s): {_floor_reason(service)}")
             items, plan = service.validate(inputs, tasks)
             names = plan.names
             predictions, timing = await service.predict(items, plan, timeout_ms / 1000.0, arrival)

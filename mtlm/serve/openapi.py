@@ -8,7 +8,9 @@ adds what those models cannot say:
   its body schema and headers (X-Request-ID always, Retry-After on 429 / 503, WWW-Authenticate on 401),
   and `/metrics` as Prometheus text;
 - the server's limits as schema constraints: 1..max_inputs_per_request inputs, 2..max_choices choices,
-  min_timeout_ms..max_timeout_ms, texts that are not blank (`NON_BLANK`: a character that Python's
+  timeout_ms from the least time a request of that many inputs needs on this server (one branch per size
+  tier of `mtlm.serve.service.deadline_floors`, measured at warm-up; at least min_timeout_ms) to
+  max_timeout_ms, texts that are not blank (`NON_BLANK`: a character that Python's
   `str.isspace` does not call whitespace, the test `mtlm.predict.normalize_input` applies);
 - once the bundle is loaded: its task names as enums, and the input fields each task reads. Which fields
   an input must carry depends on the requested tasks, so `POST /v1/predict` takes one `anyOf` branch per
@@ -52,11 +54,14 @@ STATUS_TEXT = {
     404: "The model has no such task.",
     413: "Too large: the body is over max_body_bytes, its tokens over the queue's token budget "
          "(max_queue_tokens), or a QA context needs more than max_windows windows.",
-    422: "Invalid input; `detail` says what to fix (and `errors` lists field-level problems).",
+    422: "Invalid input; `detail` says what to fix (and `errors` lists field-level problems). Also a "
+         "timeout_ms under the least time a request of this many inputs needs on this server (the schema's "
+         "minimum for that many inputs; `detail` gives it and the measured cost per input).",
     429: "The queue is full; retry after `Retry-After` seconds.",
     500: "The model failed on this request.",
     503: "Not ready: loading, draining or failed to load; retry after `Retry-After` seconds.",
-    504: "The request's timeout_ms passed before its inputs ran.",
+    504: "The request's timeout_ms passed before its inputs ran: a deadline the schema allows that load "
+         "(a queue ahead of it) or texts longer than the warm-up's made unmeetable.",
 }
 
 
@@ -134,10 +139,35 @@ def _inputs(field_sets: list[frozenset[str]], settings: ServeSettings) -> dict:
             "items": {"anyOf": items}, "description": "Strings, or objects with the fields the tasks read."}
 
 
-def _timeout(settings: ServeSettings) -> dict:
-    return _nullable({"type": "number", "minimum": settings.min_timeout_ms, "maximum": settings.max_timeout_ms,
-                      "description": f"answer 504 when not computed within this many ms of arrival "
-                                     f"(default {settings.default_timeout_ms:g})"})
+def _timeout(settings: ServeSettings, least: float | None = None) -> dict:
+    """`timeout_ms` of a request whose least timeout_ms is `least` (default: min_timeout_ms); required when
+    the default timeout is under it."""
+    least = settings.min_timeout_ms if least is None else least
+    schema = {"type": "number", "minimum": least, "maximum": settings.max_timeout_ms,
+              "description": f"answer 504 when not computed within this many ms of arrival (default "
+                             f"{settings.default_timeout_ms:g}); under {least:g} (the least time a request of "
+                             f"this many inputs needs on this server) -> 422"}
+    return schema if least > settings.default_timeout_ms else _nullable(schema)
+
+
+def _tiered(branch: dict, settings: ServeSettings, floors: list[tuple[int, float]] | None) -> list[dict]:
+    """One copy of a request branch per request-size tier of `floors` (`mtlm.serve.service.deadline_floors`):
+    inputs minItems..maxItems and that tier's least timeout_ms. Without floors (loading), the branch as is."""
+    if not floors:
+        return [branch]
+    out, low = [], 1
+    for most, least in floors:
+        b = copy.deepcopy(branch)
+        props = b["properties"]
+        props["inputs"].update(minItems=low, maxItems=most)
+        props["timeout_ms"] = _timeout(settings, least)
+        if least > settings.default_timeout_ms:        # the default deadline is too short for this size
+            b["required"] = [*b["required"], "timeout_ms"]
+        if len(floors) > 1:
+            b["title"] = f"{b.get('title', 'request')}; {low}..{most} inputs, timeout_ms >= {least:g}"
+        out.append(b)
+        low = most + 1
+    return out
 
 
 def _example_input(fields: frozenset[str]) -> Any:
@@ -153,33 +183,39 @@ def _groups(tasks: list[dict]) -> dict[frozenset[str], list[str]]:
     return out
 
 
-def predict_request(tasks: list[dict], settings: ServeSettings) -> dict:
+def predict_request(tasks: list[dict], settings: ServeSettings,
+                    floors: list[tuple[int, float]] | None = None) -> dict:
     """The `POST /v1/predict` body schema for a bundle's tasks (`Service.task_info()`): without `tasks`,
-    every input must carry the fields of some task; with `tasks`, the fields of every named task."""
+    every input must carry the fields of some task; with `tasks`, the fields of every named task. `floors`:
+    the least timeout_ms per request size (`Service.floors`), one branch per size tier (none: min_timeout_ms)."""
     groups = _groups(tasks)
-    branches = [{"type": "object", "title": "every task each input's fields feed",
-                 "properties": {"inputs": _inputs(list(groups), settings), "tasks": {"type": "null"},
-                                "timeout_ms": _timeout(settings)},
-                 "required": ["inputs"], "additionalProperties": False}]
+    branches = _tiered({"type": "object", "title": "every task each input's fields feed",
+                        "properties": {"inputs": _inputs(list(groups), settings), "tasks": {"type": "null"},
+                                       "timeout_ms": _timeout(settings)},
+                        "required": ["inputs"], "additionalProperties": False}, settings, floors)
     for r in range(1, len(groups) + 1):
         for chosen in itertools.combinations(groups, r):
             names = [n for g in chosen for n in groups[g]]
             fields = frozenset().union(*chosen)
-            branches.append({"type": "object", "title": "tasks among: " + ", ".join(names),
-                             "properties": {"inputs": _inputs([fields], settings),
-                                            "tasks": {"type": "array", "minItems": 1, "items": {"enum": names}},
-                                            "timeout_ms": _timeout(settings)},
-                             "required": ["inputs", "tasks"], "additionalProperties": False})
+            branches += _tiered({"type": "object", "title": "tasks among: " + ", ".join(names),
+                                 "properties": {"inputs": _inputs([fields], settings),
+                                                "tasks": {"type": "array", "minItems": 1, "items": {"enum": names}},
+                                                "timeout_ms": _timeout(settings)},
+                                 "required": ["inputs", "tasks"], "additionalProperties": False}, settings, floors)
     examples = [{"inputs": [_example_input(g)], "tasks": groups[g][:2]} for g in groups]
     examples.append({"inputs": [_example_input(g) for g in groups], "timeout_ms": 2000})
     return {"anyOf": branches, "examples": examples}
 
 
-def task_request(fields: frozenset[str], settings: ServeSettings) -> dict:
-    """The `POST /v1/tasks/{task}/predict` body schema for one task reading `fields`."""
-    return {"type": "object", "properties": {"inputs": _inputs([fields], settings), "timeout_ms": _timeout(settings)},
-            "required": ["inputs"], "additionalProperties": False,
-            "examples": [{"inputs": [_example_input(fields)]}]}
+def task_request(fields: frozenset[str], settings: ServeSettings,
+                 floors: list[tuple[int, float]] | None = None) -> dict:
+    """The `POST /v1/tasks/{task}/predict` body schema for one task reading `fields` (`floors`: as in
+    `predict_request`)."""
+    branches = _tiered({"type": "object", "properties": {"inputs": _inputs([fields], settings),
+                                                         "timeout_ms": _timeout(settings)},
+                        "required": ["inputs"], "additionalProperties": False}, settings, floors)
+    examples = [{"inputs": [_example_input(fields)]}]
+    return {**branches[0], "examples": examples} if len(branches) == 1 else {"anyOf": branches, "examples": examples}
 
 
 def _body(schema: dict) -> dict:
@@ -236,14 +272,15 @@ def _ok(op: dict, schema: dict) -> None:
 
 
 def build_document(base: dict, settings: ServeSettings, api_keys: APIKeys | None,
-                   tasks: list[dict] | None) -> dict:
+                   tasks: list[dict] | None, floors: list[tuple[int, float]] | None = None) -> dict:
     """FastAPI's generated document `base` -> the served one (a new dict). `tasks`: `Service.task_info()`
-    once the bundle is loaded, else None (the generic document)."""
+    once the bundle is loaded, else None (the generic document). `floors`: `Service.floors` (the least
+    timeout_ms per request size), once warmed up."""
     doc = copy.deepcopy(base)
     paths = doc["paths"]
     if tasks is not None:
         op = paths["/v1/predict"]["post"]
-        op["requestBody"] = _body(predict_request(tasks, settings))
+        op["requestBody"] = _body(predict_request(tasks, settings, floors))
         _ok(op, _predict_response(tasks))
         template = paths.pop("/v1/tasks/{task}/predict")["post"]
         for t in tasks:
@@ -252,7 +289,7 @@ def build_document(base: dict, settings: ServeSettings, api_keys: APIKeys | None
             op["parameters"] = [p for p in op.get("parameters", []) if p.get("name") != "task"]
             op["operationId"] = f"predict_{t['name']}"
             op["summary"] = f"{t['name']} ({t['type']}; reads {', '.join(t['input_fields'])})"
-            op["requestBody"] = _body(task_request(fields, settings))
+            op["requestBody"] = _body(task_request(fields, settings, floors))
             _ok(op, _predict_response([t]))
             paths[f"/v1/tasks/{t['name']}/predict"] = {"post": op}
     for path, ops in paths.items():
@@ -294,7 +331,9 @@ def _health() -> dict:
 
 
 def install_openapi(app: FastAPI, service: Service, settings: ServeSettings, api_keys: APIKeys | None) -> None:
-    """Serve `build_document` at /openapi.json: generic while loading, for the bundle once loaded (cached)."""
+    """Serve `build_document` at /openapi.json: generic while loading, for the bundle once loaded and warmed
+    up (cached: the least timeout_ms per request size is fixed at warm-up, so the document and the server's
+    422s agree)."""
     from fastapi.openapi.utils import get_openapi
 
     def openapi() -> dict:
@@ -302,8 +341,9 @@ def install_openapi(app: FastAPI, service: Service, settings: ServeSettings, api
             return app.openapi_schema
         base = get_openapi(title=app.title, version=app.version, summary=app.summary,
                            description=app.description, routes=app.routes)
-        loaded = service.predictor is not None
-        doc = build_document(base, settings, api_keys, service.task_info() if loaded else None)
+        loaded = service.predictor is not None and service.floors is not None    # loaded and warmed up
+        doc = build_document(base, settings, api_keys, service.task_info() if loaded else None,
+                             service.floors if loaded else None)
         if loaded:
             app.openapi_schema = doc
         return doc

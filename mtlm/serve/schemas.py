@@ -39,6 +39,9 @@ class ServeSettings(BaseModel):
                                       description="a request's timeout_ms when it gives none")
     min_timeout_ms: float = Field(100, gt=0,
                                   description="a smaller timeout_ms -> 422 (a deadline no request can meet)")
+    input_cost_ms: float | None = Field(None, gt=0,
+                                        description="ms each input of a request adds to its least timeout_ms "
+                                                    "(default: one input alone, measured at warm-up)")
     max_timeout_ms: float = Field(600_000, gt=0,
                                   description="the largest timeout_ms a request may ask for")
     torch_threads: int | None = Field(None, gt=0,
@@ -80,7 +83,8 @@ class PredictRequest(BaseModel):
 
     inputs: list[StrictStr | InputObject] = Field(min_length=1)
     tasks: list[StrictStr] | None = None
-    # answer 504 when not computed within this many ms of arrival (at least ServeSettings.min_timeout_ms)
+    # answer 504 when not computed within this many ms of arrival; under the least time a request of this many
+    # inputs needs (`mtlm.serve.service.deadline_floors`, at least ServeSettings.min_timeout_ms) -> 422
     timeout_ms: float | None = Field(None, gt=0, strict=True)
 
 

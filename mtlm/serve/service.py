@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -24,6 +25,34 @@ log = logging.getLogger("mtlm.serve")
 WARMUP_INPUT = {"text": "Warm-up sentence for the first batch.", "text_pair": "A second warm-up sentence.",
                 "question": "What is this?", "context": "This is a warm-up context for the first batch.",
                 "choices": ["A first warm-up choice.", "A second one."]}
+
+
+def deadline_floors(settings: ServeSettings, input_cost_ms: float) -> list[tuple[int, float]]:
+    """The least timeout_ms per request size: [(up to this many inputs, least timeout_ms)], ascending.
+
+    A request of n inputs is given n x `input_cost_ms` (ms; one input alone through tokenizer and model,
+    which costs more than one input of a batch: a conservative estimate of the time an idle server needs),
+    never less than `min_timeout_ms`. Sizes are tiers
+    of 1, 4, 16, 64, ... inputs up to `max_inputs_per_request` (JSON Schema can state a minimum per tier,
+    not a product), floors rounded up to 10 ms and capped at `max_timeout_ms`; tiers with the same floor
+    merge. Deterministic for a given `input_cost_ms`."""
+    top, out, n = settings.max_inputs_per_request, [], 1
+    while True:
+        n = min(n, top)
+        floor = min(settings.max_timeout_ms,
+                    max(settings.min_timeout_ms, math.ceil(n * input_cost_ms / 10 - 1e-9) * 10))
+        if out and out[-1][1] == floor:
+            out[-1] = (n, floor)
+        else:
+            out.append((n, floor))
+        if n == top:
+            return out
+        n *= 4
+
+
+def least_timeout_ms(floors: list[tuple[int, float]], inputs: int) -> float:
+    """The least timeout_ms (ms) of a request of `inputs` inputs under `deadline_floors`."""
+    return next((floor for most, floor in floors if inputs <= most), floors[-1][1])
 
 
 class NotReady(Exception):
@@ -46,6 +75,8 @@ class Service:
         self.runner: Runner | None = None
         self.batcher: Batcher | None = None
         self._load_task: asyncio.Task | None = None
+        self.input_cost_ms: float | None = settings.input_cost_ms   # measured at warm-up when not set
+        self.floors: list[tuple[int, float]] | None = None          # `deadline_floors`, once warmed up
 
     @property
     def ready(self) -> bool:
@@ -88,8 +119,13 @@ class Service:
             self.batcher.start()
             t1 = time.perf_counter()
             await self._warm_up()
-            log.info("model %s loaded in %.1f s, warmed up in %.2f s; tasks: %s", predictor.name, t1 - t0,
-                     time.perf_counter() - t1, ", ".join(predictor.tasks))
+            if self.input_cost_ms is None:
+                self.input_cost_ms = await self._input_cost_ms()
+            self.floors = deadline_floors(self.settings, self.input_cost_ms)
+            log.info("model %s loaded in %.1f s, warmed up in %.2f s; tasks: %s; least timeout_ms: %s "
+                     "(%.1f ms per input)", predictor.name, t1 - t0, time.perf_counter() - t1,
+                     ", ".join(predictor.tasks), ", ".join(f"{f:g} up to {n} inputs" for n, f in self.floors),
+                     self.input_cost_ms)
         except Exception as e:   # keep serving /health and answer /ready 503 with the reason
             log.exception("loading the model failed")
             self.state, self.error = "failed", f"{type(e).__name__}: {e}"
@@ -103,6 +139,30 @@ class Service:
         does not pay for lazy initialisation."""
         items = [dict(WARMUP_INPUT)]
         await self.predict(items, self.predictor.plan(items, None), timeout_s=600.0, arrival=time.monotonic())
+
+    async def _input_cost_ms(self, repeats: int = 3) -> float:
+        """ms one warm-up input takes alone: tokenised and run through every field group the bundle has,
+        one pass each (the least of `repeats` runs after the warm-up, so lazy initialisation is not
+        counted). Runs on the runner's threads, outside the batcher (no metrics, no queue)."""
+        items = [dict(WARMUP_INPUT)]
+        plan = self.predictor.plan(items, None)
+        jobs = {fields: [items[i] for i in plan.members[fields]] for fields in plan.groups}
+        best = math.inf
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            feats = await self.runner.tokenize(jobs)
+            for fields, names in plan.groups.items():
+                await self.runner.forward(feats[fields], list(names))
+            best = min(best, time.perf_counter() - t0)
+        return best * 1e3
+
+    def least_timeout_ms(self, inputs: int) -> float:
+        """The least timeout_ms (ms) this server accepts for a request of `inputs` inputs: under it, the
+        server expects to miss the deadline even when idle (`deadline_floors`, conservative) and answers
+        422 before queueing. `min_timeout_ms` until warmed up."""
+        if self.floors is None:
+            return self.settings.min_timeout_ms
+        return least_timeout_ms(self.floors, inputs)
 
     def begin_drain(self) -> None:
         """Stop taking requests (ready -> 503) but keep answering accepted ones. Signal-handler safe."""
