@@ -127,6 +127,32 @@ def write_contract(run_dir: Path, recipe, rows: dict[str, dict[str, Rows]]) -> P
     return out
 
 
+def check_rows_unchanged(run_dir: Path, rows: dict[str, dict[str, Rows]]) -> None:
+    """For `--resume`: the task splits just prepared must hold the rows stored when the run began (same
+    source lines, same content). Otherwise rows the model trained on could now sit in dev or test, so a
+    changed data file is refused, naming each task split that moved (start again with --overwrite).
+    A run folder without a readable contract is not checked. Raises RecipeError."""
+    from mtlm.config import RecipeError
+    try:
+        old = json.loads((Path(run_dir) / CONTRACT_FILE).read_text(encoding="utf-8"))["tasks"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    changed = []
+    for name, splits in rows.items():
+        for split, part in splits.items():
+            before = old.get(name, {}).get(split)
+            if before is None:
+                continue
+            now = (list(part.lines), [row_sha256(r) for r in part.records])
+            if (list(before.get("lines", [])), list(before.get("row_sha256", []))) != now:
+                changed.append(f"{name} {split}")
+    if changed:
+        raise RecipeError([f"data: the rows of {', '.join(changed)} differ from the ones stored in "
+                           f"{Path(run_dir) / CONTRACT_FILE} when this run began (a data file changed); --resume "
+                           f"would mix rows the model trained on into dev/test: restore the data, or start again "
+                           f"with --overwrite"])
+
+
 def _warn_if_rows_changed(path: Path, tasks: dict) -> None:
     """A run folder that already holds a contract (a resumed or restarted run): say which task splits now hold
     other rows than before (the data changed since the run began), since the old ones are replaced."""

@@ -32,7 +32,7 @@ from mtlm.batches import TaskSampler, masked_losses, steps_for_epochs, train_bat
 from mtlm.callbacks import BestBundle, Checkpoints, EarlyStopping, TensorBoardLog
 from mtlm.checkpoint import latest_checkpoint
 from mtlm.config import Recipe, RecipeError
-from mtlm.contract import write_contract
+from mtlm.contract import check_rows_unchanged, write_contract
 from mtlm.data import encode_rows, prepare_rows
 from mtlm.evaluate import evaluate
 from mtlm.hooks import LossContext, LossHook, ModelHook, Run   # noqa: F401  (fit's public hook types)
@@ -111,6 +111,8 @@ def build(recipe: Recipe, resume: bool = False, overwrite: bool = False, model_f
     accelerator.wait_for_everyone()
     if resume and ckpt is None and main:
         log.warning("no checkpoint in %s: starting from scratch", run_dir)
+    if ckpt is not None:           # every process reads and refuses alike: no rank waits in a collective
+        check_rows_unchanged(run_dir, data.rows)
     if ckpt is not None and (run_dir / "recipe.yaml").is_file():
         allowed = check_resumable(yaml.safe_load((run_dir / "recipe.yaml").read_text(encoding="utf-8")) or {},
                                   recipe, ckpt)

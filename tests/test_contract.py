@@ -120,6 +120,20 @@ def test_restarting_a_run_on_changed_data_says_which_splits_changed(project, tmp
     assert "sentiment" not in caplog.text and "ner" not in caplog.text
 
 
+def test_resume_on_changed_data_is_refused_naming_the_splits(project, tmp_path):
+    """A data file changed under a run: --resume would re-split it and put rows the model trained on into
+    dev/test, so it is refused (every process alike), naming the task splits; the stored contract stays."""
+    from mtlm.config import RecipeError
+    copy = _copy(project, tmp_path / "proj")
+    stored = (copy / "runs" / "c" / CONTRACT_FILE).read_text()
+    with open(copy / "data" / "topic.jsonl", "a") as f:
+        f.writelines(json.dumps({"text": f"bank profit {i}", "label": "finance"}) + "\n" for i in range(30))
+    recipe = load_recipe(copy / "recipe.yaml", [f"output_dir={copy / 'runs' / 'c'}", "train.max_steps=14"])
+    with pytest.raises(RecipeError, match=r"the rows of topic train, topic dev, topic test differ .*--overwrite"):
+        mtlm.fit(recipe, resume=True, progress=False)
+    assert (copy / "runs" / "c" / CONTRACT_FILE).read_text() == stored
+
+
 def test_stored_row_whose_content_differs_is_named_with_its_line(project):
     contract = json.loads((project / "runs" / "c" / CONTRACT_FILE).read_text())
     part = contract["tasks"]["sentiment"]["dev"]
