@@ -124,12 +124,10 @@ def run_baseline(recipe: Recipe, split: str = "test", retrain: bool = False, pro
     for name, task in tasks.items():
         m = default_metric(task)
         rows.append({"task": name, "metric": m, "steps_single": budgets[name],
+                     "lower_is_better": m in task.lower_is_better,
                      "multi_task": mt.get(name, {}).get(m), "single_task": st.get(name, {}).get(m)})
-    both = [r for r in rows if r["multi_task"] is not None and r["single_task"] is not None]
     result = {
-        "split": split, "max_steps_multi": history["max_steps"], "tasks": rows,
-        "average": {"multi_task": sum(r["multi_task"] for r in both) / max(1, len(both)),
-                    "single_task": sum(r["single_task"] for r in both) / max(1, len(both))},
+        "split": split, "max_steps_multi": history["max_steps"], "tasks": rows, **average_rows(rows),
         "parameters": {"multi_task": params_multi, "single_task_total": params_single,
                        "ratio": params_single / params_multi},
         "backbone_passes_per_input": {"multi_task": len(groups), "single_task": len(tasks),
@@ -139,6 +137,26 @@ def run_baseline(recipe: Recipe, split: str = "test", retrain: bool = False, pro
     (run_dir / f"baseline_{split}.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
     print(format_baseline(result))
     return result
+
+
+def average_rows(rows: list[dict]) -> dict:
+    """The table's summary of per-task rows ({"metric", "lower_is_better", "multi_task", "single_task"}).
+
+    "average": the mean of each model kind's metric over the tasks whose metric is higher-is-better (scores
+    on [0, 1] or [-1, 1]); an error metric (mse: unbounded, lower is better) would enter the mean on another
+    scale and in the wrong direction, so it is left out and named in "average_excludes". "relative_gain":
+    the mean over ALL tasks of (multi - single) / |single|, sign-flipped for lower-is-better metrics, so
+    positive means the multi-task model is better (scale-free; tasks with single == 0 are skipped).
+    Each row gains "gain": multi - single, sign-flipped the same way."""
+    both = [r for r in rows if r["multi_task"] is not None and r["single_task"] is not None]
+    for r in both:
+        r["gain"] = (r["single_task"] - r["multi_task"]) if r["lower_is_better"] else r["multi_task"] - r["single_task"]
+    scored = [r for r in both if not r["lower_is_better"]]
+    relative = [r["gain"] / abs(r["single_task"]) for r in both if r["single_task"]]
+    return {"average": {"multi_task": sum(r["multi_task"] for r in scored) / max(1, len(scored)),
+                        "single_task": sum(r["single_task"] for r in scored) / max(1, len(scored))},
+            "average_excludes": [r["task"] for r in both if r["lower_is_better"]],
+            "relative_gain": sum(relative) / len(relative) if relative else None}
 
 
 def train_sizes(recipe: Recipe, tasks: dict):
@@ -162,10 +180,16 @@ def format_baseline(result: dict) -> str:
     for r in result["tasks"]:
         mt, st = r["multi_task"], r["single_task"]
         delta = f"{mt - st:+.4f}" if mt is not None and st is not None else "-"
-        lines.append(f"{r['task']:<18} {r['metric']:<16} {_fmt(mt):>10} {_fmt(st):>11} {delta:>8}")
+        metric = r["metric"] + (" (lower=better)" if r.get("lower_is_better") else "")
+        lines.append(f"{r['task']:<18} {metric:<16} {_fmt(mt):>10} {_fmt(st):>11} {delta:>8}")
     a = result["average"]
+    excluded = result.get("average_excludes") or []
     lines.append(f"{'average':<18} {'':<16} {a['multi_task']:>10.4f} {a['single_task']:>11.4f} "
-                 f"{a['multi_task'] - a['single_task']:>+8.4f}")
+                 f"{a['multi_task'] - a['single_task']:>+8.4f}"
+                 + (f"  (without {', '.join(excluded)}: an error metric)" if excluded else ""))
+    if result.get("relative_gain") is not None:
+        lines.append(f"multi-task vs single-task, mean relative gain over all tasks: {result['relative_gain']:+.2%} "
+                     "(positive: multi-task better)")
     p, b = result["parameters"], result["backbone_passes_per_input"]
     lines.append(f"parameters: {p['multi_task'] / 1e6:.1f}M multi-task vs {p['single_task_total'] / 1e6:.1f}M for "
                  f"{len(result['tasks'])} single-task models ({p['ratio']:.2f}x)")

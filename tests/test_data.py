@@ -485,3 +485,20 @@ def test_task_types_declare_what_the_data_path_asks():
     assert {n: (c.class_role, c.joinable) for n, c in TASK_TYPES.items()} == {
         "classification": ("label", True), "multilabel": (None, True), "regression": (None, True),
         "token_classification": (None, True), "extractive_qa": (None, False), "multiple_choice": (None, False)}
+
+
+def test_baseline_average_leaves_error_metrics_out_and_flips_their_gain():
+    """An mse row must not enter the average as if higher were better (a worse error would raise it); its
+    gain is single - multi; the relative gain is scale-free over every task."""
+    from mtlm.baseline import average_rows, format_baseline
+    rows = [{"task": "a", "metric": "accuracy", "lower_is_better": False, "multi_task": 0.8, "single_task": 0.7},
+            {"task": "r", "metric": "mse", "lower_is_better": True, "multi_task": 2.0, "single_task": 2.5}]
+    out = average_rows(rows)
+    assert out["average"] == {"multi_task": 0.8, "single_task": 0.7}
+    assert out["average_excludes"] == ["r"]
+    assert rows[1]["gain"] == pytest.approx(0.5) and rows[0]["gain"] == pytest.approx(0.1)
+    assert out["relative_gain"] == pytest.approx((0.1 / 0.7 + 0.5 / 2.5) / 2)
+    text = format_baseline({"split": "test", "tasks": rows, **out,
+                            "parameters": {"multi_task": 1e6, "single_task_total": 2e6, "ratio": 2.0},
+                            "backbone_passes_per_input": {"multi_task": 1, "single_task": 2, "ratio": 2.0}})
+    assert "(without r: an error metric)" in text and "mse (lower=better)" in text
