@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from mtlm.config import Recipe, TaskConfig
@@ -133,7 +134,7 @@ def _load_backbone(folder: Path):
             backbone, info = AutoModel.from_pretrained(folder, add_pooling_layer=False, **kwargs)
         except TypeError:
             backbone, info = AutoModel.from_pretrained(folder, **kwargs)
-    except (OSError, ValueError, RuntimeError) as e:
+    except (OSError, ValueError, RuntimeError, SafetensorError) as e:
         raise BundleError(f"{folder}: cannot load the backbone: {str(e).splitlines()[0]}") from None
     missing = [k for k in info.get("missing_keys", ()) if "pooler" not in k]
     mismatched = [f"{k}: expected {tuple(want)}, found {tuple(got)}"
@@ -155,7 +156,7 @@ def check_heads(path: Path, heads: torch.nn.ModuleDict, tasks: dict) -> dict[str
     try:
         with safe_open(str(file), "pt") as f:
             shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    except (OSError, ValueError, RuntimeError) as e:   # absent, truncated or not safetensors
+    except (OSError, ValueError, RuntimeError, SafetensorError) as e:   # absent, truncated or not safetensors
         raise BundleError(f"{file}: cannot read head weights: {str(e).splitlines()[0]}") from None
     found: dict[str, dict[str, tuple]] = {}
     for key, shape in shapes.items():
@@ -186,7 +187,10 @@ def check_heads(path: Path, heads: torch.nn.ModuleDict, tasks: dict) -> dict[str
                         f"for a task tasks.json does not list (tasks: {', '.join(heads)})")
     if problems:
         raise BundleError(f"{path}: heads.safetensors does not match tasks.json: " + " | ".join(problems))
-    return load_file(file)
+    try:
+        return load_file(file)
+    except (OSError, ValueError, RuntimeError, SafetensorError) as e:   # a header that reads, data that does not
+        raise BundleError(f"{file}: cannot read head weights: {str(e).splitlines()[0]}") from None
 
 
 def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> tuple[MultiTaskModel, object, dict, dict]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 import shutil
 from pathlib import Path
 
@@ -400,6 +401,22 @@ def test_broken_heads_fail_with_one_error_naming_the_task(run, tmp_path, capsys)
             assert main(argv) == 2
             out = capsys.readouterr()
             assert all(w in out.err for w in words) and "Traceback" not in out.err, out.err
+
+
+def test_truncated_weight_files_are_a_bundle_error(run, tmp_path, capsys):
+    """heads.safetensors or the backbone's weights cut short (a copy that died half way) -> one BundleError
+    naming the file, exit 2 from the CLI, no traceback (safetensors' own error is no OSError)."""
+    from mtlm.cli import main
+    for rel in ("heads.safetensors", "backbone/model.safetensors"):
+        bundle = tmp_path / rel.replace("/", "-")
+        shutil.copytree(run / "model", bundle)
+        data = (bundle / rel).read_bytes()
+        (bundle / rel).write_bytes(data[: len(data) // 2])
+        with pytest.raises(BundleError, match=re.escape(Path(rel).name)):
+            mtlm.load(bundle)
+        assert main(["predict", str(bundle), "a text"]) == 2
+        err = capsys.readouterr().err
+        assert Path(rel).name in err and "Traceback" not in err, err
 
 
 def test_sharded_backbone_weights_load(run, tmp_path):
