@@ -197,7 +197,8 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> tuple[M
     """Load (model in eval mode, tokenizer, tasks {name: fitted task}, tasks.json dict).
 
     Raises BundleError for a folder that is not a bundle, an unsupported format, an unreadable tasks.json,
-    backbone weights that do not match their config, or heads that do not match tasks.json (`check_heads`)."""
+    backbone weights that do not match their config, heads that do not match tasks.json (`check_heads`), or
+    weights holding NaN or infinite values."""
     from transformers import AutoTokenizer
 
     path = find_bundle(path)
@@ -222,6 +223,10 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> tuple[M
         head.load_state_dict({k.split(".", 1)[1]: v for k, v in weights.items() if k.split(".", 1)[0] == name},
                              strict=True)
     model = MultiTaskModel(backbone, heads, {n: t.head_input for n, t in tasks.items()}, meta["pooling"])
+    bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:     # a diverged run or a damaged file: every answer of these tensors' tasks would be NaN
+        raise BundleError(f"{path}: weights hold NaN or infinite values: {', '.join(bad[:5])}"
+                          + (f" and {len(bad) - 5} more" if len(bad) > 5 else ""))
     return model.to(device).eval(), tokenizer, tasks, meta
 
 

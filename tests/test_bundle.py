@@ -419,6 +419,15 @@ def test_truncated_weight_files_are_a_bundle_error(run, tmp_path, capsys):
         assert Path(rel).name in err and "Traceback" not in err, err
 
 
+def test_nan_weights_are_a_bundle_error(run, tmp_path):
+    """A head with NaN weights (a diverged run) is refused at load, naming the tensor, instead of a server
+    that is ready and answers 500 (or NaN scores) for that task."""
+    nan = broken_copy(run, tmp_path / "nan",
+                      lambda t: {**t, "sentiment.out.weight": torch.full_like(t["sentiment.out.weight"], float("nan"))})
+    with pytest.raises(BundleError, match=r"NaN or infinite values: heads\.sentiment\.out\.weight"):
+        mtlm.load(nan)
+
+
 def test_sharded_backbone_weights_load(run, tmp_path):
     """A backbone saved in several safetensors shards (model.safetensors.index.json) loads like one file."""
     model, tokenizer, _, _ = load_bundle(run)
