@@ -238,6 +238,8 @@ def prepare_source(recipe: Recipe, name: str, tasks: dict, problems: list[str], 
     for split, n in dcfg.limit.items():
         if split in splits:
             splits[split] = subsample(splits[split], n, recipe.train.seed)
+    if wanted and "train" in dcfg.limit:     # the cap may have dropped a rare class's last train rows: the made
+        _keep_classes_in_train(tasks, splits, list(wanted))   # splits' rows of it go back (train ends a few over)
     if not splits["train"].records:
         problems.append(f"{prefix}.train: no usable rows in {splits['train'].origin}")
         return None

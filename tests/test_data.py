@@ -502,3 +502,18 @@ def test_baseline_average_leaves_error_metrics_out_and_flips_their_gain():
                             "parameters": {"multi_task": 1e6, "single_task_total": 2e6, "ratio": 2.0},
                             "backbone_passes_per_input": {"multi_task": 1, "single_task": 2, "ratio": 2.0}})
     assert "(without r: an error metric)" in text and "mse (lower=better)" in text
+
+
+def test_a_train_cap_keeps_the_made_splits_classes_in_train(tmp_path):
+    """`limit: {train: N}` is applied after the split: a cap that drops a rare class's last train rows must
+    not leave "label not seen in train" on the dev/test splits the user never wrote; their rows of it go back."""
+    rows = [{"text": f"common text {i}", "label": "c"} for i in range(195)] + \
+           [{"text": f"rare text {i}", "label": "w"} for i in range(5)]
+    jsonl(tmp_path / "d.jsonl", rows)
+    recipe = parse_recipe({"name": "r", "tasks": {"t": {"type": "classification", "data": {
+        "train": "d.jsonl", "split": {"dev": 0.2, "test": 0.2}, "limit": {"train": 10}}}}}, tmp_path)
+    tasks = {"t": build_task("t", recipe.tasks["t"])}
+    data = prepare_rows(recipe, tasks).rows["t"]
+    assert "w" in tasks["t"].labels
+    train_w = sum(r["label"] == "w" for r in data["train"].records)
+    assert train_w >= 1 and len(data["train"].records) <= 10 + 5
