@@ -97,6 +97,8 @@ def build(recipe: Recipe, resume: bool = False, overwrite: bool = False, model_f
     model loads for recipe and data problems), BackboneError."""
     cfg = recipe.train
     run_dir = recipe.run_dir()
+    if resume and overwrite:
+        raise RecipeError(["--resume continues the run in the folder, --overwrite deletes it: give one of them"])
     existing = latest_checkpoint(run_dir)
     if existing is not None and not (resume or overwrite):
         raise RecipeError([f"{run_dir} already holds a run (checkpoint {existing.name}): pass --resume to continue "

@@ -269,3 +269,10 @@ def test_resume_of_a_run_whose_recipe_predates_a_new_setting(make_recipe):
     (run / "recipe.yaml").write_text(yaml.safe_dump(saved))
     fit(mtlm.load_recipe(path), resume=True, progress=False)
     assert json.loads((run / "metrics.json").read_text())["step"] == 4
+
+
+def test_resume_and_overwrite_together_is_an_error(make_recipe):
+    from mtlm.config import RecipeError
+    from mtlm.train import fit
+    with pytest.raises(RecipeError, match="give one of them"):
+        fit(mtlm.load_recipe(make_recipe(name="both")), resume=True, overwrite=True, progress=False)
