@@ -225,12 +225,21 @@ def find_contract(run_dir: Path) -> tuple[dict, Path] | None:
 
 
 def resolve_source(key: str, source: dict, run_dir: Path, data_dir: Path | None = None) -> tuple[Path | None, list[Path]]:
-    """(the file of a stored source, or None; the places tried): with `data_dir`, data_dir/<key> (the key is the
-    path relative to the recipe folder) then data_dir/<file name>; then the path stored relative to the run."""
-    tried = ([Path(data_dir) / key, Path(data_dir) / Path(key).name] if data_dir is not None else [])
+    """(the file of a stored source, or None; the places tried). With `data_dir`: data_dir/<key> (the key is
+    the path relative to the recipe folder), then data_dir/<each shorter tail of the key>, `..` parts dropped
+    (`../../shared/data/sst2/train.jsonl` -> shared/data/sst2/train.jsonl, data/sst2/train.jsonl,
+    sst2/train.jsonl, train.jsonl); then the path stored relative to the run. Of the files found, the first
+    whose sha256 is the stored one wins (several sources may share a file name); else the first found."""
+    tried = []
+    if data_dir is not None:
+        parts = [p for p in Path(key).parts if p not in ("..", ".")]
+        tried += [Path(data_dir) / key] + [Path(data_dir).joinpath(*parts[i:]) for i in range(len(parts))]
     tried.append(Path(run_dir) / source["path"])
     tried = list(dict.fromkeys(p.resolve() for p in tried))
-    return next((p for p in tried if p.is_file()), None), tried
+    found = [p for p in tried if p.is_file()]
+    if len(found) > 1:
+        return next((p for p in found if file_sha256(p) == source.get("sha256")), found[0]), tried
+    return (found[0] if found else None), tried
 
 
 def _read(key: str, source: dict, run_dir: Path, data_dir: Path | None, problems: list[str]) -> Rows | None:

@@ -289,3 +289,22 @@ def test_row_hash_is_content_only_and_survives_lone_surrogates():
     assert row_sha256({"text": "a", "label": 1}) == row_sha256({"label": 1, "text": "a"})
     assert row_sha256({"text": "a", "label": 1}) != row_sha256({"text": "a", "label": "1"})
     assert len(row_sha256({"text": "\ud800 broken"})) == 16
+
+
+def test_data_dir_finds_keys_that_climb_out_of_the_recipe_folder(tmp_path):
+    """A recipe naming its data `../../shared/data/<set>/train.jsonl` (as the README's recipes do): under
+    --data-dir the key's tails are tried, and of several files with one name the one with the stored digest
+    wins (every set has a train.jsonl)."""
+    from mtlm.contract import file_sha256, resolve_source
+    moved = tmp_path / "backup"
+    for name, text in (("sst2", "a\n"), ("agnews", "b\n")):
+        (moved / "data" / name).mkdir(parents=True)
+        (moved / "data" / name / "train.jsonl").write_text(text)
+    (moved / "train.jsonl").write_text("c\n")
+    want = moved / "data" / "agnews" / "train.jsonl"
+    source = {"kind": "file", "path": "../../gone/train.jsonl", "sha256": file_sha256(want)}
+    found, tried = resolve_source("../../shared/data/agnews/train.jsonl", source, tmp_path / "run", moved)
+    assert found == want.resolve(), tried
+    source["sha256"] = "0" * 64         # no file has the digest: the longest tail found, which the caller names
+    assert resolve_source("../../shared/data/agnews/train.jsonl", source, tmp_path / "run", moved)[0] == \
+        want.resolve()
