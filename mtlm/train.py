@@ -34,6 +34,7 @@ from mtlm.checkpoint import latest_checkpoint
 from mtlm.config import Recipe, RecipeError
 from mtlm.contract import check_rows_unchanged, write_contract
 from mtlm.data import encode_rows, prepare_rows
+from mtlm.engine import cpu_has_bf16
 from mtlm.evaluate import evaluate
 from mtlm.hooks import LossContext, LossHook, ModelHook, Run   # noqa: F401  (fit's public hook types)
 from mtlm.model import build_model, load_backbone
@@ -83,12 +84,6 @@ def average_gradients(accelerator: Accelerator, params: list[torch.nn.Parameter]
     for p in params:
         p.grad = flat[offset:offset + p.numel()].view_as(p)
         offset += p.numel()
-
-
-def cpu_has_bf16() -> bool:
-    """Whether oneDNN has native bf16 kernels on this CPU (AVX512-BF16 or AMX)."""
-    probe = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
-    return bool(probe()) if probe is not None else True
 
 
 def build(recipe: Recipe, resume: bool = False, overwrite: bool = False, model_fn: ModelHook | None = None) -> Run:
