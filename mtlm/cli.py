@@ -122,7 +122,7 @@ class MissingPackage(Exception):
 
 def cmd_serve(args) -> None:
     try:
-        from mtlm.serve.app import serve
+        from mtlm.serve.process import serve
     except ModuleNotFoundError as e:     # an install made with --no-deps, or an old one
         raise MissingPackage(f"`mtlm serve` needs the {e.name!r} package: pip install fastapi 'uvicorn[standard]' "
                              "prometheus-client (or reinstall mtlm: pip install -e .)") from None

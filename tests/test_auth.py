@@ -160,11 +160,11 @@ def self_signed(tmp_path: Path) -> tuple[Path, Path]:
 def test_serve_hands_uvicorn_the_tls_files_and_workers_only_key_digests(bundle, tmp_path, monkeypatch, caplog):
     import uvicorn
 
-    from mtlm.serve.app import serve
+    from mtlm.serve.process import serve
     calls = []
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: calls.append(kw))
     monkeypatch.delenv("MTLM_API_KEYS", raising=False)
-    from mtlm.serve.app import ENV_BUNDLE, ENV_SETTINGS
+    from mtlm.serve.process import ENV_BUNDLE, ENV_SETTINGS
     for name in (ENV_AUTH, ENV_BUNDLE, ENV_SETTINGS):       # serve() sets them for its workers: restore after
         monkeypatch.setenv(name, "")
     cert, key = self_signed(tmp_path)

@@ -198,6 +198,7 @@ def test_serve_without_its_packages_names_the_pip_install(results, capsys, monke
     """An install without fastapi (made with --no-deps, say): `mtlm serve` says which pip install brings
     it, exit 2, no traceback."""
     monkeypatch.delitem(sys.modules, "mtlm.serve.app", raising=False)
+    monkeypatch.delitem(sys.modules, "mtlm.serve.process", raising=False)
     monkeypatch.setitem(sys.modules, "fastapi", None)            # import fastapi -> ModuleNotFoundError
     rc, _, err = in_process(["serve", str(results["bundle"])], capsys)
     assert rc == 2 and "'fastapi'" in err and "pip install fastapi" in err, err

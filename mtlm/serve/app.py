@@ -31,12 +31,8 @@ import asyncio
 import itertools
 import json
 import logging
-import os
 import re
-import shutil
 import signal
-import sys
-import tempfile
 import threading
 import time
 import uuid
@@ -49,7 +45,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from mtlm.serve.auth import ENV_AUTH, APIKeys, access_from_args, www_authenticate
+from mtlm.serve.auth import APIKeys, www_authenticate
 from mtlm.serve.batcher import QueueFull, Stopped, TooLarge
 from mtlm.serve.openapi import install_openapi
 from mtlm.serve.schemas import (ErrorResponse, PredictRequest, PredictResponse, ServeSettings,
@@ -61,8 +57,6 @@ if TYPE_CHECKING:     # torch is imported only when an app is created: serve() m
 
 log = logging.getLogger("mtlm.serve")
 
-ENV_BUNDLE = "MTLM_SERVE_BUNDLE"       # bundle path for app_from_env (set by serve() for its workers)
-ENV_SETTINGS = "MTLM_SERVE_SETTINGS"   # ServeSettings as JSON
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 _ERRORS = {s: {"model": ErrorResponse} for s in (413, 422, 429, 503, 504)}
 _TASK_ERRORS = {**_ERRORS, 404: {"model": ErrorResponse}}
@@ -221,6 +215,56 @@ def _chain_signal_handlers(service: Service) -> None:
         signal.signal(sig, handler)
 
 
+async def answer(service: Service, settings: ServeSettings, request: Request, inputs: list[Any],
+                 tasks: list[str] | None, timeout_ms: float | None) -> Response:
+    """One predict request, after its body validated: readiness, the deadline's limits (over the maximum, or
+    under what even an idle server needs for this many inputs: 422 before queueing), input checks, then the
+    batched prediction. Every outcome is one response (200, 413, 422, 429, 503, 504, 500) and one count in
+    /metrics."""
+    from mtlm.predict import InputError
+    from mtlm.serve.service import NotReady
+    rid, arrival = request.state.request_id, request.state.arrival
+    names, status, n_inputs = None, 500, 0
+    try:
+        if not service.ready:
+            status = 503
+            return _error(503, f"not ready: {service.state}" + (f" ({service.error})" if service.error else ""),
+                          rid, {"Retry-After": "1"})
+        timeout_ms = settings.default_timeout_ms if timeout_ms is None else timeout_ms
+        if timeout_ms > settings.max_timeout_ms:
+            raise InputError(f"timeout_ms: {timeout_ms:g} is over the limit of {settings.max_timeout_ms:g}")
+        least = service.least_timeout_ms(len(inputs))
+        if timeout_ms < least:     # a deadline even an idle server cannot meet: refuse it before queueing
+            raise InputError(f"timeout_ms: {timeout_ms:g} is under the minimum of {least:g} ms for "
+                             f"{len(inputs)} input(s): {_floor_reason(service)}")
+        items, plan = service.validate(inputs, tasks)
+        names = plan.names
+        predictions, timing = await service.predict(items, plan, timeout_ms / 1000.0, arrival)
+        status, n_inputs = 200, len(items)
+        return JSONResponse({"model": service.predictor.name, "request_id": rid, "tasks": names,
+                             "predictions": predictions, "timing": timing})
+    except InputError as e:
+        status = 422
+        return _error(422, str(e), rid)
+    except QueueFull as e:
+        status = 429
+        return _error(429, str(e), rid, {"Retry-After": str(e.retry_after_s)})
+    except TooLarge as e:
+        status = 413
+        return _error(413, str(e), rid)
+    except (Stopped, NotReady) as e:
+        status = 503
+        return _error(503, str(e), rid, {"Retry-After": "1"})
+    except asyncio.TimeoutError:
+        status = 504
+        return _error(504, f"not computed within timeout_ms={timeout_ms:g}", rid)
+    except Exception as e:
+        log.exception("request %s failed", rid)
+        return _error(500, f"internal error: {type(e).__name__}", rid)
+    finally:
+        service.metrics.request(names, status, n_inputs, time.monotonic() - arrival)
+
+
 def create_app(source: str | Path | Callable[[], Predictor], settings: ServeSettings | None = None,
                handle_signals: bool = False, api_keys: APIKeys | None = None) -> FastAPI:
     """The FastAPI app serving one bundle (a path, or a callable returning a Predictor).
@@ -231,8 +275,7 @@ def create_app(source: str | Path | Callable[[], Predictor], settings: ServeSett
 
     Its lifespan starts loading in the background and, on shutdown, drains accepted requests. Without a
     lifespan-running server (httpx's ASGITransport), run `async with app.router.lifespan_context(app):`."""
-    from mtlm.predict import InputError
-    from mtlm.serve.service import NotReady, Service
+    from mtlm.serve.service import Service
 
     settings = settings or ServeSettings()
     service = Service(source, settings)
@@ -301,53 +344,11 @@ def create_app(source: str | Path | Callable[[], Predictor], settings: ServeSett
         return _error(exc.status_code, str(detail), getattr(request.state, "request_id", None),
                       getattr(exc, "headers", None))
 
-    async def handle(request: Request, inputs: list[Any], tasks: list[str] | None, timeout_ms: float | None):
-        rid, arrival = request.state.request_id, request.state.arrival
-        names, status, n_inputs = None, 500, 0
-        try:
-            if not service.ready:
-                status = 503
-                return _error(503, f"not ready: {service.state}" + (f" ({service.error})" if service.error else ""),
-                              rid, {"Retry-After": "1"})
-            timeout_ms = settings.default_timeout_ms if timeout_ms is None else timeout_ms
-            if timeout_ms > settings.max_timeout_ms:
-                raise InputError(f"timeout_ms: {timeout_ms:g} is over the limit of {settings.max_timeout_ms:g}")
-            least = service.least_timeout_ms(len(inputs))
-            if timeout_ms < least:     # a deadline even an idle server cannot meet: refuse it before queueing
-                raise InputError(f"timeout_ms: {timeout_ms:g} is under the minimum of {least:g} ms for "
-                                 f"{len(inputs)} input(s): {_floor_reason(service)}")
-            items, plan = service.validate(inputs, tasks)
-            names = plan.names
-            predictions, timing = await service.predict(items, plan, timeout_ms / 1000.0, arrival)
-            status, n_inputs = 200, len(items)
-            return JSONResponse({"model": service.predictor.name, "request_id": rid, "tasks": names,
-                                 "predictions": predictions, "timing": timing})
-        except InputError as e:
-            status = 422
-            return _error(422, str(e), rid)
-        except QueueFull as e:
-            status = 429
-            return _error(429, str(e), rid, {"Retry-After": str(e.retry_after_s)})
-        except TooLarge as e:
-            status = 413
-            return _error(413, str(e), rid)
-        except (Stopped, NotReady) as e:
-            status = 503
-            return _error(503, str(e), rid, {"Retry-After": "1"})
-        except asyncio.TimeoutError:
-            status = 504
-            return _error(504, f"not computed within timeout_ms={timeout_ms:g}", rid)
-        except Exception as e:
-            log.exception("request %s failed", rid)
-            return _error(500, f"internal error: {type(e).__name__}", rid)
-        finally:
-            service.metrics.request(names, status, n_inputs, time.monotonic() - arrival)
-
     @app.post("/v1/predict", response_model=PredictResponse, responses=_ERRORS)
     async def predict(body: PredictRequest, request: Request):
         """The requested tasks for each input (default: every task whose fields the input carries), from one
         backbone pass per field group."""
-        return await handle(request, body.inputs, body.tasks, body.timeout_ms)
+        return await answer(service, settings, request, body.inputs, body.tasks, body.timeout_ms)
 
     @app.post("/v1/tasks/{task}/predict", response_model=PredictResponse, responses=_TASK_ERRORS)
     async def predict_task(task: str, body: TaskPredictRequest, request: Request):
@@ -356,7 +357,7 @@ def create_app(source: str | Path | Callable[[], Predictor], settings: ServeSett
             service.metrics.request(None, 404)
             return _error(404, f"unknown task {task!r}; valid tasks: {', '.join(service.predictor.tasks)}",
                           request.state.request_id)
-        return await handle(request, body.inputs, [task], body.timeout_ms)
+        return await answer(service, settings, request, body.inputs, [task], body.timeout_ms)
 
     @app.get("/v1/tasks", response_model=TasksResponse, responses={503: {"model": ErrorResponse}})
     async def tasks(request: Request):
@@ -385,71 +386,3 @@ def create_app(source: str | Path | Callable[[], Predictor], settings: ServeSett
         return Response(content, media_type=content_type)
 
     return app
-
-
-_PRELOADED: dict[str, Predictor] = {}   # bundle path -> the Predictor serve() loaded in this process
-
-
-def app_from_env() -> FastAPI:
-    """uvicorn factory for `serve()`'s worker processes: the bundle, settings and API key digests come from
-    the environment (MTLM_SERVE_BUNDLE, MTLM_SERVE_SETTINGS as JSON, MTLM_SERVE_AUTH). With one worker the app
-    serves the Predictor that `serve()` already loaded in this process."""
-    settings = ServeSettings.model_validate_json(os.environ.get(ENV_SETTINGS) or "{}")
-    bundle = os.environ[ENV_BUNDLE]
-    predictor = _PRELOADED.pop(bundle, None)
-    return create_app(bundle if predictor is None else (lambda: predictor), settings, handle_signals=True,
-                      api_keys=APIKeys.from_env(os.environ.get(ENV_AUTH)))
-
-
-def serve(args) -> None:
-    """`mtlm serve`: run the app under uvicorn until SIGTERM/SIGINT, then drain and exit.
-
-    args: run, host, port, workers and `setting_<name>` for each ServeSettings field (argparse; None = the
-    default); optional: api_keys (list), api_key_file, open_metrics, open_docs, ssl_certfile, ssl_keyfile,
-    verbose. The bundle is loaded before the server listens, so one that cannot load (not a bundle, heads
-    that do not match tasks.json, ...) raises mtlm.checkpoint.BundleError here (`mtlm serve` exits 2 with the
-    reason) instead of a server whose /ready stays 503; with --workers N each worker then loads its own copy.
-    Raises pydantic.ValidationError for a setting out of range, mtlm.serve.auth.AccessConfigError for a bad
-    key source or TLS file."""
-    # OpenMP threads that spin-wait between ops steal the CPU the event loop and tokenizer need (measured
-    # here: 6x the server CPU per request). Set before torch is first imported, i.e. before mtlm.checkpoint.
-    if "torch" in sys.modules and "OMP_WAIT_POLICY" not in os.environ:
-        log.warning("torch was imported before serve(): OMP_WAIT_POLICY=PASSIVE cannot apply")
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    import uvicorn
-
-    from mtlm.checkpoint import find_bundle
-    from mtlm.predict import load
-
-    api_keys = access_from_args(args)        # a bad key file or TLS file fails before the model loads
-    certfile, keyfile = getattr(args, "ssl_certfile", None), getattr(args, "ssl_keyfile", None)
-    bundle = find_bundle(args.run).resolve()
-    workers = max(1, int(args.workers))
-    settings = ServeSettings(**{name: getattr(args, f"setting_{name}") for name in ServeSettings.model_fields
-                                if getattr(args, f"setting_{name}", None) is not None})
-    predictor = load(bundle)
-    if workers == 1:                    # uvicorn runs the app in this process: serve this copy
-        _PRELOADED[str(bundle)] = predictor
-    del predictor
-    metrics_dir = None
-    if workers > 1:
-        settings.torch_threads = max(1, (os.cpu_count() or 1) // workers)
-        if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):    # /metrics then sums every worker
-            metrics_dir = os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="mtlm-prometheus-")
-    os.environ[ENV_BUNDLE], os.environ[ENV_SETTINGS] = str(bundle), settings.model_dump_json()
-    os.environ.pop(ENV_AUTH, None)
-    if api_keys is not None:       # only digests reach the workers' environment
-        os.environ[ENV_AUTH] = api_keys.to_env()
-    scheme = "https" if certfile else "http"
-    log.info("serving %s on %s://%s:%d with %d worker(s)", bundle, scheme, args.host, args.port, workers)
-    # uvicorn re-raises the SIGTERM it drained on once it is done; exit 0 then, as after any clean stop
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
-    try:
-        verbose = bool(getattr(args, "verbose", False))
-        uvicorn.run("mtlm.serve.app:app_from_env", factory=True, host=args.host, port=args.port,
-                    workers=workers, access_log=verbose, log_level="debug" if verbose else "info",
-                    ssl_certfile=certfile, ssl_keyfile=keyfile)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-        if metrics_dir:
-            shutil.rmtree(metrics_dir, ignore_errors=True)
