@@ -8,9 +8,6 @@ import asyncio
 import copy
 import os
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from contextlib import asynccontextmanager
@@ -433,54 +430,6 @@ def test_bench_single_task_bundle_equals_its_head(bundle, predictor, tmp_path, m
         assert_same(got, want)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_uvicorn_subprocess_drains_on_sigterm(bundle, tmp_path):
-    """A real `mtlm serve` on loopback: requests in flight when SIGTERM arrives are all answered, then the
-    process exits 0 and the port is closed."""
-    port = _free_port()
-    base = f"http://127.0.0.1:{port}"
-    log = open(tmp_path / "serve.log", "w")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.Popen([sys.executable, "-m", "mtlm.cli", "serve", str(bundle), "--host", "127.0.0.1",
-                             "--port", str(port), "--max-wait-ms", "600"], stdout=log, stderr=subprocess.STDOUT,
-                            env=env)
-    try:
-        async def main():
-            async with httpx.AsyncClient(base_url=base, timeout=30) as client:
-                deadline = time.monotonic() + 60
-                while True:
-                    assert proc.poll() is None, (tmp_path / "serve.log").read_text()
-                    assert time.monotonic() < deadline, "server never became ready"
-                    try:
-                        if (await client.get("/ready")).status_code == 200:
-                            break
-                    except httpx.TransportError:
-                        pass
-                    await asyncio.sleep(0.2)
-                posts = [asyncio.create_task(client.post("/v1/predict", json={"inputs": [t], "tasks": ["topic"]}))
-                         for t in TEXTS]
-                await asyncio.sleep(0.25)                 # in the batcher's 600 ms wait
-                proc.send_signal(signal.SIGTERM)
-                responses = await asyncio.gather(*posts)
-                assert [r.status_code for r in responses] == [200] * len(TEXTS)
-                assert all(r.json()["timing"]["batch_size"] == len(TEXTS) for r in responses)
-
-        asyncio.run(main())
-        assert proc.wait(timeout=30) == 0, (tmp_path / "serve.log").read_text()
-        with pytest.raises(httpx.TransportError):
-            httpx.get(f"{base}/health", timeout=2)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=10)
-        log.close()
-
-
 def test_batch_loop_errors_answer_500_at_once_and_the_loop_goes_on(predictor, caplog):
     """An exception in the batch loop outside the model call (an observer error, a result list of the
     wrong length) is logged and answers that batch's requests 500 at once (not 504 at the deadline); the
@@ -648,72 +597,3 @@ def test_multiple_choice_over_http(mc_bundle):
             assert r.status_code == 422 and "inputs[0].choices[1]" in r.json()["detail"], r.text
 
     asyncio.run(main())
-
-
-def _start_server(bundle, tmp_path, *args):
-    port = _free_port()
-    log = open(tmp_path / "serve.log", "w")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-    proc = subprocess.Popen([sys.executable, "-m", "mtlm.cli", "serve", str(bundle), "--host", "127.0.0.1",
-                             "--port", str(port), *args], stdout=log, stderr=subprocess.STDOUT, env=env)
-    return proc, f"http://127.0.0.1:{port}", log
-
-
-def test_two_workers_answer_and_metrics_sum_both(bundle, tmp_path):
-    """`mtlm serve --workers 2`: two processes, each loads and warms up its own model (2 warm-up batches
-    each); /metrics from any worker sums both, so it counts 4 warm-up batches and every request."""
-    proc, base, log = _start_server(bundle, tmp_path, "--workers", "2", "--max-wait-ms", "0")
-    try:
-        async def main():
-            async with httpx.AsyncClient(base_url=base, timeout=30) as client:
-                deadline = time.monotonic() + 120
-                while True:                       # both workers warmed up: 2 batches each, summed
-                    assert proc.poll() is None, (tmp_path / "serve.log").read_text()
-                    assert time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
-                    try:
-                        m = (await client.get("/metrics")).text
-                        if metric(m, "mtlm_batch_size_count") == 4:
-                            break
-                    except httpx.TransportError:
-                        pass
-                    await asyncio.sleep(0.3)
-                workers = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
-                assert len(workers) >= 2
-                for t in TEXTS:
-                    r = await client.post("/v1/predict", json={"inputs": [t], "tasks": ["topic"]})
-                    assert r.status_code == 200, r.text
-                m = (await client.get("/metrics")).text
-                assert metric(m, "mtlm_requests_total", task="topic", status="200") == len(TEXTS)
-                assert metric(m, "mtlm_batch_size_count") == 4 + len(TEXTS)
-                assert metric(m, "mtlm_ready") == 1
-
-        asyncio.run(main())
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=60) == 0, (tmp_path / "serve.log").read_text()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=10)
-        log.close()
-
-
-def test_serve_exits_on_a_bundle_that_cannot_load(bundle, tmp_path):
-    """`mtlm serve` on a bundle whose heads do not match tasks.json exits 2 with the reason (naming the
-    task and tensors), no traceback, instead of running with /ready 503 forever."""
-    import shutil
-    from safetensors.torch import load_file, save_file
-    broken = tmp_path / "broken"
-    shutil.copytree(bundle, broken)
-    save_file({k: v for k, v in load_file(broken / "heads.safetensors").items() if not k.startswith("topic.")},
-              broken / "heads.safetensors")
-    proc, base, log = _start_server(broken, tmp_path)
-    try:
-        assert proc.wait(timeout=60) == 2
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=10)
-        log.close()
-    out = (tmp_path / "serve.log").read_text()
-    assert "error:" in out and "task 'topic'" in out and "topic.out.weight" in out and "Traceback" not in out, out
