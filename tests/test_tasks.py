@@ -428,3 +428,14 @@ def test_untyped_bio_tags_train_and_predict_end_to_end(tiny_backbone, toy_data, 
     (res,) = predictor.predict(["john went to paris"], tasks=["chunks"])
     assert [(e["entity"], e["text"]) for e in res["chunks"]["entities"]] == \
         [(None, "john"), (None, "went"), (None, "to"), (None, "paris")]
+
+
+def test_classification_macro_f1_counts_every_known_label():
+    """Three known labels, the split holds two, both predicted right: macro-F1 is 2/3 (the third label's F1 is
+    0), not 1.0 over only the labels present."""
+    from mtlm.config import DataConfig, TaskConfig
+    from mtlm.tasks import build_task
+    task = build_task("t", TaskConfig(type="classification", data=DataConfig(train="x.csv")))
+    task.fit([{"text": "a", "label": "x"}, {"text": "b", "label": "y"}, {"text": "c", "label": "z"}])
+    m = task.metrics([0, 1, 0, 1], [0, 1, 0, 1])
+    assert m["accuracy"] == 1.0 and m["macro_f1"] == pytest.approx(2 / 3)

@@ -72,9 +72,12 @@ class Classification(TextTask):
         return [f["label"] for f in features]
 
     def metrics(self, predictions: list[Any], references: list[Any]) -> dict[str, float]:
+        """accuracy, macro-F1 over EVERY known label (a class absent from both references and predictions
+        counts as F1 0, so a split missing a class cannot inflate it; as multilabel's macro-F1), MCC."""
+        every = list(range(len(self.labels)))
         return {
             "accuracy": float(accuracy_score(references, predictions)),
-            "macro_f1": float(f1_score(references, predictions, average="macro", zero_division=0)),
+            "macro_f1": float(f1_score(references, predictions, labels=every, average="macro", zero_division=0)),
             "mcc": float(matthews_corrcoef(references, predictions)),
         }
 
