@@ -74,7 +74,8 @@ class Classification(TextTask):
     def metrics(self, predictions: list[Any], references: list[Any]) -> dict[str, float]:
         """accuracy, macro-F1 over EVERY known label (a class absent from both references and predictions
         counts as F1 0, so a split missing a class cannot inflate it; as multilabel's macro-F1), MCC."""
-        every = list(range(len(self.labels)))
+        known = range(len(self.labels)) if hasattr(self, "labels") else ()     # unfitted: the labels present
+        every = sorted(set(known) | set(references) | set(predictions))
         return {
             "accuracy": float(accuracy_score(references, predictions)),
             "macro_f1": float(f1_score(references, predictions, labels=every, average="macro", zero_division=0)),
