@@ -24,8 +24,9 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from pydantic import ValidationError         # a `mtlm serve` setting out of range
     from mtlm.compress import CompressError
     from mtlm.engine import EngineError
+    from mtlm.hf.export import ExportError
     return (RecipeError, DataError, BackboneError, BundleError, InputError, ValidationError, MissingPackage,
-            AccessConfigError, EngineError, CompressError)
+            AccessConfigError, EngineError, CompressError, ExportError)
 
 
 def cmd_train(args) -> None:
@@ -134,6 +135,18 @@ def cmd_serve(args) -> None:
 
 
 def cmd_export(args) -> None:
+    if args.format == "hf":
+        from mtlm.hf.export import ExportError, export_hf
+        if not args.task:
+            raise ExportError("--format hf exports one task: give --task NAME")
+        out = export_hf(args.run, args.task, args.output)
+        info = json.loads((out / "mtlm_export.json").read_text(encoding="utf-8"))
+        remote = ", trust_remote_code=True" if info["trust_remote_code"] else ""
+        print(f"wrote {out} ({info['type']}); load it with transformers.pipeline(model={str(out)!r}{remote})")
+        return
+    if args.task:
+        from mtlm.hf.export import ExportError
+        raise ExportError("--task is for --format hf (the onnx graph holds every task)")
     from mtlm.export import export_run
     bundle, report = export_run(args.run, args.output, args.format)
     fused = report["fused_operators"]
@@ -234,11 +247,13 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--ssl-keyfile", metavar="PEM", help="the certificate's private key")
     v.set_defaults(func=cmd_serve)
 
-    x = sub.add_parser("export", help="export a run's model as one ONNX graph (backbone + every head)")
+    x = sub.add_parser("export", help="export a run's model as one ONNX graph (every task) or one task as a HF folder")
     x.add_argument("run", help="run folder or bundle folder")
-    x.add_argument("--format", default="onnx", help="export format (default: %(default)s; the only one)")
-    x.add_argument("--output", help="write a new derived run folder holding the graph (default: into the run's "
-                                    "own model/onnx/)")
+    x.add_argument("--format", default="onnx",
+                   help="onnx: one graph, every task (default); hf: one task as a Hugging Face folder (--task)")
+    x.add_argument("--task", help="--format hf: the task to export")
+    x.add_argument("--output", help="onnx: write a new derived run folder holding the graph (default: into the run's "
+                                    "own model/onnx/); hf: the folder (default: <run>/hf/<task>)")
     x.set_defaults(func=cmd_export)
 
     c = sub.add_parser("compress", help="a faster model keeping every task within an accuracy budget on dev")
