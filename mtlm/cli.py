@@ -1,4 +1,4 @@
-"""`mtlm train|eval|predict|baseline|quickstart|serve|export|compress`: parse arguments, then call one function.
+"""`mtlm train|eval|predict|baseline|quickstart|serve|export|compress|report`: parse arguments, then call one function.
 
 User errors (bad recipe, bad data, missing backbone package, bad bundle, bad input) print one message and
 exit with status 2, without a traceback."""
@@ -25,8 +25,9 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from mtlm.compress import CompressError
     from mtlm.engine import EngineError
     from mtlm.hf.export import ExportError
+    from mtlm.report.collect import ReportError
     return (RecipeError, DataError, BackboneError, BundleError, InputError, ValidationError, MissingPackage,
-            AccessConfigError, EngineError, CompressError, ExportError)
+            AccessConfigError, EngineError, CompressError, ExportError, ReportError)
 
 
 def cmd_train(args) -> None:
@@ -164,6 +165,15 @@ def cmd_compress(args) -> None:
           f"report: {run_dir / REPORT_FILE}")
 
 
+def cmd_report(args) -> None:
+    try:
+        from mtlm.report.page import write_report
+    except ModuleNotFoundError as e:
+        raise MissingPackage(f"`mtlm report` needs the {e.name!r} package: pip install 'mtlm[report]' (matplotlib)") from None
+    index = write_report(args.run, args.output, with_predictions=not args.no_predictions)
+    print(f"wrote {index} ({len(list(index.parent.glob('*.png')))} figures)")
+
+
 ENGINE_HELP = ("what runs the model: torch, torch-bf16, onnx, onnx-int8 (default: the fastest engine the bundle holds "
                "that passes its check against torch fp32 on this machine)")
 
@@ -230,6 +240,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="server processes, each with its own model copy (default: %(default)s)")
     from mtlm.serve.schemas import ServeSettings
     for name, info in ServeSettings.model_fields.items():    # one flag per setting, e.g. --max-windows
+        if info.annotation is bool:                             # on by default: --no-<name> turns it off
+            v.add_argument(f"--no-{name.replace('_', '-')}", action="store_const", const=False, default=None,
+                           dest=f"setting_{name}", help=info.description)
+            continue
         kind = (float if info.annotation in (float, float | None) else str if info.annotation in (str, str | None)
                 else int)
         default = "" if info.default is None else f" (default: {info.default})"
@@ -255,6 +269,14 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--output", help="onnx: write a new derived run folder holding the graph (default: into the run's "
                                     "own model/onnx/); hf: the folder (default: <run>/hf/<task>)")
     x.set_defaults(func=cmd_export)
+
+    r = sub.add_parser("report", help="an HTML page with plots of a run (curves, weights, confusion, baseline, "
+                                      "compression, recipe, environment)")
+    r.add_argument("run", help="run folder")
+    r.add_argument("--output", help="folder for index.html and its figures (default: <run>/report)")
+    r.add_argument("--no-predictions", action="store_true",
+                   help="skip the dev predictions (confusion matrices, per-entity scores): no model is loaded")
+    r.set_defaults(func=cmd_report)
 
     c = sub.add_parser("compress", help="a faster model keeping every task within an accuracy budget on dev")
     c.add_argument("run", help="run folder (with its stored dev rows)")
