@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -106,8 +107,13 @@ def test_pipeline_gives_mtlms_predictions_on_real_texts(real_run, tmp_path, caps
     assert [t["label"] for t in theirs] == [o["sentiment"]["label"] for o in ours]
     assert [t["score"] for t in theirs] == pytest.approx([o["sentiment"]["score"] for o in ours], abs=1e-4)
 
-    conll = [json.loads(x)["tokens"] for x in (SHARED_DATA / "conll2003/dev.jsonl").read_text().splitlines()[:40]]
-    sentences = [" ".join(t) for t in conll if len(t) > 5][:16]
+    # mtlm's words are the text's whitespace-separated words; the pipeline's are its tokenizer's pre-tokens,
+    # which also split inside a word at punctuation ("O'Gorman" -> O ' Gorman): compare on sentences whose
+    # words are letters/digits or one punctuation mark, where the two agree (README: HF export)
+    conll = [json.loads(x)["tokens"] for x in (SHARED_DATA / "conll2003/dev.jsonl").read_text().splitlines()[:80]]
+    plain = re.compile(r"^(\w+|[^\w\s])$")
+    sentences = [" ".join(t) for t in conll if len(t) > 5 and all(plain.match(w) for w in t)][:16]
+    assert len(sentences) == 16
     export_hf(real_run, "ner", tmp_path / "ner")
     tagger = pipeline("token-classification", model=str(tmp_path / "ner"), aggregation_strategy="first", device="cpu")
     ours = [[(e["entity"], e["start"], e["end"]) for e in o["ner"]["entities"]]

@@ -40,7 +40,7 @@ def test_report_of_a_run_with_baseline_and_compressed_variant(make_recipe, tmp_p
     index = tmp_path / "rep" / "index.html"
     text = index.read_text()
     for section in ("training", "per task, on dev", "multi-task vs single-task (dev)", "compression and distillation",
-                    "recipe", "environment", "library torch", "weighting: dwa"):
+                    "recipe", "environment", "library torch", "name: dwa"):
         assert section in text, section
     assert 'src="http' not in text and "<script" not in text     # self-contained: no network, no script
     assert rendered_in_browser(index, tmp_path) == sorted(

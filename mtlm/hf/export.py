@@ -5,7 +5,9 @@ loads and that gives mtlm's predictions.
 What maps, per task type:
 - token_classification -> `AutoModelForTokenClassification` (the encoder's own class; mtlm's head is its
   `classifier`: dropout + linear on every token). `pipeline("token-classification",
-  aggregation_strategy="first")` tags each word by its first sub-token, as mtlm does.
+  aggregation_strategy="first")` tags each word by its first sub-token, as mtlm does. A word is a
+  whitespace-separated word in mtlm but a pre-token in the pipeline, which also splits at punctuation inside
+  a word ("O'Gorman" -> O ' Gorman): there the entities can differ.
 - extractive_qa -> `AutoModelForQuestionAnswering` (`qa_outputs`: start logit = mtlm's [..., 0], end = [..., 1]).
   The pipeline's span search is its own (`max_answer_len`, `doc_stride`: pass the task's values).
 - classification, regression -> `AutoModelForSequenceClassification`, but not the encoder's own class: HF's
