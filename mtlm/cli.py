@@ -41,7 +41,7 @@ def cmd_train(args) -> None:
 def cmd_eval(args) -> None:
     from mtlm.evaluate import by_task, evaluate_bundle, format_deltas, format_table
     metrics, tasks, out_path = evaluate_bundle(args.run, args.split, args.batch_size, data_dir=args.data_dir,
-                                               engine=args.engine)
+                                               engine=args.engine, progress=True)
     print(format_table(by_task(metrics), tasks))
     if "mean" in metrics:
         print(f"{'mean':<20} {'':<22} {metrics['mean']:.4f}")

@@ -69,3 +69,17 @@ def test_training_log_holds_lines_not_redraws(make_recipe, tmp_path):
     lines = [x for x in text.splitlines() if x.startswith("train: ")]
     assert 4 <= len(lines) <= 11, lines
     assert lines[-1].startswith("train: 40/40 (100%)")
+
+
+def test_mtlm_eval_shows_batches_done(make_recipe, capsys, monkeypatch):
+    from mtlm.cli import main
+    from mtlm.recipe import load_recipe
+    from mtlm.train import fit
+    monkeypatch.delenv("MTLM_PROGRESS", raising=False)
+    run = fit(load_recipe(make_recipe(max_steps=10, eval_every=10)), progress=False)
+    assert main(["eval", str(run), "--split", "dev", "--batch-size", "4"]) == 0
+    err = capsys.readouterr().err
+    lines = [x for x in err.splitlines() if x.startswith("eval dev: ")]
+    assert lines and lines[-1].startswith("eval dev: ") and "(100%)" in lines[-1] and "\r" not in err
+    done, total = lines[-1].split()[2].split("/")
+    assert done == total and int(total) > 10          # 4 rows per batch over both tasks' dev rows

@@ -68,3 +68,20 @@ def test_report_of_a_real_run_renders_in_chromium(real_run, tmp_path):
     text = index.read_text()
     assert "<td>exact_match</td>" in text
     assert all(f"<td>{t}</td>" in text for t in ("PER", "LOC", "ORG", "MISC"))   # the per-entity table
+
+
+def test_training_log_falls_back_to_tensorboard_events(make_recipe):
+    """A metrics.json without its training log (an older run): the curves come from the TensorBoard events."""
+    import json
+
+    from mtlm.report.collect import collect
+    from mtlm.train import fit
+    run = fit(load_recipe(make_recipe(max_steps=20, eval_every=10)), progress=False)
+    kept = collect(run).train_log
+    metrics = json.loads((run / "metrics.json").read_text())
+    metrics["train"] = []
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    from_events = collect(run).train_log
+    assert [e["step"] for e in from_events] == list(range(1, 21))          # every step, not every 10th
+    assert {"loss/sentiment", "loss/topic", "weight/topic", "lr"} <= set(from_events[-1])
+    assert from_events[-1]["weight/topic"] == pytest.approx(kept[-1]["weight/topic"])

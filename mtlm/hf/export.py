@@ -9,7 +9,7 @@ What maps, per task type:
   whitespace-separated word in mtlm but a pre-token in the pipeline, which also splits at punctuation inside
   a word ("O'Gorman" -> O ' Gorman): there the entities can differ.
 - extractive_qa -> `AutoModelForQuestionAnswering` (`qa_outputs`: start logit = mtlm's [..., 0], end = [..., 1]).
-  The pipeline's span search is its own (`max_answer_len`, `doc_stride`: pass the task's values).
+  transformers 5 has no question-answering pipeline any more: load it with AutoModelForQuestionAnswering.
 - classification, regression -> `AutoModelForSequenceClassification`, but not the encoder's own class: HF's
   sequence heads read a [CLS] pooler (BERT: dense + tanh) that mtlm's heads lack, and mtlm pools by mean by
   default. The folder ships `modeling_mtlm.py` (auto_map) keeping mtlm's pooling and linear head, so loading
