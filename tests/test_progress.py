@@ -77,6 +77,7 @@ def test_mtlm_eval_shows_batches_done(make_recipe, capsys, monkeypatch):
     from mtlm.train import fit
     monkeypatch.delenv("MTLM_PROGRESS", raising=False)
     run = fit(load_recipe(make_recipe(max_steps=10, eval_every=10)), progress=False)
+    capsys.readouterr()                                   # training's output is not under test here
     assert main(["eval", str(run), "--split", "dev", "--batch-size", "4"]) == 0
     err = capsys.readouterr().err
     lines = [x for x in err.splitlines() if x.startswith("eval dev: ")]
