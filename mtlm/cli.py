@@ -143,7 +143,9 @@ def cmd_export(args) -> None:
         out = export_hf(args.run, args.task, args.output)
         info = json.loads((out / "mtlm_export.json").read_text(encoding="utf-8"))
         remote = ", trust_remote_code=True" if info["trust_remote_code"] else ""
-        print(f"wrote {out} ({info['type']}); load it with transformers.pipeline(model={str(out)!r}{remote})")
+        how = ("transformers.AutoModelForQuestionAnswering.from_pretrained" if info["type"] == "extractive_qa"
+               else "transformers.pipeline")      # transformers 5 has no question-answering pipeline
+        print(f"wrote {out} ({info['type']}); load it with {how}({str(out)!r}{remote})")
         return
     if args.task:
         from mtlm.hf.export import ExportError
