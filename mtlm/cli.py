@@ -37,6 +37,9 @@ def cmd_train(args) -> None:
     from mtlm.recipe import load_recipe
     from mtlm.train import fit
     recipe = load_recipe(args.recipe, args.overrides)
+    if recipe.distill is not None:
+        logging.getLogger("mtlm").warning("the recipe's distill: options are read by `mtlm distill TEACHER_RUN "
+                                          "--student ...` only; `mtlm train` trains without a teacher")
     run_dir = fit(recipe, resume=args.resume, progress=not args.no_progress, overwrite=args.overwrite)
     print(f"run folder: {run_dir}\nbest bundle: {run_dir / 'model'}")
 
