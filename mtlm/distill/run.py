@@ -106,7 +106,6 @@ def distill_run(teacher_run: str | Path, student: str, overrides: list[str] = ()
     from transformers import AutoTokenizer
 
     from mtlm.checkpoint import find_bundle, load_bundle
-    from mtlm.config import RecipeError
     from mtlm.contract import derive_run
     from mtlm.train import fit
 
