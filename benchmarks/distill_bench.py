@@ -36,6 +36,9 @@ def main() -> None:
     p.add_argument("overrides", nargs="*", help="recipe overrides for both students (e.g. train.max_steps=240)")
     p.add_argument("--measure-only", action="store_true", help="reuse the students in <teacher>-kd / -plain")
     p.add_argument("--rounds", type=int, default=5, help="timed passes per model (median)")
+    p.add_argument("--also", action="append", default=[], metavar="NAME=OVERRIDE[,OVERRIDE...]",
+                   help="one more distilled student with these overrides, e.g. bam=distill.alpha=1,distill.anneal=true "
+                        "(its run: <teacher>-<student>-NAME)")
     p.add_argument("--output", help="results JSON (default: benchmarks/results/distill_<teacher>_<student>.json)")
     args = p.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -47,14 +50,20 @@ def main() -> None:
     slug = args.student.replace(":", "")
     runs = {"distilled": teacher.with_name(f"{teacher.name}-{slug}-kd"),
             "no_teacher": teacher.with_name(f"{teacher.name}-{slug}-plain")}
+    variants = [("distilled", []), ("no_teacher", ["distill.alpha=0"])]
+    for item in args.also:
+        name, _, spec = item.partition("=")
+        variants.append((name, [o for o in spec.split(",") if o]))
+        runs[name] = teacher.with_name(f"{teacher.name}-{slug}-{name}")
     if not args.measure_only:
-        for name, extra in (("distilled", []), ("no_teacher", ["distill.alpha=0"])):
+        for name, extra in variants:
             if not (runs[name] / "model").exists():
                 distill_run(teacher, args.student, list(args.overrides) + extra, runs[name], progress=False,
                             measure=False)
     load_before = list(os.getloadavg())
     report = compare_runs(teacher, runs, rounds=args.rounds)
     report.update({"student": args.student, "overrides": args.overrides, "loadavg_before": load_before,
+                   "variants": {n: extra for n, extra in variants},
                    "machine": {"cpu": machine.cpu_model(), "flags": machine.cpu_flags(),
                                "threads": int(os.environ["OMP_NUM_THREADS"])},
                    "students": {n: json.loads((r / "parent.json").read_text())["details"] for n, r in runs.items()}})
@@ -72,8 +81,8 @@ def main() -> None:
     a = report["average"]
     for s in ("dev", "test"):
         if f"teacher_{s}" in a:
-            print(f"task average on {s}: teacher {a[f'teacher_{s}']:.4f}, distilled {a[f'distilled_{s}']:.4f} "
-                  f"({a[f'distilled_ratio_{s}']:.1%}), no teacher {a[f'no_teacher_{s}']:.4f} ({a[f'no_teacher_ratio_{s}']:.1%})")
+            print(f"task average on {s}: teacher {a[f'teacher_{s}']:.4f}; " + ", ".join(
+                f"{w} {a[f'{w}_{s}']:.4f} ({a[f'{w}_ratio_{s}']:.1%})" for w in runs))
     sp = report["speed"]
     print("throughput (texts/s, batch 32): " + ", ".join(f"{w} {sp[w]['texts_per_s']:.1f}" for w in sp)
           + "; vs teacher: " + ", ".join(f"{w} {r:.2f}x" for w, r in report["speed_ratio"].items()))
