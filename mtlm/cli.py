@@ -1,4 +1,5 @@
-"""`mtlm train|eval|predict|baseline|quickstart|serve|export|compress|report`: parse arguments, then call one function.
+"""`mtlm train|eval|predict|baseline|quickstart|serve|export|compress|distill|report`: parse arguments, then call
+one function.
 
 User errors (bad recipe, bad data, missing backbone package, bad bundle, bad input) print one message and
 exit with status 2, without a traceback."""
@@ -26,14 +27,19 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from mtlm.engine import EngineError
     from mtlm.hf.export import ExportError
     from mtlm.report.collect import ReportError
+    from mtlm.distill import DistillError
+    from mtlm.distill.layers import LayerError
     return (RecipeError, DataError, BackboneError, BundleError, InputError, ValidationError, MissingPackage,
-            AccessConfigError, EngineError, CompressError, ExportError, ReportError)
+            AccessConfigError, EngineError, CompressError, ExportError, ReportError, DistillError, LayerError)
 
 
 def cmd_train(args) -> None:
     from mtlm.recipe import load_recipe
     from mtlm.train import fit
     recipe = load_recipe(args.recipe, args.overrides)
+    if recipe.distill is not None:
+        logging.getLogger("mtlm").warning("the recipe's distill: options are read by `mtlm distill TEACHER_RUN "
+                                          "--student ...` only; `mtlm train` trains without a teacher")
     run_dir = fit(recipe, resume=args.resume, progress=not args.no_progress, overwrite=args.overwrite)
     print(f"run folder: {run_dir}\nbest bundle: {run_dir / 'model'}")
 
@@ -160,8 +166,18 @@ def cmd_export(args) -> None:
 
 
 def cmd_compress(args) -> None:
-    from mtlm.compress import REPORT_FILE, compress_run, format_report
-    run_dir, report = compress_run(args.run, args.method, args.budget, args.output)
+    from mtlm.compress import REPORT_FILE, CompressError, compress_run, format_report
+    layers = None
+    if args.method == "layers":
+        from mtlm.layer_drop import LayerSettings
+        layers = LayerSettings()
+        if args.recovery_steps is not None:
+            layers.recovery_steps = args.recovery_steps
+        if args.layer_choice:
+            layers.strategies = tuple(s.strip() for s in args.layer_choice.split(","))
+    elif args.recovery_steps is not None or args.layer_choice:
+        raise CompressError("--recovery-steps and --layer-choice apply to --method layers only")
+    run_dir, report = compress_run(args.run, args.method, args.budget, args.output, layers=layers)
     print(format_report(report))
     print(f"derived run: {run_dir} (mtlm eval {run_dir} --split dev|test compares it with its parent)\n"
           f"report: {run_dir / REPORT_FILE}")
@@ -174,6 +190,15 @@ def cmd_report(args) -> None:
         raise MissingPackage(f"`mtlm report` needs the {e.name!r} package: pip install 'mtlm[report]' (matplotlib)") from None
     index = write_report(args.run, args.output, with_predictions=not args.no_predictions)
     print(f"wrote {index} ({len(list(index.parent.glob('*.png')))} figures)")
+
+
+def cmd_distill(args) -> None:
+    from mtlm.distill.run import REPORT_FILE, distill_run, format_report
+    run_dir, report = distill_run(args.teacher, args.student, args.overrides, args.output, args.data_dir,
+                                  progress=not args.no_progress)
+    print(format_report(report))
+    print(f"derived run: {run_dir} (mtlm eval {run_dir} --split dev|test compares it with its teacher)\n"
+          f"report: {run_dir / REPORT_FILE}")
 
 
 ENGINE_HELP = ("what runs the model: torch, torch-bf16, onnx, onnx-int8 (default: the fastest engine the bundle holds "
@@ -282,12 +307,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("compress", help="a faster model keeping every task within an accuracy budget on dev")
     c.add_argument("run", help="run folder (with its stored dev rows)")
-    c.add_argument("--method", default="auto", help="auto | int8 | bf16 (prune, layers: not built yet); "
-                                                    "default: %(default)s")
+    c.add_argument("--method", default="auto",
+                   help="auto | int8 | bf16 | layers (prune: not built yet); default: %(default)s. auto tries int8, "
+                        "onnx fp32 and bf16, not layers: layers trains once per layer count it tries")
     c.add_argument("--budget", type=float, default=1.0,
                    help="relative drop in percent allowed for EACH task's dev metric (default: %(default)s)")
     c.add_argument("--output", help="derived run folder (default: <run>-<method> beside the run)")
+    c.add_argument("--recovery-steps", type=int, default=None,
+                   help="--method layers: recovery training steps (distilled from the run) per layer count tried "
+                        "(default: 100)")
+    c.add_argument("--layer-choice", help="--method layers: which layers a student keeps, tried in order: top "
+                                          "(drop the top layers), alternate (keep spread layers); default top,alternate")
     c.set_defaults(func=cmd_compress)
+
+    d = sub.add_parser("distill", help="train a smaller student on a run's recipe with the run as its teacher")
+    d.add_argument("teacher", help="the teacher's run folder (with its stored rows)")
+    d.add_argument("overrides", nargs="*", help="key.path=value overrides of the student's recipe, e.g. "
+                                                "distill.temperature=2 distill.alpha=0.7 train.max_steps=300")
+    d.add_argument("--student", required=True, help="layers:N (N of the teacher's own layers) or a backbone "
+                                                    "sharing the teacher's tokenizer (minilm-l6, a local folder)")
+    d.add_argument("--output", help="derived run folder (default: <teacher>-distill-<student> beside it)")
+    d.add_argument("--data-dir", help="where the teacher's data moved (a folder standing in for its recipe folder)")
+    d.add_argument("--no-progress", action="store_true", help="no progress bar")
+    d.set_defaults(func=cmd_distill)
     return p
 
 
@@ -304,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     # parse_known_args lets texts follow options (`mtlm predict RUN --tasks a,b "text"`)
     args, extra = parser.parse_known_args(argv)
-    if extra and (args.command not in ("predict", "train", "baseline") or any(x.startswith("-") for x in extra)):
+    if extra and (args.command not in ("predict", "train", "baseline", "distill") or any(x.startswith("-") for x in extra)):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if extra:   # texts / overrides given after an option
         if args.command == "predict":
