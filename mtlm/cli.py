@@ -144,8 +144,19 @@ def cmd_export(args) -> None:
 
 
 def cmd_compress(args) -> None:
-    from mtlm.compress import REPORT_FILE, compress_run, format_report
-    run_dir, report = compress_run(args.run, args.method, args.budget, args.output)
+    from mtlm.compress import REPORT_FILE, CompressError, compress_run, format_report
+    prune = None
+    if args.method == "prune":
+        from mtlm.prune import PruneSettings
+        prune = PruneSettings() if args.recovery_steps is None else PruneSettings(recovery_steps=args.recovery_steps)
+        if args.prune_levels:
+            try:
+                prune.levels = tuple(float(x) for x in args.prune_levels.split(","))
+            except ValueError:
+                raise CompressError(f"--prune-levels {args.prune_levels}: expected fractions like 0.5,0.3,0.1") from None
+    elif args.recovery_steps is not None or args.prune_levels:
+        raise CompressError("--recovery-steps and --prune-levels apply to --method prune only")
+    run_dir, report = compress_run(args.run, args.method, args.budget, args.output, prune=prune)
     print(format_report(report))
     print(f"derived run: {run_dir} (mtlm eval {run_dir} --split dev|test compares it with its parent)\n"
           f"report: {run_dir / REPORT_FILE}")
@@ -243,11 +254,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("compress", help="a faster model keeping every task within an accuracy budget on dev")
     c.add_argument("run", help="run folder (with its stored dev rows)")
-    c.add_argument("--method", default="auto", help="auto | int8 | bf16 (prune, layers: not built yet); "
-                                                    "default: %(default)s")
+    c.add_argument("--method", default="auto",
+                   help="auto | int8 | bf16 | prune (layers: not built yet); default: %(default)s. auto tries int8, "
+                        "onnx fp32 and bf16, not prune: prune trains once per level it tries (minutes on a CPU)")
     c.add_argument("--budget", type=float, default=1.0,
                    help="relative drop in percent allowed for EACH task's dev metric (default: %(default)s)")
     c.add_argument("--output", help="derived run folder (default: <run>-<method> beside the run)")
+    c.add_argument("--recovery-steps", type=int, default=None,
+                   help="--method prune: recovery fine-tuning steps per pruning level tried (default: 100)")
+    c.add_argument("--prune-levels", help="--method prune: fractions of heads and of FFN neurons to try, e.g. "
+                                          "0.5,0.4,0.3,0.2,0.1 (the default)")
     c.set_defaults(func=cmd_compress)
     return p
 
