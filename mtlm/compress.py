@@ -146,7 +146,7 @@ def compress_run(run: str | Path, method: str = "auto", budget: float = 1.0, out
         if method == "prune":
             from mtlm.prune import search_pruning
             best, pruned_trials, bound = search_pruning(model, bundle, tasks, tokenizer, meta, scorer, base, budget,
-                                                        prune, work / "prune", loss_fn=_distillation(model))
+                                                        prune, work / "prune")
             trials += pruned_trials
             if best is not None:
                 found[PRUNED] = {**best, "engine": _reopen(PRUNED, model, best["bundle"])}
@@ -243,12 +243,6 @@ def _reopen(name: str, model, bundle: Path):
         from mtlm.checkpoint import load_bundle
         return TorchEngine(load_bundle(bundle, "cpu")[0], "cpu")
     return make_engine(name, model, "cpu", bundle)
-
-
-def _distillation(parent):
-    """The loss hook distilling the unpruned parent into the pruned model during recovery, or None (plain
-    task loss) where `mtlm.distill` is not available."""
-    return None
 
 
 def _test_scores(bundle: Path, tasks: dict, tokenizer, meta: dict, reference, final) -> dict[str, dict]:

@@ -8,7 +8,9 @@ that keeps EVERY task within the budget on dev, after recovery fine-tuning (`mtl
    all FFN neurons with the lowest importance are removed (`mtlm.pruning.plan` / `prune_backbone`).
 3. Recovery: `mtlm.train.fit` on the parent's own recipe and data (its paths resolved through the stored
    evaluation contract), `recovery_steps` optimizer steps at `recovery_lr`, the pruned model put in place by
-   fit's `model_fn` hook and, with a `loss_fn` (distillation from the unpruned parent), that loss hook.
+   fit's `model_fn` hook, distilling the unpruned parent through fit's loss hook (`mtlm.distill`:
+   (1 - a) x task loss + a x the head type's distillation term at temperature T; a = `distill_alpha`, 0 for
+   the plain task loss). One hook serves every level, so the parent's outputs are computed once per row.
 4. The recovered bundle, read back from its files, is scored on dev: a level fits when every task's
    relative drop is within the budget. The ladder is searched by bisection (strongest first; it assumes that
    pruning more never helps, and each returned level has itself been measured within budget). The task that
@@ -36,20 +38,24 @@ log = logging.getLogger("mtlm")
 class PruneSettings:
     """levels: fractions of heads and of FFN neurons pruned, tried strongest first; recovery_steps /
     recovery_lr / recovery_batch_size: the recovery fine-tuning (batch size default: the recipe's);
-    importance_rows: train rows per task the importance is computed on."""
+    importance_rows: train rows per task the importance is computed on; distill_alpha / distill_temperature:
+    the distillation from the parent during recovery (`mtlm.distill.distillation_loss`; alpha 0: none)."""
 
     levels: tuple[float, ...] = (0.5, 0.4, 0.3, 0.2, 0.1)
     recovery_steps: int = 100
     recovery_lr: float = 5e-5
     recovery_batch_size: int | None = None
     importance_rows: int = 256
+    distill_alpha: float = 0.5
+    distill_temperature: float = 2.0
 
     def check(self) -> list[str]:
         """Problems with the settings, one line each (empty: fine)."""
         bad = [f for f in self.levels if not 0 < f < 1]
         return ([f"prune levels must be fractions in (0, 1), got {bad}"] if bad or not self.levels else []) + \
             ([f"recovery steps must be 0 or more, got {self.recovery_steps}"] if self.recovery_steps < 0 else []) + \
-            ([f"importance rows must be positive, got {self.importance_rows}"] if self.importance_rows <= 0 else [])
+            ([f"importance rows must be positive, got {self.importance_rows}"] if self.importance_rows <= 0 else []) + \
+            ([f"distill alpha must be in [0, 1], got {self.distill_alpha}"] if not 0 <= self.distill_alpha <= 1 else [])
 
 
 class SameLabels(Callback):
@@ -111,10 +117,11 @@ def recovery_recipe(bundle: Path, output_dir: Path, settings: PruneSettings):
     return parse_recipe(raw, contract_dir)
 
 
-def recover(model, bundle: Path, tasks: dict, work: Path, settings: PruneSettings, loss_fn=None) -> Path:
+def recover(model, bundle: Path, tasks: dict, work: Path, settings: PruneSettings, distiller=None) -> Path:
     """Fine-tune the pruned `model` (a MultiTaskModel; trained in place) on the parent bundle's recipe and
-    data through `mtlm.train.fit` (`model_fn` puts it in place of the freshly built model; `loss_fn`, e.g.
-    distillation from the parent, is fit's loss hook). Returns the recovered bundle folder (work/model).
+    data through `mtlm.train.fit` (`model_fn` puts it in place of the freshly built model; `distiller`, a
+    `mtlm.distill.Distiller` of the parent, is fit's loss hook and a callback). Returns the recovered bundle
+    folder (work/model).
     With recovery_steps 0 the pruned model is saved as it is."""
     from mtlm.checkpoint import save_bundle
     from mtlm.train import fit
@@ -124,7 +131,8 @@ def recover(model, bundle: Path, tasks: dict, work: Path, settings: PruneSetting
         from transformers import AutoTokenizer
         tokenizer = AutoTokenizer.from_pretrained(bundle / "backbone")
         return save_bundle(model, tokenizer, tasks, recipe, work / "model")
-    fit(recipe, progress=False, model_fn=lambda built: model, loss_fn=loss_fn, callbacks=[SameLabels(tasks)])
+    fit(recipe, progress=False, model_fn=lambda built: model, loss_fn=distiller,
+        callbacks=[SameLabels(tasks)] + ([distiller] if distiller is not None else []))
     return work / "model"
 
 
@@ -137,16 +145,20 @@ def pruned_model(model, heads: list, neurons: list, fraction: float):
 
 
 def search_pruning(model, bundle: Path, tasks: dict, tokenizer, meta: dict, scorer, base: dict, budget: float,
-                   settings: PruneSettings, work: Path, loss_fn=None):
+                   settings: PruneSettings, work: Path):
     """The bisection of the module docstring. `scorer` (`mtlm.compress.Scorer`) scores engines on dev, `base`
     is the parent's dev metric per task. Returns (the chosen {"trial", "bundle", "details"} or None when no
     level fits, every Trial tried, the task that bound the choice or None)."""
     from mtlm.checkpoint import load_bundle
+    from mtlm.distill import distillation_loss
     from mtlm.engine import TorchEngine
 
     features = importance_features(bundle, tasks, tokenizer, int(meta["max_length"]), settings.importance_rows)
     heads, neurons = importance(model, tasks, features, tokenizer.pad_token_id)
     before = structure(model.backbone)
+    # labels are checked by SameLabels (the Distiller's own check also compares tuned multilabel thresholds)
+    distiller = (distillation_loss(model, settings.distill_temperature, settings.distill_alpha)
+                 if settings.distill_alpha > 0 and settings.recovery_steps > 0 else None)
     levels = sorted(set(settings.levels), reverse=True)
     trials: dict[int, Trial] = {}
     kept: dict[int, dict] = {}
@@ -155,7 +167,7 @@ def search_pruning(model, bundle: Path, tasks: dict, tokenizer, meta: dict, scor
         mid = (lo + hi) // 2
         fraction = levels[mid]
         pruned, record = pruned_model(model, heads, neurons, fraction)
-        folder = recover(pruned, bundle, tasks, work / f"level-{mid}", settings, loss_fn)
+        folder = recover(pruned, bundle, tasks, work / f"level-{mid}", settings, distiller)
         metrics = scorer.metrics(TorchEngine(load_bundle(folder, "cpu")[0], "cpu"))   # read back from the files
         name = (f"prune {fraction:.0%}: heads {sum(before['heads'])}->{sum(record['heads'])}, "
                 f"FFN {sum(before['intermediate_size'])}->{sum(record['intermediate_size'])}")
@@ -168,7 +180,7 @@ def search_pruning(model, bundle: Path, tasks: dict, tokenizer, meta: dict, scor
                                                "summed over tasks, each normalised",
                                  "importance_rows": {n: len(f) for n, f in features.items()},
                                  "recovery": {**asdict(settings), "levels": list(levels),
-                                              "distillation": loss_fn is not None}}}
+                                              "distillation": distiller is not None}}}
         if trial.fits:
             hi = mid - 1
         else:

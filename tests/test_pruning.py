@@ -147,6 +147,7 @@ def test_prune_within_budget_writes_a_derived_run_that_loads_serves_and_exports(
     assert report["engines"]["torch-pruned"]["peak_rss_mb"] > 0
     assert read_parent(derived)[1]["method"] == "prune"
     assert read_parent(derived)[1]["details"]["structure"]["heads"] == config[PRUNING_KEY]["heads"]
+    assert read_parent(derived)[1]["details"]["recovery"]["distillation"] is True       # from the parent, via fit
     assert all("test_before" in t for t in report["tasks"].values())
 
     predictor = load(derived)                                   # mtlm.load / serve path: torch on the files
