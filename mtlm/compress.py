@@ -161,8 +161,8 @@ def compress_run(run: str | Path, method: str = "auto", budget: float = 1.0, out
         speeds = speed({"torch": reference, **{n: f["engine"] for n, f in found.items()}}, list(tasks), rows,
                        tokenizer.pad_token_id, rounds=rounds)
         chosen = max(found, key=lambda n: speeds[n]["texts_per_s"])
-        details = {"budget_pct": budget, "engine": chosen, "bound_by": bound if chosen in ("onnx-int8", PRUNED) else None,
-                   **found[chosen]["details"]}
+        details = {"budget_pct": budget, "engine": chosen,
+                   "bound_by": bound if chosen in ("onnx-int8", PRUNED) else None, **found[chosen]["details"]}
         derived = derive_run(parent, out, found[chosen].get("bundle"), method=method if method != "auto"
                              else f"auto:{chosen}", details=details)
         target = derived / "model"
@@ -186,8 +186,8 @@ def compress_run(run: str | Path, method: str = "auto", budget: float = 1.0, out
     details["check"] = {n: c.as_dict() for n, c in checks.items()}     # what `mtlm.load`'s check compares with
     flags = cpu_flags()
     runs_on = "torch" if chosen == PRUNED else chosen
-    if chosen != PRUNED:
-            write_manifest(target, {chosen: {"file": f"{ONNX_DIR}/{ONNX_FILES[chosen]}" if chosen in ONNX_FILES else None,
+    if chosen != PRUNED:                   # a pruned bundle runs on torch, its default: no engines.json
+        write_manifest(target, {chosen: {"file": f"{ONNX_DIR}/{ONNX_FILES[chosen]}" if chosen in ONNX_FILES else None,
                                          **details}},
                        measured={"texts_per_s": {n: speeds[n]["texts_per_s"] for n in ("torch", chosen)},
                                  "cpu_flags": flags})

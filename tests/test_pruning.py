@@ -196,3 +196,18 @@ def test_prune_bad_input(run, tmp_path):
     from mtlm.cli import main
     assert main(["compress", str(run), "--method", "int8", "--recovery-steps", "3"]) == 2
     assert main(["compress", str(run), "--method", "prune", "--prune-levels", "half"]) == 2
+
+
+def test_mtlm_serve_serves_a_pruned_run(pruned_run, tmp_path):
+    import httpx
+    from servers import running_server
+    from mtlm.predict import load
+    derived, _ = pruned_run
+    want = load(derived).predict(TEXTS)
+    with running_server(derived, tmp_path) as base:
+        r = httpx.post(f"{base}/v1/predict", json={"inputs": [{"text": t} for t in TEXTS]}, timeout=30)
+    assert r.status_code == 200, r.text
+    got = r.json()["predictions"]
+    assert [g["sentiment"]["label"] for g in got] == [w["sentiment"]["label"] for w in want]
+    assert [[e["text"] for e in g["ner"]["entities"]] for g in got] == \
+        [[e["text"] for e in w["ner"]["entities"]] for w in want]
