@@ -149,6 +149,10 @@ def test_prune_within_budget_writes_a_derived_run_that_loads_serves_and_exports(
     assert read_parent(derived)[1]["details"]["structure"]["heads"] == config[PRUNING_KEY]["heads"]
     assert read_parent(derived)[1]["details"]["recovery"]["distillation"] is True       # from the parent, via fit
     assert all("test_before" in t for t in report["tasks"].values())
+    from mtlm.evaluate import evaluate_bundle
+    metrics = evaluate_bundle(derived, "dev")[0]                # `mtlm eval`: the parent's dev rows, same scores
+    for name, t in report["tasks"].items():
+        assert metrics[f"{name}/{t['metric']}"] == pytest.approx(t["dev_after"])
 
     predictor = load(derived)                                   # mtlm.load / serve path: torch on the files
     assert predictor.engine.name == "torch"
