@@ -1,4 +1,4 @@
-"""`mtlm train|eval|predict|baseline|quickstart|serve|export|compress`: parse arguments, then call one function.
+"""`mtlm train|eval|predict|baseline|quickstart|serve|export|compress|distill`: parse arguments, then call one function.
 
 User errors (bad recipe, bad data, missing backbone package, bad bundle, bad input) print one message and
 exit with status 2, without a traceback."""
@@ -24,8 +24,10 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from pydantic import ValidationError         # a `mtlm serve` setting out of range
     from mtlm.compress import CompressError
     from mtlm.engine import EngineError
+    from mtlm.distill import DistillError
+    from mtlm.distill.layers import LayerError
     return (RecipeError, DataError, BackboneError, BundleError, InputError, ValidationError, MissingPackage,
-            AccessConfigError, EngineError, CompressError)
+            AccessConfigError, EngineError, CompressError, DistillError, LayerError)
 
 
 def cmd_train(args) -> None:
@@ -151,6 +153,15 @@ def cmd_compress(args) -> None:
           f"report: {run_dir / REPORT_FILE}")
 
 
+def cmd_distill(args) -> None:
+    from mtlm.distill.run import REPORT_FILE, distill_run, format_report
+    run_dir, report = distill_run(args.teacher, args.student, args.overrides, args.output, args.data_dir,
+                                  progress=not args.no_progress)
+    print(format_report(report))
+    print(f"derived run: {run_dir} (mtlm eval {run_dir} --split dev|test compares it with its teacher)\n"
+          f"report: {run_dir / REPORT_FILE}")
+
+
 ENGINE_HELP = ("what runs the model: torch, torch-bf16, onnx, onnx-int8 (default: the fastest engine the bundle holds "
                "that passes its check against torch fp32 on this machine)")
 
@@ -249,6 +260,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="relative drop in percent allowed for EACH task's dev metric (default: %(default)s)")
     c.add_argument("--output", help="derived run folder (default: <run>-<method> beside the run)")
     c.set_defaults(func=cmd_compress)
+
+    d = sub.add_parser("distill", help="train a smaller student on a run's recipe with the run as its teacher")
+    d.add_argument("teacher", help="the teacher's run folder (with its stored rows)")
+    d.add_argument("overrides", nargs="*", help="key.path=value overrides of the student's recipe, e.g. "
+                                                "distill.temperature=2 distill.alpha=0.7 train.max_steps=300")
+    d.add_argument("--student", required=True, help="layers:N (N of the teacher's own layers) or a backbone "
+                                                    "sharing the teacher's tokenizer (minilm-l6, a local folder)")
+    d.add_argument("--output", help="derived run folder (default: <teacher>-distill-<student> beside it)")
+    d.add_argument("--data-dir", help="where the teacher's data moved (a folder standing in for its recipe folder)")
+    d.add_argument("--no-progress", action="store_true", help="no progress bar")
+    d.set_defaults(func=cmd_distill)
     return p
 
 
@@ -265,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     # parse_known_args lets texts follow options (`mtlm predict RUN --tasks a,b "text"`)
     args, extra = parser.parse_known_args(argv)
-    if extra and (args.command not in ("predict", "train", "baseline") or any(x.startswith("-") for x in extra)):
+    if extra and (args.command not in ("predict", "train", "baseline", "distill") or any(x.startswith("-") for x in extra)):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if extra:   # texts / overrides given after an option
         if args.command == "predict":

@@ -96,9 +96,9 @@ class Distiller(Callback):
                 problems.append(f"task {name}: the teacher has no head for it (its tasks: {', '.join(teacher.heads)})")
                 continue
             mine = self.teacher_tasks.get(name) if self.teacher_tasks else None
-            if mine is not None and (mine.cfg.type != task.cfg.type or mine.state() != task.state()):
+            if mine is not None and (mine.cfg.type != task.cfg.type or _fitted(mine) != _fitted(task)):
                 problems.append(f"task {name}: the student's {task.cfg.type} task (labels / fitted state "
-                                f"{_short(task.state())}) differs from the teacher's ({_short(mine.state())})")
+                                f"{_short(_fitted(task))}) differs from the teacher's ({_short(_fitted(mine))})")
         if problems:
             raise DistillError("the teacher does not fit the student's tasks: " + "; ".join(problems))
 
@@ -127,6 +127,11 @@ class Distiller(Callback):
                 loss = loss + self.hidden * F.mse_loss(self.projection(sv.float()), tv)
             out[name] = loss
         return out
+
+
+def _fitted(task) -> dict:
+    """What a task learnt from its train rows (labels, target statistics): dev-tuned thresholds left out."""
+    return {k: v for k, v in task.state().items() if k != "thresholds"}
 
 
 def _short(state: dict) -> str:
