@@ -77,10 +77,13 @@ def test_distill_layers_1_end_to_end(teacher, tmp_path):
     assert main(["eval", str(out), "--split", "dev"]) == 0
 
 
-def test_layer_copy_starts_from_the_teachers_weights(teacher, tmp_path):
-    # 1 step at lr ~0: the student is the teacher's layer 1 (top strategy keeps layer 0; alternate keeps 0 too)
+def test_layer_copy_starts_from_the_teachers_weights(teacher, tmp_path, monkeypatch):
+    # 1 step at lr ~0: the student is the teacher's layer 0 (layers:1 of 2 keeps the first); a relative
+    # --output (the data files written there must resolve from the student's recipe)
+    monkeypatch.chdir(tmp_path)
     out, _ = distill_run(teacher, "layers:1", ["train.max_steps=1", "train.lr=1e-12", "train.eval_every=1"],
-                         tmp_path / "copy", progress=False, measure=False)
+                         "copy", progress=False, measure=False)
+    assert out == tmp_path / "copy"
     student, *_ = load_bundle(out, "cpu")
     t_model, *_ = load_bundle(teacher, "cpu")
     for k, v in student.backbone.encoder.layer[0].state_dict().items():

@@ -119,7 +119,7 @@ def distill_run(teacher_run: str | Path, student: str, overrides: list[str] = ()
             raise DistillError(f"--student {student}: {e}") from None
     kind, n = parse_student(student, total)
     slug = f"layers{n}" if kind == "layers" else Path(student).name
-    out = Path(output) if output is not None else parent.with_name(f"{parent.name}-distill-{slug}")
+    out = (Path(output) if output is not None else parent.with_name(f"{parent.name}-distill-{slug}")).resolve()
     if (out / "model").exists():
         raise DistillError(f"{out} already holds a model: pass --output NEW_FOLDER")
     raw = yaml.safe_load((bundle / "recipe.yaml").read_text(encoding="utf-8"))
