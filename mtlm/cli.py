@@ -146,8 +146,18 @@ def cmd_export(args) -> None:
 
 
 def cmd_compress(args) -> None:
-    from mtlm.compress import REPORT_FILE, compress_run, format_report
-    run_dir, report = compress_run(args.run, args.method, args.budget, args.output)
+    from mtlm.compress import REPORT_FILE, CompressError, compress_run, format_report
+    layers = None
+    if args.method == "layers":
+        from mtlm.layer_drop import LayerSettings
+        layers = LayerSettings()
+        if args.recovery_steps is not None:
+            layers.recovery_steps = args.recovery_steps
+        if args.layer_choice:
+            layers.strategies = tuple(s.strip() for s in args.layer_choice.split(","))
+    elif args.recovery_steps is not None or args.layer_choice:
+        raise CompressError("--recovery-steps and --layer-choice apply to --method layers only")
+    run_dir, report = compress_run(args.run, args.method, args.budget, args.output, layers=layers)
     print(format_report(report))
     print(f"derived run: {run_dir} (mtlm eval {run_dir} --split dev|test compares it with its parent)\n"
           f"report: {run_dir / REPORT_FILE}")
@@ -254,11 +264,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("compress", help="a faster model keeping every task within an accuracy budget on dev")
     c.add_argument("run", help="run folder (with its stored dev rows)")
-    c.add_argument("--method", default="auto", help="auto | int8 | bf16 (prune, layers: not built yet); "
-                                                    "default: %(default)s")
+    c.add_argument("--method", default="auto",
+                   help="auto | int8 | bf16 | layers (prune: not built yet); default: %(default)s. auto tries int8, "
+                        "onnx fp32 and bf16, not layers: layers trains once per layer count it tries")
     c.add_argument("--budget", type=float, default=1.0,
                    help="relative drop in percent allowed for EACH task's dev metric (default: %(default)s)")
     c.add_argument("--output", help="derived run folder (default: <run>-<method> beside the run)")
+    c.add_argument("--recovery-steps", type=int, default=None,
+                   help="--method layers: recovery training steps (distilled from the run) per layer count tried "
+                        "(default: 100)")
+    c.add_argument("--layer-choice", help="--method layers: which layers a student keeps, tried in order: top "
+                                          "(drop the top layers), alternate (keep spread layers); default top,alternate")
     c.set_defaults(func=cmd_compress)
 
     d = sub.add_parser("distill", help="train a smaller student on a run's recipe with the run as its teacher")

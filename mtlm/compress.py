@@ -9,7 +9,10 @@ every task. Methods:
   AMX). (A GPU runs the torch-bf16 engine through `mtlm.load(path, "cuda", "torch-bf16")`.)
 - auto: every method this machine runs (int8, the fp32 ONNX graph, bf16 where native), then the fastest
   within budget, measured side by side with torch fp32 in this run.
-- prune, layers: structured pruning / layer dropping with distillation; not built yet (refused).
+- layers: layer dropping (Sajjad et al. 2020: top / alternate layers) with recovery training distilled from the
+  parent (`mtlm.layer_drop`); the search keeps the fewest layers that fit and names the task that bound it.
+  It trains once per layer count tried, so auto does not try it.
+- prune: structured pruning with distillation; not built yet (refused).
 The chosen model is re-evaluated from the files written before it is returned: a setting that violates the
 budget on dev is never returned; when none fits, CompressError says what each try lost.
 
@@ -37,7 +40,8 @@ from mtlm.quantize import Trial, node_groups, quantize_int8, relative_drop, sear
 log = logging.getLogger("mtlm")
 
 METHODS = ("auto", "int8", "bf16", "prune", "layers")
-NOT_BUILT = ("prune", "layers")
+NOT_BUILT = ("prune",)
+DROPPED = "torch-layers"        # the report's name for the layer-dropped model (it runs on the torch engine)
 REPORT_FILE = "compress_report.json"
 
 
@@ -50,7 +54,7 @@ def _check_arguments(method: str, budget: float) -> None:
         raise CompressError(f"unknown method {method!r}; known methods: {', '.join(METHODS)}")
     if method in NOT_BUILT:
         raise CompressError(f"--method {method}: not built yet (it needs recovery training with distillation "
-                            f"through fit's loss hook); use --method int8, bf16 or auto")
+                            f"through fit's loss hook); use --method int8, bf16, layers or auto")
     if not budget >= 0:
         raise CompressError(f"--budget {budget}: must be 0 or more (the relative drop in percent allowed per task)")
 
@@ -75,9 +79,10 @@ class Scorer:
 
 
 def compress_run(run: str | Path, method: str = "auto", budget: float = 1.0, output: str | Path | None = None,
-                 measure_memory: bool = True, rounds: int = 3) -> tuple[Path, dict]:
+                 measure_memory: bool = True, rounds: int = 3, layers=None) -> tuple[Path, dict]:
     """Compress run `run` by `method` within `budget` (% relative drop per task on dev) into a derived run
     (`output`, default `<run>-<method>` beside it). Returns (the derived run folder, the report dict).
+    `layers`: `mtlm.layer_drop.LayerSettings` for --method layers (choices, recovery steps; default settings).
 
     Raises CompressError (unknown or unbuilt method, budget < 0, a task without dev rows, output exists,
     nothing within budget), EngineError (bf16 on a CPU without native bf16), ContractError (no stored
@@ -87,6 +92,11 @@ def compress_run(run: str | Path, method: str = "auto", budget: float = 1.0, out
     from mtlm.measure import cpu_flags, model_rows, peak_memory_mb, size_on_disk, speed
 
     _check_arguments(method, budget)
+    if method == "layers":
+        from mtlm.layer_drop import LayerSettings
+        layers = layers or LayerSettings()
+        if layers.check():
+            raise CompressError("--method layers: " + "; ".join(layers.check()))
     bundle = find_bundle(run)
     parent = bundle.parent if bundle.name == "model" else bundle
     out = Path(output) if output is not None else parent.with_name(f"{parent.name}-{method}")
@@ -133,21 +143,31 @@ def compress_run(run: str | Path, method: str = "auto", budget: float = 1.0, out
             trials.append(trial.as_dict())
             if trial.fits:
                 found["torch-bf16"] = {"trial": trial, "engine": engine, "details": {"autocast": "bfloat16"}}
+        if method == "layers":
+            from mtlm.layer_drop import search_layers
+            best, layer_trials, bound = search_layers(model, parent, scorer, base, budget, layers, work / "layers")
+            trials += layer_trials
+            if best is not None:
+                found[DROPPED] = {**best, "engine": _reopen(DROPPED, model, best["bundle"])}
         if not found:
             lines = [f"  {t['name']}: " + ", ".join(f"{n} {d:+.2f}%" for n, d in t["dev_drop_pct"].items())
                      for t in trials]
             skipped = "" if bf16_ok or method != "auto" else " (bf16 not tried: this CPU has no native bf16)"
-            raise CompressError(f"nothing fits a {budget}% budget on dev for every task{skipped}; relative drops "
-                                f"per try:\n" + "\n".join(lines))
+            stopped = f" (the task that stops it: {bound})" if method == "layers" and bound else ""
+            raise CompressError(f"nothing fits a {budget}% budget on dev for every task{skipped}{stopped}; relative "
+                                f"drops per try:\n" + "\n".join(lines))
 
         rows = model_rows(dev)
         speeds = speed({"torch": reference, **{n: f["engine"] for n, f in found.items()}}, list(tasks), rows,
                        tokenizer.pad_token_id, rounds=rounds)
         chosen = max(found, key=lambda n: speeds[n]["texts_per_s"])
-        details = {"budget_pct": budget, "engine": chosen, "bound_by": bound if chosen == "onnx-int8" else None,
+        details = {"budget_pct": budget, "engine": chosen, "bound_by": bound if chosen in ("onnx-int8", DROPPED) else None,
                    **found[chosen]["details"]}
-        derived = derive_run(parent, out, method=method if method != "auto" else f"auto:{chosen}", details=details)
+        derived = derive_run(parent, out, found[chosen].get("bundle"), method=method if method != "auto"
+                             else f"auto:{chosen}", details=details)
         target = derived / "model"
+        if chosen == DROPPED:          # the parent's recipe, not the recovery run's (details hold its settings)
+            shutil.copy2(bundle / "recipe.yaml", target / "recipe.yaml")
         if chosen in ONNX_FILES:
             (target / ONNX_DIR).mkdir(exist_ok=True)
             shutil.copy2(work / ONNX_DIR / ONNX_FILES[chosen], target / ONNX_DIR / ONNX_FILES[chosen])
@@ -165,12 +185,14 @@ def compress_run(run: str | Path, method: str = "auto", budget: float = 1.0, out
     checks = compare(final, reference, tasks, {n: f[:CHECK_ROWS] for n, f in dev.items()}, tokenizer.pad_token_id)
     details["check"] = {n: c.as_dict() for n, c in checks.items()}     # what `mtlm.load`'s check compares with
     flags = cpu_flags()
-    write_manifest(target, {chosen: {"file": f"{ONNX_DIR}/{ONNX_FILES[chosen]}" if chosen in ONNX_FILES else None,
-                                     **details}},
-                   measured={"texts_per_s": {n: speeds[n]["texts_per_s"] for n in ("torch", chosen)},
-                             "cpu_flags": flags})
+    runs_on = "torch" if chosen == DROPPED else chosen
+    if chosen != DROPPED:             # a torch model of its own weights: no engine manifest
+        write_manifest(target, {chosen: {"file": f"{ONNX_DIR}/{ONNX_FILES[chosen]}" if chosen in ONNX_FILES else None,
+                                         **details}},
+                       measured={"texts_per_s": {n: speeds[n]["texts_per_s"] for n in ("torch", chosen)},
+                                 "cpu_flags": flags})
     test = _test_scores(bundle, tasks, tokenizer, meta, reference, final)
-    report = {"parent": str(parent), "run": str(derived), "method": method, "engine": chosen,
+    report = {"parent": str(parent), "run": str(derived), "method": method, "engine": runs_on, "model": chosen,
               "budget_pct": budget, "bound_by": details["bound_by"], "cpu_flags": flags,
               "tasks": {n: {"metric": scorer.keys[n].split("/", 1)[1], "dev_before": base[n], "dev_after": dev_after[n],
                             "dev_drop_pct": dev_drops[n], **test.get(n, {})} for n in tasks},
@@ -180,9 +202,10 @@ def compress_run(run: str | Path, method: str = "auto", budget: float = 1.0, out
               "measured_on_rows": len(rows)}
     for name, where in (("torch", bundle), (chosen, target)):
         entry = report["engines"][name]
-        entry["size_mb"] = size_on_disk(where, name) / 2**20
+        engine = "torch" if name == DROPPED else name
+        entry["size_mb"] = size_on_disk(where, engine) / 2**20
         if measure_memory:
-            entry["peak_rss_mb"] = peak_memory_mb(where, name, rows, tokenizer.pad_token_id)
+            entry["peak_rss_mb"] = peak_memory_mb(where, engine, rows, tokenizer.pad_token_id)
     (derived / REPORT_FILE).write_text(json.dumps(report, indent=2), encoding="utf-8")
     return derived, report
 
@@ -214,7 +237,11 @@ def _search_int8(model, work: Path, scorer: Scorer, base: dict, budget: float):
 
 
 def _reopen(name: str, model, bundle: Path):
+    """Engine `name` for the files in `bundle` (the layer-dropped model: its own weights, loaded from them)."""
     from mtlm.engine import make_engine
+    if name == DROPPED:
+        from mtlm.checkpoint import load_bundle
+        return TorchEngine(load_bundle(bundle, "cpu")[0], "cpu")
     return make_engine(name, model, "cpu", bundle)
 
 
@@ -238,7 +265,7 @@ def _test_scores(bundle: Path, tasks: dict, tokenizer, meta: dict, reference, fi
 
 def format_report(report: dict) -> str:
     """The report as text: per-task metrics and drops, then per-engine speed, size and memory."""
-    lines = [f"{report['method']} -> engine {report['engine']} (budget {report['budget_pct']}% per task on dev"
+    lines = [f"{report['method']} -> {report.get('model', report['engine'])} (budget {report['budget_pct']}% per task on dev"
              + (f"; bound by {report['bound_by']})" if report.get("bound_by") else ")"),
              f"{'task':<16}{'metric':<10}{'dev before':>11}{'after':>9}{'drop %':>8}{'test before':>13}{'after':>9}{'drop %':>8}"]
     for name, t in report["tasks"].items():

@@ -52,14 +52,16 @@ class Distiller(Callback):
     the student (its tasks' fitted state in `teacher_tasks`, {name: task}, checked against the student's
     when given). temperature T > 0; alpha in [0, 1]: the teacher term's weight; hidden >= 0: the pooled
     hidden-state MSE's weight (needs `model_fn` applied to the student); anneal: teacher annealing.
-    Raises DistillError for options out of range."""
+    cache: an existing `TeacherCache` of `teacher` to reuse (several students of one teacher). Raises DistillError for options out of range."""
 
     def __init__(self, teacher: nn.Module, temperature: float = 2.0, alpha: float = 0.5, hidden: float = 0.0,
-                 anneal: bool = False, teacher_tasks: dict | None = None, cache_bytes: int = 2 << 30):
+                 anneal: bool = False, teacher_tasks: dict | None = None, cache_bytes: int = 2 << 30,
+                 cache: TeacherCache | None = None):
         check_options(temperature, alpha, hidden)
         self.temperature, self.alpha, self.hidden, self.anneal = float(temperature), float(alpha), float(hidden), anneal
         self.teacher_tasks = teacher_tasks
-        self.cache = TeacherCache(teacher, max_bytes=cache_bytes)
+        # a cache of the same teacher may be shared by several students (one search's tries)
+        self.cache = cache if cache is not None else TeacherCache(teacher, max_bytes=cache_bytes)
         self.total_steps: int | None = None
         self.projection: nn.Linear | None = None
         self._pooled: Tensor | None = None

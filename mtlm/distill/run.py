@@ -95,8 +95,10 @@ def _same_tokenizer(a, b) -> bool:
 
 def distill_run(teacher_run: str | Path, student: str, overrides: list[str] = (), output: str | Path | None = None,
                 data_dir: str | Path | None = None, progress: bool = True, measure: bool = True,
-                rounds: int = 3) -> tuple[Path, dict]:
+                rounds: int = 3, cache=None) -> tuple[Path, dict]:
     """Distil run `teacher_run` into `student` (module docstring); returns (the derived run, the report).
+    cache: a `mtlm.distill.teacher.TeacherCache` of this teacher's model to reuse (its outputs computed once
+    for several students); measure: write the teacher-vs-student report (speed included).
 
     Raises DistillError (unknown student spec, N out of range, options out of range, another tokenizer, no
     contract, output exists), BundleError (a teacher run without a bundle), RecipeError (bad overrides),
@@ -111,6 +113,7 @@ def distill_run(teacher_run: str | Path, student: str, overrides: list[str] = ()
     bundle = find_bundle(teacher_run)
     parent = bundle.parent if bundle.name == "model" else bundle
     teacher, tokenizer, tasks, meta = load_bundle(bundle, "cpu")
+    teacher = cache.teacher if cache is not None else teacher
     try:
         total = layer_count(teacher.backbone)
     except LayerError as e:
@@ -139,7 +142,8 @@ def distill_run(teacher_run: str | Path, student: str, overrides: list[str] = ()
     recipe = student_recipe(raw, f"{raw['name']}-distill-{slug}", backbone, files, work, list(overrides))
     opts = recipe.distill
     keep = kept_layers(total, n, opts.layer_choice) if kind == "layers" else None
-    hook = Distiller(teacher, opts.temperature, opts.alpha, opts.hidden, opts.anneal, teacher_tasks=tasks)
+    hook = Distiller(teacher, opts.temperature, opts.alpha, opts.hidden, opts.anneal, teacher_tasks=tasks,
+                     cache=cache)
 
     def init_student(model):
         if keep is not None:         # the teacher's fine-tuned encoder (loaded as the backbone): N of its layers
@@ -176,15 +180,20 @@ def compare_report(teacher_run: Path, student_run: Path, rounds: int = 3) -> dic
     "loadavg"}. The averages are over higher-is-better metrics (an error metric such as mse is left out)."""
     import os
 
+    import torch
+
     from mtlm.checkpoint import find_bundle, load_bundle
-    from mtlm.compress import Scorer
     from mtlm.engine import TorchEngine
     from mtlm.engine_check import dev_features
+    from mtlm.evaluate import evaluate
     from mtlm.measure import cpu_flags, model_rows, speed
+    from mtlm.tasks import default_metric
 
     t_model, tokenizer, tasks, meta = load_bundle(find_bundle(teacher_run), "cpu")
     s_model, *_ = load_bundle(find_bundle(student_run), "cpu")
-    engines = {"teacher": TorchEngine(t_model, "cpu"), "student": TorchEngine(s_model, "cpu")}
+    models = {"teacher": t_model, "student": s_model}
+    engines = {who: TorchEngine(m, "cpu") for who, m in models.items()}
+    metric = {n: default_metric(t) for n, t in tasks.items()}
     report = {"teacher": str(teacher_run), "student": str(student_run), "tasks": {}, "average": {}}
     dev = None
     for split in ("dev", "test"):
@@ -193,12 +202,14 @@ def compare_report(teacher_run: Path, student_run: Path, rounds: int = 3) -> dic
         dev = feats if split == "dev" else dev
         if not feats:
             continue
-        scorer = Scorer(tasks, feats, tokenizer.pad_token_id)
-        scores = {who: scorer.metrics(e) for who, e in engines.items()}
+        scores = {}
+        for who, m in models.items():
+            flat = evaluate(m, tasks, feats, 64, tokenizer.pad_token_id, torch.device("cpu"))
+            scores[who] = {n: flat[f"{n}/{metric[n]}"] for n in feats}
         for name in feats:
-            entry = report["tasks"].setdefault(name, {"metric": scorer.keys[name].split("/", 1)[1]})
+            entry = report["tasks"].setdefault(name, {"metric": metric[name]})
             entry.update({f"teacher_{split}": scores["teacher"][name], f"student_{split}": scores["student"][name]})
-        higher = [n for n in feats if not scorer.lower[n]]
+        higher = [n for n in feats if metric[n] not in tasks[n].lower_is_better]
         if higher:
             t = sum(scores["teacher"][n] for n in higher) / len(higher)
             s = sum(scores["student"][n] for n in higher) / len(higher)
