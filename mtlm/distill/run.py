@@ -173,11 +173,14 @@ def distill_run(teacher_run: str | Path, student: str, overrides: list[str] = ()
     return out, report
 
 
-def compare_report(teacher_run: Path, student_run: Path, rounds: int = 3) -> dict:
-    """Teacher vs student on the teacher's stored rows: {"tasks": {task: {metric, teacher_dev, student_dev,
-    teacher_test?, student_test?}}, "average": {teacher_dev, student_dev, ratio_dev, (test alike)},
-    "speed": measure.speed of both (torch fp32, dev texts, interleaved), "speed_ratio", "cpu_flags",
-    "loadavg"}. The averages are over higher-is-better metrics (an error metric such as mse is left out)."""
+def compare_runs(teacher_run: Path, runs: dict[str, Path], rounds: int = 3) -> dict:
+    """The teacher and other runs of its tasks (students: `runs`, name -> run folder) on the teacher's stored
+    rows: {"tasks": {task: {metric, teacher_dev, <name>_dev, ... (test alike)}}, "average": {teacher_dev,
+    <name>_dev, <name>_ratio_dev (the name's average / the teacher's), (test alike)}, "speed": measure.speed
+    of every model (torch fp32, batch 32, all heads, on the dev texts, interleaved in one run),
+    "speed_ratio": {name: its texts/s / the teacher's}, "cpu_flags", "loadavg" (1, 5, 15 min: the load the
+    speeds were measured under)}. Averages are over higher-is-better metrics (an error metric such as mse
+    is left out). Raises ContractError when the teacher's rows cannot be read, BundleError."""
     import os
 
     import torch
@@ -190,11 +193,10 @@ def compare_report(teacher_run: Path, student_run: Path, rounds: int = 3) -> dic
     from mtlm.tasks import default_metric
 
     t_model, tokenizer, tasks, meta = load_bundle(find_bundle(teacher_run), "cpu")
-    s_model, *_ = load_bundle(find_bundle(student_run), "cpu")
-    models = {"teacher": t_model, "student": s_model}
-    engines = {who: TorchEngine(m, "cpu") for who, m in models.items()}
+    models = {"teacher": t_model, **{who: load_bundle(find_bundle(path), "cpu")[0] for who, path in runs.items()}}
     metric = {n: default_metric(t) for n, t in tasks.items()}
-    report = {"teacher": str(teacher_run), "student": str(student_run), "tasks": {}, "average": {}}
+    report = {"teacher": str(teacher_run), "runs": {who: str(p) for who, p in runs.items()}, "tasks": {},
+              "average": {}}
     dev = None
     for split in ("dev", "test"):
         feats = {n: f for n, f in dev_features(find_bundle(teacher_run), tasks, tokenizer, int(meta["max_length"]),
@@ -208,17 +210,30 @@ def compare_report(teacher_run: Path, student_run: Path, rounds: int = 3) -> dic
             scores[who] = {n: flat[f"{n}/{metric[n]}"] for n in feats}
         for name in feats:
             entry = report["tasks"].setdefault(name, {"metric": metric[name]})
-            entry.update({f"teacher_{split}": scores["teacher"][name], f"student_{split}": scores["student"][name]})
+            entry.update({f"{who}_{split}": scores[who][name] for who in models})
         higher = [n for n in feats if metric[n] not in tasks[n].lower_is_better]
         if higher:
-            t = sum(scores["teacher"][n] for n in higher) / len(higher)
-            s = sum(scores["student"][n] for n in higher) / len(higher)
-            report["average"].update({f"teacher_{split}": t, f"student_{split}": s,
-                                      f"ratio_{split}": s / t if t else None})
+            avg = {who: sum(scores[who][n] for n in higher) / len(higher) for who in models}
+            report["average"].update({f"{who}_{split}": a for who, a in avg.items()})
+            report["average"].update({f"{who}_ratio_{split}": avg[who] / avg["teacher"] if avg["teacher"] else None
+                                      for who in runs})
     rows = model_rows(dev)
-    report["speed"] = speed(engines, list(tasks), rows, tokenizer.pad_token_id, rounds=rounds)
-    report["speed_ratio"] = report["speed"]["student"]["texts_per_s"] / report["speed"]["teacher"]["texts_per_s"]
+    report["speed"] = speed({who: TorchEngine(m, "cpu") for who, m in models.items()}, list(tasks), rows,
+                            tokenizer.pad_token_id, rounds=rounds)
+    report["speed_ratio"] = {who: report["speed"][who]["texts_per_s"] / report["speed"]["teacher"]["texts_per_s"]
+                             for who in runs}
     report["cpu_flags"], report["loadavg"] = cpu_flags(), list(os.getloadavg())
+    return report
+
+
+def compare_report(teacher_run: Path, student_run: Path, rounds: int = 3) -> dict:
+    """`compare_runs` of the teacher and one student (named "student"), with "ratio_dev" / "ratio_test"
+    (the student's task average / the teacher's) and "speed_ratio" as plain numbers."""
+    report = compare_runs(teacher_run, {"student": student_run}, rounds)
+    for split in ("dev", "test"):
+        if f"student_ratio_{split}" in report["average"]:
+            report["average"][f"ratio_{split}"] = report["average"][f"student_ratio_{split}"]
+    report["speed_ratio"] = report["speed_ratio"]["student"]
     return report
 
 
