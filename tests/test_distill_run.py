@@ -57,14 +57,15 @@ def teacher(tiny_backbone, toy_data, tmp_path_factory):
 
 def test_distill_layers_1_end_to_end(teacher, tmp_path):
     out, report = distill_run(teacher, "layers:1", ["train.max_steps=6", "train.eval_every=3", "distill.alpha=0.7",
-                                                    "distill.anneal=true"], tmp_path / "student", progress=False,
-                              rounds=1)
+                                                    "distill.anneal=true", "distill.hidden=0.5"],
+                              tmp_path / "student", progress=False, rounds=1)
     parent = json.loads((out / "parent.json").read_text())
     assert parent["method"] == "distill" and parent["details"]["kept_layers"] == [0]
     assert parent["details"]["options"]["alpha"] == 0.7 and parent["details"]["options"]["anneal"] is True
+    assert parent["details"]["options"]["hidden"] == 0.5
     assert parent["details"]["teacher_rows_computed"] > 0
     assert not (out / "distill-train").exists() and (out / "distill_metrics.json").is_file()
-    student, _, tasks, _ = load_bundle(out, "cpu")
+    student, _, tasks, _ = load_bundle(out, "cpu")          # the projection is not part of the bundle
     t_model, *_ = load_bundle(teacher, "cpu")
     assert len(student.backbone.encoder.layer) == 1
     # the embeddings started from the teacher's and moved in 6 steps; the heads are the teacher's label spaces
