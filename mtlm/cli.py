@@ -1,4 +1,4 @@
-"""`mtlm train|eval|predict|baseline|quickstart|serve|export|compress`: parse arguments, then call one function.
+"""`mtlm train|eval|predict|baseline|quickstart|serve|export|compress|distill`: parse arguments, then call one function.
 
 User errors (bad recipe, bad data, missing backbone package, bad bundle, bad input) print one message and
 exit with status 2, without a traceback."""
@@ -24,8 +24,10 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from pydantic import ValidationError         # a `mtlm serve` setting out of range
     from mtlm.compress import CompressError
     from mtlm.engine import EngineError
+    from mtlm.distill import DistillError
+    from mtlm.distill.layers import LayerError
     return (RecipeError, DataError, BackboneError, BundleError, InputError, ValidationError, MissingPackage,
-            AccessConfigError, EngineError, CompressError)
+            AccessConfigError, EngineError, CompressError, DistillError, LayerError)
 
 
 def cmd_train(args) -> None:
@@ -145,20 +147,42 @@ def cmd_export(args) -> None:
 
 def cmd_compress(args) -> None:
     from mtlm.compress import REPORT_FILE, CompressError, compress_run, format_report
-    prune = None
-    if args.method == "prune":
+    layers = prune = None
+    if args.method == "layers":
+        from mtlm.layer_drop import LayerSettings
+        layers = LayerSettings()
+        if args.recovery_steps is not None:
+            layers.recovery_steps = args.recovery_steps
+        if args.layer_choice:
+            layers.strategies = tuple(s.strip() for s in args.layer_choice.split(","))
+    elif args.method == "prune":
         from mtlm.prune import PruneSettings
-        prune = PruneSettings() if args.recovery_steps is None else PruneSettings(recovery_steps=args.recovery_steps)
+        prune = PruneSettings()
+        if args.recovery_steps is not None:
+            prune.recovery_steps = args.recovery_steps
         if args.prune_levels:
             try:
                 prune.levels = tuple(float(x) for x in args.prune_levels.split(","))
             except ValueError:
                 raise CompressError(f"--prune-levels {args.prune_levels}: expected fractions like 0.5,0.3,0.1") from None
-    elif args.recovery_steps is not None or args.prune_levels:
-        raise CompressError("--recovery-steps and --prune-levels apply to --method prune only")
-    run_dir, report = compress_run(args.run, args.method, args.budget, args.output, prune=prune)
+    elif args.recovery_steps is not None:
+        raise CompressError("--recovery-steps applies to --method layers and prune only")
+    if args.layer_choice and args.method != "layers":
+        raise CompressError("--layer-choice applies to --method layers only")
+    if args.prune_levels and args.method != "prune":
+        raise CompressError("--prune-levels applies to --method prune only")
+    run_dir, report = compress_run(args.run, args.method, args.budget, args.output, layers=layers, prune=prune)
     print(format_report(report))
     print(f"derived run: {run_dir} (mtlm eval {run_dir} --split dev|test compares it with its parent)\n"
+          f"report: {run_dir / REPORT_FILE}")
+
+
+def cmd_distill(args) -> None:
+    from mtlm.distill.run import REPORT_FILE, distill_run, format_report
+    run_dir, report = distill_run(args.teacher, args.student, args.overrides, args.output, args.data_dir,
+                                  progress=not args.no_progress)
+    print(format_report(report))
+    print(f"derived run: {run_dir} (mtlm eval {run_dir} --split dev|test compares it with its teacher)\n"
           f"report: {run_dir / REPORT_FILE}")
 
 
@@ -255,16 +279,30 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compress", help="a faster model keeping every task within an accuracy budget on dev")
     c.add_argument("run", help="run folder (with its stored dev rows)")
     c.add_argument("--method", default="auto",
-                   help="auto | int8 | bf16 | prune (layers: not built yet); default: %(default)s. auto tries int8, "
-                        "onnx fp32 and bf16, not prune: prune trains once per level it tries (minutes on a CPU)")
+                   help="auto | int8 | bf16 | prune | layers; default: %(default)s. auto tries int8, onnx fp32 and "
+                        "bf16, not prune or layers: they train once per level / layer count they try (minutes on a CPU)")
     c.add_argument("--budget", type=float, default=1.0,
                    help="relative drop in percent allowed for EACH task's dev metric (default: %(default)s)")
     c.add_argument("--output", help="derived run folder (default: <run>-<method> beside the run)")
     c.add_argument("--recovery-steps", type=int, default=None,
-                   help="--method prune: recovery fine-tuning steps per pruning level tried (default: 100)")
+                   help="--method layers / prune: recovery training steps (distilled from the run) per layer count "
+                        "or pruning level tried (default: 100)")
+    c.add_argument("--layer-choice", help="--method layers: which layers a student keeps, tried in order: top "
+                                          "(drop the top layers), alternate (keep spread layers); default top,alternate")
     c.add_argument("--prune-levels", help="--method prune: fractions of heads and of FFN neurons to try, e.g. "
                                           "0.5,0.4,0.3,0.2,0.1 (the default)")
     c.set_defaults(func=cmd_compress)
+
+    d = sub.add_parser("distill", help="train a smaller student on a run's recipe with the run as its teacher")
+    d.add_argument("teacher", help="the teacher's run folder (with its stored rows)")
+    d.add_argument("overrides", nargs="*", help="key.path=value overrides of the student's recipe, e.g. "
+                                                "distill.temperature=2 distill.alpha=0.7 train.max_steps=300")
+    d.add_argument("--student", required=True, help="layers:N (N of the teacher's own layers) or a backbone "
+                                                    "sharing the teacher's tokenizer (minilm-l6, a local folder)")
+    d.add_argument("--output", help="derived run folder (default: <teacher>-distill-<student> beside it)")
+    d.add_argument("--data-dir", help="where the teacher's data moved (a folder standing in for its recipe folder)")
+    d.add_argument("--no-progress", action="store_true", help="no progress bar")
+    d.set_defaults(func=cmd_distill)
     return p
 
 
@@ -281,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     # parse_known_args lets texts follow options (`mtlm predict RUN --tasks a,b "text"`)
     args, extra = parser.parse_known_args(argv)
-    if extra and (args.command not in ("predict", "train", "baseline") or any(x.startswith("-") for x in extra)):
+    if extra and (args.command not in ("predict", "train", "baseline", "distill") or any(x.startswith("-") for x in extra)):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if extra:   # texts / overrides given after an option
         if args.command == "predict":

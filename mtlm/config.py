@@ -146,6 +146,17 @@ class TrainConfig(_Strict):
         return self
 
 
+class DistillConfig(_Strict):
+    """`distill:` options of `mtlm distill` (and of `mtlm compress --method layers`' recovery training);
+    `mtlm train` does not read them. See `mtlm.distill.hook` for the loss they set."""
+
+    temperature: float = Field(2.0, gt=0)        # T of the softened softmax / sigmoid; the KL is x T^2 (Hinton et al. 2015)
+    alpha: float = Field(0.5, ge=0, le=1)        # weight of the teacher term; 1 - alpha on the hard-label loss
+    hidden: float = Field(0.0, ge=0)             # weight of the pooled hidden-state MSE through a learned projection; 0 = off
+    anneal: bool = False                         # teacher annealing (BAM!, Clark et al. 2019): alpha -> 0 over training
+    layer_choice: Literal["alternate", "top"] = "alternate"  # layers:N students: which teacher layers to keep
+
+
 class Recipe(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     backbone: str = "minilm-l6"                  # short name (mtlm.model.BACKBONES), local HF folder, or hub id
@@ -154,6 +165,7 @@ class Recipe(_Strict):
     output_dir: str | None = None                # default runs/<name>
     tasks: dict[str, TaskConfig]
     train: TrainConfig = Field(default_factory=TrainConfig)
+    distill: DistillConfig | None = None         # read by `mtlm distill` only
 
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
 

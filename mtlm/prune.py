@@ -6,8 +6,8 @@ that keeps EVERY task within the budget on dev, after recovery fine-tuning (`mtl
    stored train rows (the first `PruneSettings.importance_rows`; a task without train rows: its dev rows).
 2. For a level f of the ladder (`PruneSettings.levels`), the fraction f of all heads and the fraction f of
    all FFN neurons with the lowest importance are removed (`mtlm.pruning.plan` / `prune_backbone`).
-3. Recovery: `mtlm.train.fit` on the parent's own recipe and data (its paths resolved through the stored
-   evaluation contract), `recovery_steps` optimizer steps at `recovery_lr`, the pruned model put in place by
+3. Recovery: `mtlm.train.fit` on the parent's own recipe and stored rows (as `mtlm distill` trains a
+   student: `mtlm.distill.run.teacher_rows`), `recovery_steps` optimizer steps at `recovery_lr`, the pruned model put in place by
    fit's `model_fn` hook, distilling the unpruned parent through fit's loss hook (`mtlm.distill`:
    (1 - a) x task loss + a x the head type's distillation term at temperature T; a = `distill_alpha`, 0 for
    the plain task loss). One hook serves every level, so the parent's outputs are computed once per row.
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -84,37 +83,23 @@ def importance_features(bundle: Path, tasks: dict, tokenizer, max_length: int, r
     return train
 
 
-def recovery_recipe(bundle: Path, output_dir: Path, settings: PruneSettings):
-    """The parent's recipe (bundle/recipe.yaml) set up for recovery: data file paths made absolute through
-    the stored evaluation contract (so they resolve wherever the run folder is), output in `output_dir`,
-    `recovery_steps` steps at `recovery_lr`, one evaluation at the end, no early stopping. Raises
-    RecipeError, ContractError."""
-    from mtlm.contract import ContractError, find_contract
-    from mtlm.recipe import parse_recipe
+def recovery_recipe(bundle: Path, tasks: dict, output_dir: Path, settings: PruneSettings):
+    """The parent's recipe (bundle/recipe.yaml) set up for recovery on the parent's stored rows (written to
+    output_dir/rows by `mtlm.distill.run.teacher_rows`, digests checked; the student recipe of `mtlm distill`),
+    output in `output_dir`, `recovery_steps` steps at `recovery_lr`, one evaluation at the end, no early
+    stopping. Raises RecipeError, ContractError, DistillError (no stored contract)."""
+    from mtlm.distill.run import student_recipe, teacher_rows
 
     raw = yaml.safe_load((bundle / "recipe.yaml").read_text(encoding="utf-8"))
     run_dir = bundle.parent if bundle.name == "model" else bundle
-    found = find_contract(run_dir)
-    if found is None:
-        raise ContractError([f"{run_dir}: no stored evaluation contract: recovery needs the run's data"])
-    contract, contract_dir = found
-    files = {os.path.normpath(k): (contract_dir / s["path"]).resolve() for k, s in contract["sources"].items()
-             if s.get("kind") == "file"}
-    for task in raw["tasks"].values():
-        data = task["data"]
-        for split in ("train", "dev", "test"):
-            value = data.get(split)
-            if isinstance(value, str) and not Path(value).is_absolute() and os.path.normpath(value) in files:
-                data[split] = str(files[os.path.normpath(value)])
+    files = teacher_rows(run_dir, tasks, output_dir / "rows")
     steps = max(1, settings.recovery_steps)
-    train = raw.setdefault("train", {})
-    train.pop("epochs", None)
-    train.update({"max_steps": steps, "eval_every": steps, "checkpoint_every": steps, "keep_checkpoints": 1,
-                  "early_stopping_patience": None, "lr": settings.recovery_lr, "warmup_ratio": 0.1})
+    overrides = [f"train.max_steps={steps}", "train.epochs=null", f"train.eval_every={steps}",
+                 f"train.checkpoint_every={steps}", "train.keep_checkpoints=1", "train.early_stopping_patience=null",
+                 f"train.lr={settings.recovery_lr}", "train.warmup_ratio=0.1"]
     if settings.recovery_batch_size:
-        train["batch_size"] = settings.recovery_batch_size
-    raw["output_dir"] = str(output_dir)
-    return parse_recipe(raw, contract_dir)
+        overrides.append(f"train.batch_size={settings.recovery_batch_size}")
+    return student_recipe(raw, raw["name"], raw["backbone"], files, output_dir, overrides)
 
 
 def recover(model, bundle: Path, tasks: dict, work: Path, settings: PruneSettings, distiller=None) -> Path:
@@ -126,7 +111,7 @@ def recover(model, bundle: Path, tasks: dict, work: Path, settings: PruneSetting
     from mtlm.checkpoint import save_bundle
     from mtlm.train import fit
 
-    recipe = recovery_recipe(bundle, work, settings)
+    recipe = recovery_recipe(bundle, tasks, work, settings)
     if settings.recovery_steps == 0:
         from transformers import AutoTokenizer
         tokenizer = AutoTokenizer.from_pretrained(bundle / "backbone")

@@ -52,14 +52,16 @@ class Distiller(Callback):
     the student (its tasks' fitted state in `teacher_tasks`, {name: task}, checked against the student's
     when given). temperature T > 0; alpha in [0, 1]: the teacher term's weight; hidden >= 0: the pooled
     hidden-state MSE's weight (needs `model_fn` applied to the student); anneal: teacher annealing.
-    Raises DistillError for options out of range."""
+    cache: an existing `TeacherCache` of `teacher` to reuse (several students of one teacher). Raises DistillError for options out of range."""
 
     def __init__(self, teacher: nn.Module, temperature: float = 2.0, alpha: float = 0.5, hidden: float = 0.0,
-                 anneal: bool = False, teacher_tasks: dict | None = None, cache_bytes: int = 2 << 30):
+                 anneal: bool = False, teacher_tasks: dict | None = None, cache_bytes: int = 2 << 30,
+                 cache: TeacherCache | None = None):
         check_options(temperature, alpha, hidden)
         self.temperature, self.alpha, self.hidden, self.anneal = float(temperature), float(alpha), float(hidden), anneal
         self.teacher_tasks = teacher_tasks
-        self.cache = TeacherCache(teacher, max_bytes=cache_bytes)
+        # a cache of the same teacher may be shared by several students (one search's tries)
+        self.cache = cache if cache is not None else TeacherCache(teacher, max_bytes=cache_bytes)
         self.total_steps: int | None = None
         self.projection: nn.Linear | None = None
         self._pooled: Tensor | None = None
@@ -96,9 +98,9 @@ class Distiller(Callback):
                 problems.append(f"task {name}: the teacher has no head for it (its tasks: {', '.join(teacher.heads)})")
                 continue
             mine = self.teacher_tasks.get(name) if self.teacher_tasks else None
-            if mine is not None and (mine.cfg.type != task.cfg.type or mine.state() != task.state()):
+            if mine is not None and (mine.cfg.type != task.cfg.type or _fitted(mine) != _fitted(task)):
                 problems.append(f"task {name}: the student's {task.cfg.type} task (labels / fitted state "
-                                f"{_short(task.state())}) differs from the teacher's ({_short(mine.state())})")
+                                f"{_short(_fitted(task))}) differs from the teacher's ({_short(_fitted(mine))})")
         if problems:
             raise DistillError("the teacher does not fit the student's tasks: " + "; ".join(problems))
 
@@ -127,6 +129,11 @@ class Distiller(Callback):
                 loss = loss + self.hidden * F.mse_loss(self.projection(sv.float()), tv)
             out[name] = loss
         return out
+
+
+def _fitted(task) -> dict:
+    """What a task learnt from its train rows (labels, target statistics): dev-tuned thresholds left out."""
+    return {k: v for k, v in task.state().items() if k != "thresholds"}
 
 
 def _short(state: dict) -> str:
