@@ -1,4 +1,5 @@
-"""`mtlm train|eval|predict|baseline|quickstart|serve|export|compress|distill`: parse arguments, then call one function.
+"""`mtlm train|eval|predict|baseline|quickstart|serve|export|compress|distill|report`: parse arguments, then call one
+function.
 
 User errors (bad recipe, bad data, missing backbone package, bad bundle, bad input) print one message and
 exit with status 2, without a traceback."""
@@ -26,8 +27,10 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from mtlm.engine import EngineError
     from mtlm.distill import DistillError
     from mtlm.distill.layers import LayerError
+    from mtlm.hf.export import ExportError
+    from mtlm.report.collect import ReportError
     return (RecipeError, DataError, BackboneError, BundleError, InputError, ValidationError, MissingPackage,
-            AccessConfigError, EngineError, CompressError, DistillError, LayerError)
+            AccessConfigError, EngineError, CompressError, DistillError, LayerError, ExportError, ReportError)
 
 
 def cmd_train(args) -> None:
@@ -41,7 +44,7 @@ def cmd_train(args) -> None:
 def cmd_eval(args) -> None:
     from mtlm.evaluate import by_task, evaluate_bundle, format_deltas, format_table
     metrics, tasks, out_path = evaluate_bundle(args.run, args.split, args.batch_size, data_dir=args.data_dir,
-                                               engine=args.engine)
+                                               engine=args.engine, progress=True)
     print(format_table(by_task(metrics), tasks))
     if "mean" in metrics:
         print(f"{'mean':<20} {'':<22} {metrics['mean']:.4f}")
@@ -136,6 +139,20 @@ def cmd_serve(args) -> None:
 
 
 def cmd_export(args) -> None:
+    if args.format == "hf":
+        from mtlm.hf.export import ExportError, export_hf
+        if not args.task:
+            raise ExportError("--format hf exports one task: give --task NAME")
+        out = export_hf(args.run, args.task, args.output)
+        info = json.loads((out / "mtlm_export.json").read_text(encoding="utf-8"))
+        remote = ", trust_remote_code=True" if info["trust_remote_code"] else ""
+        how = ("transformers.AutoModelForQuestionAnswering.from_pretrained" if info["type"] == "extractive_qa"
+               else "transformers.pipeline")      # transformers 5 has no question-answering pipeline
+        print(f"wrote {out} ({info['type']}); load it with {how}({str(out)!r}{remote})")
+        return
+    if args.task:
+        from mtlm.hf.export import ExportError
+        raise ExportError("--task is for --format hf (the onnx graph holds every task)")
     from mtlm.export import export_run
     bundle, report = export_run(args.run, args.output, args.format)
     fused = report["fused_operators"]
@@ -184,6 +201,15 @@ def cmd_distill(args) -> None:
     print(format_report(report))
     print(f"derived run: {run_dir} (mtlm eval {run_dir} --split dev|test compares it with its teacher)\n"
           f"report: {run_dir / REPORT_FILE}")
+
+
+def cmd_report(args) -> None:
+    try:
+        from mtlm.report.page import write_report
+    except ModuleNotFoundError as e:
+        raise MissingPackage(f"`mtlm report` needs the {e.name!r} package: pip install 'mtlm[report]' (matplotlib)") from None
+    index = write_report(args.run, args.output, with_predictions=not args.no_predictions)
+    print(f"wrote {index} ({len(list(index.parent.glob('*.png')))} figures)")
 
 
 ENGINE_HELP = ("what runs the model: torch, torch-bf16, onnx, onnx-int8 (default: the fastest engine the bundle holds "
@@ -252,6 +278,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="server processes, each with its own model copy (default: %(default)s)")
     from mtlm.serve.schemas import ServeSettings
     for name, info in ServeSettings.model_fields.items():    # one flag per setting, e.g. --max-windows
+        if info.annotation is bool:                             # on by default: --no-<name> turns it off
+            v.add_argument(f"--no-{name.replace('_', '-')}", action="store_const", const=False, default=None,
+                           dest=f"setting_{name}", help=info.description)
+            continue
         kind = (float if info.annotation in (float, float | None) else str if info.annotation in (str, str | None)
                 else int)
         default = "" if info.default is None else f" (default: {info.default})"
@@ -269,12 +299,22 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--ssl-keyfile", metavar="PEM", help="the certificate's private key")
     v.set_defaults(func=cmd_serve)
 
-    x = sub.add_parser("export", help="export a run's model as one ONNX graph (backbone + every head)")
+    x = sub.add_parser("export", help="export a run's model as one ONNX graph (every task) or one task as a HF folder")
     x.add_argument("run", help="run folder or bundle folder")
-    x.add_argument("--format", default="onnx", help="export format (default: %(default)s; the only one)")
-    x.add_argument("--output", help="write a new derived run folder holding the graph (default: into the run's "
-                                    "own model/onnx/)")
+    x.add_argument("--format", default="onnx",
+                   help="onnx: one graph, every task (default); hf: one task as a Hugging Face folder (--task)")
+    x.add_argument("--task", help="--format hf: the task to export")
+    x.add_argument("--output", help="onnx: write a new derived run folder holding the graph (default: into the run's "
+                                    "own model/onnx/); hf: the folder (default: <run>/hf/<task>)")
     x.set_defaults(func=cmd_export)
+
+    r = sub.add_parser("report", help="an HTML page with plots of a run (curves, weights, confusion, baseline, "
+                                      "compression, recipe, environment)")
+    r.add_argument("run", help="run folder")
+    r.add_argument("--output", help="folder for index.html and its figures (default: <run>/report)")
+    r.add_argument("--no-predictions", action="store_true",
+                   help="skip the dev predictions (confusion matrices, per-entity scores): no model is loaded")
+    r.set_defaults(func=cmd_report)
 
     c = sub.add_parser("compress", help="a faster model keeping every task within an accuracy budget on dev")
     c.add_argument("run", help="run folder (with its stored dev rows)")

@@ -126,6 +126,11 @@ class TrainConfig(_Strict):
     keep_checkpoints: int = Field(1, gt=0)       # resumable checkpoints kept on disk
     early_stopping_patience: int | None = Field(5, gt=0)  # evaluations without improvement; None = off
     seed: int = 0
+    # experiment tracking (mtlm.tracking): tensorboard -> run_dir/logs; mlflow -> tracking_uri, or
+    # run_dir/mlruns (a local file store) when none is given
+    tracking: list[Literal["tensorboard", "mlflow"]] = Field(default_factory=lambda: ["tensorboard"])
+    tracking_uri: str | None = None              # mlflow: e.g. http://mlflow:5000, sqlite:///mlflow.db
+    experiment: str | None = None                # mlflow experiment name; default: the recipe's name
 
     @field_validator("mixed_precision", mode="before")
     @classmethod

@@ -24,8 +24,10 @@ log = logging.getLogger("mtlm")
 
 @torch.inference_mode()
 def task_outputs(model, task, features: list[dict], batch_size: int, pad_token_id: int,
-                 device: torch.device, autocast_dtype: torch.dtype | None = None) -> tuple[list[Any], list[Any]]:
-    """(predictions, references) for one task over `features`, in the input order.
+                 device: torch.device, autocast_dtype: torch.dtype | None = None, bar=None
+                 ) -> tuple[list[Any], list[Any]]:
+    """(predictions, references) for one task over `features`, in the input order. `bar`: a progress
+    object (`mtlm.progress`) advanced by one per batch.
 
     Batches are length-sorted to cut padding. The task's `postprocess(per_feature_predictions, features)`
     merges features that are parts of one example (extractive QA windows), so predictions and references are
@@ -40,19 +42,22 @@ def task_outputs(model, task, features: list[dict], batch_size: int, pad_token_i
             logits = model(task=task.name, **batch)
         for i, p in zip(idx, task.predictions(logits.float(), chunk)):
             preds[i] = p
+        if bar is not None:
+            bar.update(1)
     return task.postprocess(preds, features), task.references(features)
 
 
 def evaluate(model, tasks: dict, features: dict[str, list[dict]], batch_size: int, pad_token_id: int,
-             device: torch.device, autocast_dtype: torch.dtype | None = None) -> dict[str, float]:
-    """Metrics of every task that has features: {"task/metric": value, ..., "mean": selection mean}."""
+             device: torch.device, autocast_dtype: torch.dtype | None = None, bar=None) -> dict[str, float]:
+    """Metrics of every task that has features: {"task/metric": value, ..., "mean": selection mean}.
+    `bar`: a progress object advanced by one per batch (`task_outputs`)."""
     out: dict[str, float] = {}
     selection = []
     for name, feats in features.items():
         if not feats:
             continue
         task = tasks[name]
-        preds, refs = task_outputs(model, task, feats, batch_size, pad_token_id, device, autocast_dtype)
+        preds, refs = task_outputs(model, task, feats, batch_size, pad_token_id, device, autocast_dtype, bar)
         for metric, value in task.metrics(preds, refs).items():
             out[f"{name}/{metric}"] = value
         m = default_metric(task)
@@ -104,7 +109,8 @@ def by_task(flat: dict[str, float]) -> dict[str, dict[str, float]]:
 
 
 def evaluate_bundle(path, split: str = "test", batch_size: int = 64, data_dir=None,
-                    contract_from=None, engine: str | None = None) -> tuple[dict[str, float], dict, Path]:
+                    contract_from=None, engine: str | None = None, progress: bool = False
+                    ) -> tuple[dict[str, float], dict, Path]:
     """Evaluate a run or bundle on the `split` rows stored in its evaluation contract (`mtlm.contract`): the
     exact rows it was trained and selected with, re-read from its data files after checking their digests.
 
@@ -114,10 +120,11 @@ def evaluate_bundle(path, split: str = "test", batch_size: int = 64, data_dir=No
     chooses it (a compressed run: its int8 / bf16 engine), recorded in the report as "engine".
     A derived run (parent.json) is evaluated on its parent's rows; its report adds the parent's metrics and
     per-task deltas (this run - parent), evaluating the parent first when its eval_<split>.json is missing or
-    was made on other rows. A run without a contract (trained before mtlm stored one) is evaluated the old
-    way, re-splitting the recipe's data, with a warning. Writes eval_<split>.json in the run folder and returns
-    (metrics, tasks, that path). Raises BundleError, RecipeError, ContractError (a data file changed or is
-    missing, naming it; a parent run missing or retrained), EngineError (an engine that cannot run here)."""
+    was made on other rows. progress: show batches done (`mtlm.progress`). A run without a contract (trained
+    before mtlm stored one) is evaluated the old way, re-splitting the recipe's data, with a warning. Writes
+    eval_<split>.json in the run folder and returns (metrics, tasks, that path). Raises BundleError,
+    RecipeError, ContractError (a data file changed or is missing, naming it; a parent run missing or
+    retrained), EngineError (an engine that cannot run here)."""
     from mtlm.checkpoint import find_bundle, load_bundle
     from mtlm.config import RecipeError
 
@@ -138,7 +145,11 @@ def evaluate_bundle(path, split: str = "test", batch_size: int = 64, data_dir=No
     from mtlm.engine_check import EngineModel, choose_engine
     runner = choose_engine(bundle, model, tokenizer, tasks, meta, device, requested=engine)
     scored = model if runner.name == "torch" else EngineModel(runner)
-    metrics = evaluate(scored, tasks, features, batch_size, tokenizer.pad_token_id, device)
+    from mtlm.progress import progress as progress_bar
+    bar = progress_bar(sum(-(-len(f) // batch_size) for f in features.values()), f"eval {split}", enabled=progress,
+                       unit="batch")
+    metrics = evaluate(scored, tasks, features, batch_size, tokenizer.pad_token_id, device, bar=bar)
+    bar.close()
     report = {"split": split, "bundle": _relative(bundle, run_dir), "engine": runner.name,
               "contract": None if contract_dir is None else _relative(contract_dir, run_dir),
               "rows": {n: len(rows[n].records) for n in features},   # examples (a QA example has windows)

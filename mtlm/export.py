@@ -123,7 +123,7 @@ def export_run(run: str | Path, output: str | Path | None = None, fmt: str = "on
     from mtlm.contract import derive_run
 
     if fmt != "onnx":
-        raise EngineError(f"unknown export format {fmt!r}; known formats: onnx")
+        raise EngineError(f"unknown export format {fmt!r}; known formats: onnx, hf (one task: --task NAME)")
     bundle = find_bundle(run)
     if output is not None:
         parent = bundle.parent if bundle.name == "model" else bundle

@@ -15,7 +15,8 @@ from mtlm.config import Recipe, RecipeError, recipe_changes
 # Settings a resumed run may change: they are read anew at every step or evaluation. max_steps / epochs
 # re-make the learning-rate schedule over the new total from the current step.
 RESUMABLE = ("name", "output_dir", "train.max_steps", "train.epochs", "train.eval_every", "train.checkpoint_every",
-             "train.keep_checkpoints", "train.early_stopping_patience", "train.eval_batch_size")
+             "train.keep_checkpoints", "train.early_stopping_patience", "train.eval_batch_size",
+             "train.tracking", "train.tracking_uri", "train.experiment")
 
 
 def check_resumable(saved: dict, recipe: Recipe, ckpt: Path) -> list[str]:

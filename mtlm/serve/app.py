@@ -48,6 +48,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from mtlm.serve.auth import APIKeys, www_authenticate
 from mtlm.serve.batcher import QueueFull, Stopped, TooLarge
 from mtlm.serve.openapi import install_openapi
+from mtlm.serve.playground import install_playground
 from mtlm.serve.schemas import (ErrorResponse, PredictRequest, PredictResponse, ServeSettings,
                                 TaskPredictRequest, TasksResponse)
 
@@ -365,6 +366,9 @@ def create_app(source: str | Path | Callable[[], Predictor], settings: ServeSett
             return _error(503, f"not ready: {service.state}", request.state.request_id, {"Retry-After": "1"})
         return {"model": service.predictor.name, "max_length": service.predictor.max_length,
                 "tasks": service.task_info()}
+
+    if settings.playground:
+        install_playground(app, api_keys is not None)
 
     @app.get("/health")
     async def health():

@@ -98,8 +98,9 @@ class APIKeys:
         return cls(tuple(_digest(k.encode("ascii")) for k in keys), open_metrics, open_docs)
 
     def protects(self, path: str) -> bool:
-        """Whether `path` needs a key: everything except /health, /ready and the opened /metrics, docs."""
-        if path in OPEN_PATHS:
+        """Whether `path` needs a key: everything except /health, /ready, the playground's static page (/,
+        /playground/...: it asks for the key and sends it to /v1) and the opened /metrics, docs."""
+        if path in OPEN_PATHS or path == "/" or path.startswith("/playground/"):   # static page: no model data
             return False
         if path == "/metrics":
             return not self.open_metrics

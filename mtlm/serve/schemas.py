@@ -46,6 +46,7 @@ class ServeSettings(BaseModel):
                                   description="the largest timeout_ms a request may ask for")
     torch_threads: int | None = Field(None, gt=0,
                                       description="torch intra-op threads per process (default: torch's, or cores / workers)")
+    playground: bool = Field(True, description="the browser playground at / (--no-playground turns it off)")
     engine: str | None = Field(None, description="what runs the model: torch, torch-bf16, onnx, onnx-int8 (default: the "
                                                  "fastest engine the bundle holds that passes its check on this machine)")
 
