@@ -125,11 +125,18 @@ def find_bundle(path: str | Path) -> Path:
 
 def _load_backbone(folder: Path):
     """The saved encoder through `AutoModel.from_pretrained` (single-file or sharded safetensors, never
-    pickle), in float32. Raises BundleError when weights are missing, unreadable or of the wrong shape."""
-    from transformers import AutoModel
+    pickle), in float32; a pruned one (config.json carrying `mtlm.pruning.PRUNING_KEY`) through
+    `mtlm.pruning.load_pruned_backbone`, which rebuilds its per-layer head and FFN sizes first.
+    Raises BundleError when weights are missing, unreadable or of the wrong shape."""
+    from transformers import AutoConfig, AutoModel
+
+    from mtlm.pruning import PRUNING_KEY, load_pruned_backbone
 
     kwargs = dict(use_safetensors=True, output_loading_info=True, dtype=torch.float32)
     try:
+        config = AutoConfig.from_pretrained(folder)
+        if getattr(config, PRUNING_KEY, None):       # per-layer heads / FFN sizes (mtlm.pruning)
+            return load_pruned_backbone(folder, config)
         try:   # the pooler is unused (we pool ourselves); the bundle holds none
             backbone, info = AutoModel.from_pretrained(folder, add_pooling_layer=False, **kwargs)
         except TypeError:

@@ -1,5 +1,5 @@
-"""`mtlm train|eval|predict|baseline|quickstart|serve|export|compress|distill|report`: parse arguments, then call
-one function.
+"""`mtlm train|eval|predict|baseline|quickstart|serve|export|compress|distill|report`: parse arguments, then call one
+function.
 
 User errors (bad recipe, bad data, missing backbone package, bad bundle, bad input) print one message and
 exit with status 2, without a traceback."""
@@ -25,12 +25,12 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from pydantic import ValidationError         # a `mtlm serve` setting out of range
     from mtlm.compress import CompressError
     from mtlm.engine import EngineError
-    from mtlm.hf.export import ExportError
-    from mtlm.report.collect import ReportError
     from mtlm.distill import DistillError
     from mtlm.distill.layers import LayerError
+    from mtlm.hf.export import ExportError
+    from mtlm.report.collect import ReportError
     return (RecipeError, DataError, BackboneError, BundleError, InputError, ValidationError, MissingPackage,
-            AccessConfigError, EngineError, CompressError, ExportError, ReportError, DistillError, LayerError)
+            AccessConfigError, EngineError, CompressError, DistillError, LayerError, ExportError, ReportError)
 
 
 def cmd_train(args) -> None:
@@ -167,7 +167,7 @@ def cmd_export(args) -> None:
 
 def cmd_compress(args) -> None:
     from mtlm.compress import REPORT_FILE, CompressError, compress_run, format_report
-    layers = None
+    layers = prune = None
     if args.method == "layers":
         from mtlm.layer_drop import LayerSettings
         layers = LayerSettings()
@@ -175,11 +175,34 @@ def cmd_compress(args) -> None:
             layers.recovery_steps = args.recovery_steps
         if args.layer_choice:
             layers.strategies = tuple(s.strip() for s in args.layer_choice.split(","))
-    elif args.recovery_steps is not None or args.layer_choice:
-        raise CompressError("--recovery-steps and --layer-choice apply to --method layers only")
-    run_dir, report = compress_run(args.run, args.method, args.budget, args.output, layers=layers)
+    elif args.method == "prune":
+        from mtlm.prune import PruneSettings
+        prune = PruneSettings()
+        if args.recovery_steps is not None:
+            prune.recovery_steps = args.recovery_steps
+        if args.prune_levels:
+            try:
+                prune.levels = tuple(float(x) for x in args.prune_levels.split(","))
+            except ValueError:
+                raise CompressError(f"--prune-levels {args.prune_levels}: expected fractions like 0.5,0.3,0.1") from None
+    elif args.recovery_steps is not None:
+        raise CompressError("--recovery-steps applies to --method layers and prune only")
+    if args.layer_choice and args.method != "layers":
+        raise CompressError("--layer-choice applies to --method layers only")
+    if args.prune_levels and args.method != "prune":
+        raise CompressError("--prune-levels applies to --method prune only")
+    run_dir, report = compress_run(args.run, args.method, args.budget, args.output, layers=layers, prune=prune)
     print(format_report(report))
     print(f"derived run: {run_dir} (mtlm eval {run_dir} --split dev|test compares it with its parent)\n"
+          f"report: {run_dir / REPORT_FILE}")
+
+
+def cmd_distill(args) -> None:
+    from mtlm.distill.run import REPORT_FILE, distill_run, format_report
+    run_dir, report = distill_run(args.teacher, args.student, args.overrides, args.output, args.data_dir,
+                                  progress=not args.no_progress)
+    print(format_report(report))
+    print(f"derived run: {run_dir} (mtlm eval {run_dir} --split dev|test compares it with its teacher)\n"
           f"report: {run_dir / REPORT_FILE}")
 
 
@@ -190,15 +213,6 @@ def cmd_report(args) -> None:
         raise MissingPackage(f"`mtlm report` needs the {e.name!r} package: pip install 'mtlm[report]' (matplotlib)") from None
     index = write_report(args.run, args.output, with_predictions=not args.no_predictions)
     print(f"wrote {index} ({len(list(index.parent.glob('*.png')))} figures)")
-
-
-def cmd_distill(args) -> None:
-    from mtlm.distill.run import REPORT_FILE, distill_run, format_report
-    run_dir, report = distill_run(args.teacher, args.student, args.overrides, args.output, args.data_dir,
-                                  progress=not args.no_progress)
-    print(format_report(report))
-    print(f"derived run: {run_dir} (mtlm eval {run_dir} --split dev|test compares it with its teacher)\n"
-          f"report: {run_dir / REPORT_FILE}")
 
 
 ENGINE_HELP = ("what runs the model: torch, torch-bf16, onnx, onnx-int8 (default: the fastest engine the bundle holds "
@@ -308,16 +322,18 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compress", help="a faster model keeping every task within an accuracy budget on dev")
     c.add_argument("run", help="run folder (with its stored dev rows)")
     c.add_argument("--method", default="auto",
-                   help="auto | int8 | bf16 | layers (prune: not built yet); default: %(default)s. auto tries int8, "
-                        "onnx fp32 and bf16, not layers: layers trains once per layer count it tries")
+                   help="auto | int8 | bf16 | prune | layers; default: %(default)s. auto tries int8, onnx fp32 and "
+                        "bf16, not prune or layers: they train once per level / layer count they try (minutes on a CPU)")
     c.add_argument("--budget", type=float, default=1.0,
                    help="relative drop in percent allowed for EACH task's dev metric (default: %(default)s)")
     c.add_argument("--output", help="derived run folder (default: <run>-<method> beside the run)")
     c.add_argument("--recovery-steps", type=int, default=None,
-                   help="--method layers: recovery training steps (distilled from the run) per layer count tried "
-                        "(default: 100)")
+                   help="--method layers / prune: recovery training steps (distilled from the run) per layer count "
+                        "or pruning level tried (default: 100)")
     c.add_argument("--layer-choice", help="--method layers: which layers a student keeps, tried in order: top "
                                           "(drop the top layers), alternate (keep spread layers); default top,alternate")
+    c.add_argument("--prune-levels", help="--method prune: fractions of heads and of FFN neurons to try, e.g. "
+                                          "0.5,0.4,0.3,0.2,0.1 (the default)")
     c.set_defaults(func=cmd_compress)
 
     d = sub.add_parser("distill", help="train a smaller student on a run's recipe with the run as its teacher")

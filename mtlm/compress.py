@@ -12,7 +12,10 @@ every task. Methods:
 - layers: layer dropping (Sajjad et al. 2020: top / alternate layers) with recovery training distilled from the
   parent (`mtlm.layer_drop`); the search keeps the fewest layers that fit and names the task that bound it.
   It trains once per layer count tried, so auto does not try it.
-- prune: structured pruning with distillation; not built yet (refused).
+- prune: structured pruning of attention heads and FFN neurons, importance summed over every task, then
+  recovery fine-tuning distilled from the parent through `fit` (`mtlm.prune`); the search keeps the strongest
+  pruning level that fits and names the task that bound it. It trains once per level tried, so auto does not
+  try it.
 The chosen model is re-evaluated from the files written before it is returned: a setting that violates the
 budget on dev is never returned; when none fits, CompressError says what each try lost.
 
@@ -40,8 +43,10 @@ from mtlm.quantize import Trial, node_groups, quantize_int8, relative_drop, sear
 log = logging.getLogger("mtlm")
 
 METHODS = ("auto", "int8", "bf16", "prune", "layers")
-NOT_BUILT = ("prune",)
+NOT_BUILT: tuple[str, ...] = ()
 DROPPED = "torch-layers"        # the report's name for the layer-dropped model (it runs on the torch engine)
+PRUNED = "torch-pruned"         # the report's name for the pruned model (it runs on the torch engine)
+OWN_WEIGHTS = (DROPPED, PRUNED)   # models of their own weights (a recovered bundle), run by the torch engine
 REPORT_FILE = "compress_report.json"
 
 
@@ -54,7 +59,7 @@ def _check_arguments(method: str, budget: float) -> None:
         raise CompressError(f"unknown method {method!r}; known methods: {', '.join(METHODS)}")
     if method in NOT_BUILT:
         raise CompressError(f"--method {method}: not built yet (it needs recovery training with distillation "
-                            f"through fit's loss hook); use --method int8, bf16, layers or auto")
+                            f"through fit's loss hook); use --method int8, bf16, prune, layers or auto")
     if not budget >= 0:
         raise CompressError(f"--budget {budget}: must be 0 or more (the relative drop in percent allowed per task)")
 
@@ -79,10 +84,11 @@ class Scorer:
 
 
 def compress_run(run: str | Path, method: str = "auto", budget: float = 1.0, output: str | Path | None = None,
-                 measure_memory: bool = True, rounds: int = 3, layers=None) -> tuple[Path, dict]:
+                 measure_memory: bool = True, rounds: int = 3, layers=None, prune=None) -> tuple[Path, dict]:
     """Compress run `run` by `method` within `budget` (% relative drop per task on dev) into a derived run
     (`output`, default `<run>-<method>` beside it). Returns (the derived run folder, the report dict).
     `layers`: `mtlm.layer_drop.LayerSettings` for --method layers (choices, recovery steps; default settings).
+    `prune`: `mtlm.prune.PruneSettings` for --method prune (levels, recovery steps; default settings).
 
     Raises CompressError (unknown or unbuilt method, budget < 0, a task without dev rows, output exists,
     nothing within budget), EngineError (bf16 on a CPU without native bf16), ContractError (no stored
@@ -97,6 +103,11 @@ def compress_run(run: str | Path, method: str = "auto", budget: float = 1.0, out
         layers = layers or LayerSettings()
         if layers.check():
             raise CompressError("--method layers: " + "; ".join(layers.check()))
+    if method == "prune":
+        from mtlm.prune import PruneSettings
+        prune = prune or PruneSettings()
+        if prune.check():
+            raise CompressError("--method prune: " + "; ".join(prune.check()))
     bundle = find_bundle(run)
     parent = bundle.parent if bundle.name == "model" else bundle
     out = Path(output) if output is not None else parent.with_name(f"{parent.name}-{method}")
@@ -149,11 +160,18 @@ def compress_run(run: str | Path, method: str = "auto", budget: float = 1.0, out
             trials += layer_trials
             if best is not None:
                 found[DROPPED] = {**best, "engine": _reopen(DROPPED, model, best["bundle"])}
+        if method == "prune":
+            from mtlm.prune import search_pruning
+            best, pruned_trials, bound = search_pruning(model, bundle, tasks, tokenizer, meta, scorer, base, budget,
+                                                        prune, work / "prune")
+            trials += pruned_trials
+            if best is not None:
+                found[PRUNED] = {**best, "engine": _reopen(PRUNED, model, best["bundle"])}
         if not found:
             lines = [f"  {t['name']}: " + ", ".join(f"{n} {d:+.2f}%" for n, d in t["dev_drop_pct"].items())
                      for t in trials]
             skipped = "" if bf16_ok or method != "auto" else " (bf16 not tried: this CPU has no native bf16)"
-            stopped = f" (the task that stops it: {bound})" if method == "layers" and bound else ""
+            stopped = f" (the task that stops it: {bound})" if method in ("layers", "prune") and bound else ""
             raise CompressError(f"nothing fits a {budget}% budget on dev for every task{skipped}{stopped}; relative "
                                 f"drops per try:\n" + "\n".join(lines))
 
@@ -161,12 +179,12 @@ def compress_run(run: str | Path, method: str = "auto", budget: float = 1.0, out
         speeds = speed({"torch": reference, **{n: f["engine"] for n, f in found.items()}}, list(tasks), rows,
                        tokenizer.pad_token_id, rounds=rounds)
         chosen = max(found, key=lambda n: speeds[n]["texts_per_s"])
-        details = {"budget_pct": budget, "engine": chosen, "bound_by": bound if chosen in ("onnx-int8", DROPPED) else None,
+        details = {"budget_pct": budget, "engine": chosen, "bound_by": bound if chosen in ("onnx-int8", *OWN_WEIGHTS) else None,
                    **found[chosen]["details"]}
         derived = derive_run(parent, out, found[chosen].get("bundle"), method=method if method != "auto"
                              else f"auto:{chosen}", details=details)
         target = derived / "model"
-        if chosen == DROPPED:          # the parent's recipe, not the recovery run's (details hold its settings)
+        if chosen in OWN_WEIGHTS:      # the parent's recipe, not the recovery run's (details hold its settings)
             shutil.copy2(bundle / "recipe.yaml", target / "recipe.yaml")
         if chosen in ONNX_FILES:
             (target / ONNX_DIR).mkdir(exist_ok=True)
@@ -185,8 +203,8 @@ def compress_run(run: str | Path, method: str = "auto", budget: float = 1.0, out
     checks = compare(final, reference, tasks, {n: f[:CHECK_ROWS] for n, f in dev.items()}, tokenizer.pad_token_id)
     details["check"] = {n: c.as_dict() for n, c in checks.items()}     # what `mtlm.load`'s check compares with
     flags = cpu_flags()
-    runs_on = "torch" if chosen == DROPPED else chosen
-    if chosen != DROPPED:             # a torch model of its own weights: no engine manifest
+    runs_on = "torch" if chosen in OWN_WEIGHTS else chosen
+    if chosen not in OWN_WEIGHTS:             # a torch model of its own weights: no engine manifest
         write_manifest(target, {chosen: {"file": f"{ONNX_DIR}/{ONNX_FILES[chosen]}" if chosen in ONNX_FILES else None,
                                          **details}},
                        measured={"texts_per_s": {n: speeds[n]["texts_per_s"] for n in ("torch", chosen)},
@@ -202,7 +220,7 @@ def compress_run(run: str | Path, method: str = "auto", budget: float = 1.0, out
               "measured_on_rows": len(rows)}
     for name, where in (("torch", bundle), (chosen, target)):
         entry = report["engines"][name]
-        engine = "torch" if name == DROPPED else name
+        engine = "torch" if name in OWN_WEIGHTS else name
         entry["size_mb"] = size_on_disk(where, engine) / 2**20
         if measure_memory:
             entry["peak_rss_mb"] = peak_memory_mb(where, engine, rows, tokenizer.pad_token_id)
@@ -237,9 +255,10 @@ def _search_int8(model, work: Path, scorer: Scorer, base: dict, budget: float):
 
 
 def _reopen(name: str, model, bundle: Path):
-    """Engine `name` for the files in `bundle` (the layer-dropped model: its own weights, loaded from them)."""
+    """Engine `name` for the files in `bundle` (a layer-dropped or pruned model: its own weights, loaded from
+    them, on torch)."""
     from mtlm.engine import make_engine
-    if name == DROPPED:
+    if name in OWN_WEIGHTS:
         from mtlm.checkpoint import load_bundle
         return TorchEngine(load_bundle(bundle, "cpu")[0], "cpu")
     return make_engine(name, model, "cpu", bundle)

@@ -67,8 +67,10 @@ def fused_operators(path: Path, config) -> dict[str, int] | None:
     file itself is left unchanged (onnxruntime applies its own fusions when a session loads it)."""
     try:
         from onnxruntime.transformers.optimizer import optimize_model
-        optimized = optimize_model(str(path), model_type="bert", num_heads=config.num_attention_heads,
-                                   hidden_size=config.hidden_size)
+        from mtlm.pruning import PRUNING_KEY
+        pruned = bool(getattr(config, PRUNING_KEY, None))      # heads per layer differ: let it read them off the graph
+        optimized = optimize_model(str(path), model_type="bert", num_heads=0 if pruned else config.num_attention_heads,
+                                   hidden_size=0 if pruned else config.hidden_size)
         return {k: int(v) for k, v in optimized.get_fused_operator_statistics().items() if v}
     except Exception as e:          # an optimiser bug must not stop the export; the counts are a report
         log.warning("onnxruntime's transformer optimiser could not read %s: %s", path, e)
