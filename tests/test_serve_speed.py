@@ -148,3 +148,19 @@ def test_onnx_threads_do_not_spin_under_a_passive_wait_policy(onnx_bundle, monke
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
     with pytest.raises(Exception):       # not set: onnxruntime's default (spinning)
         ort_session(path, 1).get_session_options().get_session_config_entry(key)
+
+
+def test_length_passes_split_mixed_lengths_and_keep_homogeneous_batches_whole():
+    from mtlm.encoded import Encoded
+    from mtlm.serve.runner import length_passes
+
+    def enc(n: int, rows: int = 1) -> Encoded:
+        return Encoded([{"input_ids": np.arange(n)} for _ in range(rows)])
+    mixed = [enc(60), enc(5), enc(62), enc(6), enc(7), enc(64), enc(5)]
+    passes = length_passes(mixed, pass_cost_tokens=64)
+    assert passes == [[1, 6, 3, 4], [0, 2, 5]]           # short ones together, long ones together
+    assert sorted(i for p in passes for i in p) == list(range(len(mixed)))
+    assert length_passes([enc(30), enc(31), enc(29)], pass_cost_tokens=64) == [[2, 0, 1]]   # one pass
+    assert length_passes(mixed, pass_cost_tokens=10 ** 6) == [[1, 6, 3, 4, 0, 2, 5]]       # passes too dear
+    assert length_passes([enc(10, rows=8), enc(10)], pass_cost_tokens=64) == [[0, 1]]
+    assert length_passes([]) == []

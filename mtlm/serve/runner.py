@@ -18,17 +18,49 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from mtlm.encoded import Encoded
-from mtlm.predict import Predictor
+from mtlm.predict import Abandoned, Predictor
 
 Fields = tuple[str, ...]
+
+
+PASS_COST_TOKENS = 64     # the fixed cost of one engine pass, in padded tokens' worth of work (`length_passes`)
+
+
+def length_passes(feats: list[Encoded], pass_cost_tokens: int = PASS_COST_TOKENS) -> list[list[int]]:
+    """A micro-batch's inputs split into engine passes of similar length: index lists, inputs sorted by their
+    longest row, cut where it minimises the padded tokens run (each pass pads its rows to its longest) plus
+    `pass_cost_tokens` per pass (exact, by dynamic programming over the sorted order: O(n^2), n <= the
+    batch size). A batch of mixed lengths (short SST-2 sentences next to long news items) then runs as a
+    few homogeneous passes, as `Predictor.predict` gets by sorting its inputs; a homogeneous batch stays
+    one pass. Measured here on 640 real texts in arrival-order batches of 64 (SST-2, AG News, CoNLL; 1
+    thread): CPU per text 22.0 -> 10.5 ms (torch), 12.4 -> 5.7 ms (onnx-int8) at a cost of 64 (5.5 passes
+    per batch); 12.0 / 6.9 ms at 256. Returns [] for no inputs."""
+    order = sorted(range(len(feats)), key=lambda i: max(len(s["input_ids"]) for s in feats[i].sequences))
+    longest = [max(len(s["input_ids"]) for s in feats[i].sequences) for i in order]
+    rows = [0]
+    for i in order:
+        rows.append(rows[-1] + feats[i].rows)
+    best, cut = [0.0] + [float("inf")] * len(order), [0] * (len(order) + 1)
+    for end in range(1, len(order) + 1):           # best[end]: the cheapest split of the first `end` inputs
+        for start in range(end):                   # the last pass holds order[start:end]
+            cost = best[start] + (rows[end] - rows[start]) * longest[end - 1] + pass_cost_tokens
+            if cost < best[end]:
+                best[end], cut[end] = cost, start
+    passes, end = [], len(order)
+    while end:
+        passes.append(order[cut[end]:end])
+        end = cut[end]
+    return passes[::-1]
 
 
 class Runner:
     """Wraps a loaded `Predictor`. `await forward(...)` and `await tokenize(...)` never run the model or the
     tokenizer on the event loop."""
 
-    def __init__(self, predictor: Predictor, torch_threads: int | None = None):
-        self.predictor = predictor
+    def __init__(self, predictor: Predictor, torch_threads: int | None = None,
+                 pass_cost_tokens: int = PASS_COST_TOKENS):
+        """pass_cost_tokens: see `length_passes`."""
+        self.predictor, self.pass_cost_tokens = predictor, pass_cost_tokens
         self._waiting: list[tuple[dict[Fields, list[dict]], asyncio.Future]] = []   # requests for the next group
         self._tokenizing = False                   # a group is in the tokenizer thread (or about to be)
         self._thread_predictor = copy.copy(predictor)          # shares the model, not the tokenizer
@@ -109,8 +141,9 @@ class Runner:
 
     async def forward(self, feats: list[Encoded], names: list[str], row_tasks: list[list[str]] | None = None,
                       deadline: float | None = None) -> list[dict[str, dict]]:
-        """One engine pass over `feats` (one field group), every head in `names` -> per-input {task: result}
-        for the tasks that input asked for (`row_tasks`, default all).
+        """`feats` (one field group) through the engine, every head in `names` -> per-input {task: result}
+        for the tasks that input asked for (`row_tasks`, default all), in `feats` order. The micro-batch runs
+        as `length_passes`: passes of similar lengths, so short inputs are not padded to the longest.
 
         deadline: time.monotonic() after which nobody waits for the result: a batch run in several backbone
         chunks (a long QA context) stops between chunks and raises mtlm.predict.Abandoned. Exceptions from
@@ -121,8 +154,17 @@ class Runner:
     def _forward(self, feats: list[Encoded], names: list[str], row_tasks: list[list[str]] | None,
                  deadline: float | None) -> list[dict[str, dict]]:
         should_stop = None if deadline is None else (lambda: time.monotonic() > deadline)
+        out: list[dict[str, dict] | None] = [None] * len(feats)
         with torch.inference_mode():
-            return self.predictor.run(feats, names, row_tasks, should_stop=should_stop)
+            for k, members in enumerate(length_passes(feats, self.pass_cost_tokens)):
+                if k and should_stop is not None and should_stop():
+                    raise Abandoned(f"stopped after {k} passes of a micro-batch of {len(feats)} inputs")
+                results = self.predictor.run([feats[i] for i in members], names,
+                                             None if row_tasks is None else [row_tasks[i] for i in members],
+                                             should_stop=should_stop)
+                for i, result in zip(members, results):
+                    out[i] = result
+        return out
 
     def close(self) -> None:
         """Wait for running work, then stop both threads."""
