@@ -162,6 +162,8 @@ class Runner:
                 results = self.predictor.run([feats[i] for i in members], names,
                                              None if row_tasks is None else [row_tasks[i] for i in members],
                                              should_stop=should_stop)
+                if len(results) != len(members):
+                    raise RuntimeError(f"the model returned {len(results)} results for a batch of {len(members)} inputs")
                 for i, result in zip(members, results):
                     out[i] = result
         return out
