@@ -3,6 +3,11 @@
 Usage:
     python benchmarks/serve_bench.py --bundle runs/quickstart/model            # full run, ~10 minutes
     python benchmarks/serve_bench.py --bundle PATH --quick                     # smoke run, ~3 minutes
+    python benchmarks/serve_bench.py --bundle RUN --scenarios engines          # the engine axis, ~6 minutes
+
+The engine axis (`--scenarios engines`, `serve_engines.py`) serves the bundle once per `--engines` entry and
+measures, interleaved in one run, each engine in-process vs over HTTP (their ratio), p50/p99 and the 5xx
+count at 2x overload; writes serve_bench_engines[_quick].json.
 
 Every server is a real `mtlm serve` subprocess on 127.0.0.1 that this script starts, waits for (/ready)
 and stops (SIGTERM). One scenario runs at a time. Scenarios, all over the bundle's K single-text tasks:
@@ -330,13 +335,24 @@ def main() -> None:
                    help="every server's --max-queue (inputs): small enough that the overload run fills it")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--scenarios", default="mtlm,single_task,no_batching",
-                   help="comma-separated subset to run (the summary compares only what ran)")
+                   help="comma-separated subset to run (the summary compares only what ran), or engines")
+    p.add_argument("--engines", default="torch,onnx,onnx-int8,torch-bf16",
+                   help="engine axis: engines to serve (one the machine or bundle cannot run is recorded as refused)")
+    p.add_argument("--rounds", type=int, default=None, help="engine axis: interleaved rounds (default 3; quick 2)")
+    p.add_argument("--slice-s", type=float, default=None, help="engine axis: seconds per slice (default 8; quick 3)")
+    p.add_argument("--batch", type=int, default=64, help="engine axis: in-process batch = server --max-batch-size")
+    p.add_argument("--engine-concurrency", type=int, default=None,
+                   help="engine axis: closed-loop clients (default 2 x --batch)")
     cfg = p.parse_args()
     cfg.duration_s = cfg.duration_s or (3.0 if cfg.quick else 20.0)
     cfg.max_texts = cfg.max_texts or (300 if cfg.quick else 4000)
     cfg.overload_s = cfg.overload_s or (4.0 if cfg.quick else 30.0)
     cfg.fractions = [0.5, 1.0, 1.3] if cfg.quick else [0.25, 0.5, 0.75, 0.9, 1.0, 1.2]
     out_path = Path(cfg.out or ROOT / "benchmarks" / "results" / f"serve_bench{'_quick' if cfg.quick else ''}.json")
+    cfg.engines = [e for e in cfg.engines.split(",") if e]
+    cfg.rounds = cfg.rounds or (2 if cfg.quick else 3)
+    cfg.slice_s = cfg.slice_s or (3.0 if cfg.quick else 8.0)
+    cfg.engine_concurrency = cfg.engine_concurrency or 2 * cfg.batch
 
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # as the servers run (mtlm.serve.app); before torch
     from mtlm.checkpoint import find_bundle
@@ -345,6 +361,13 @@ def main() -> None:
     if not tasks:
         raise SystemExit(f"{bundle}: no single-text tasks to benchmark")
     texts = load_texts(bundle, tasks, 5000, cfg.seed, cfg.texts)
+    wanted = cfg.scenarios.split(",")
+    if "engines" in wanted:
+        from serve_engines import run_engine_axis
+        default = ROOT / "benchmarks" / "results" / f"serve_bench_engines{'_quick' if cfg.quick else ''}.json"
+        run_engine_axis(bundle, tasks, texts, cfg, Path(cfg.out) if cfg.out and wanted == ["engines"] else default)
+        if wanted == ["engines"]:
+            return
     flops, lengths = encoder_flops(bundle, texts)
     import torch
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -368,7 +391,6 @@ def main() -> None:
             ("no_batching", [(bundle, [*queue, "--max-batch-size", "1"], cores, "mtlm-batch1")],
              lambda s: [(s[0].url, "/v1/predict", {"tasks": tasks})], False),
         ]
-        wanted = cfg.scenarios.split(",")
         for name, specs, make_targets, overload in [s for s in scenarios if s[0] in wanted]:
             t0 = time.monotonic()
             servers = start_servers(specs, tmp)

@@ -9,10 +9,12 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 
-def load(path, device=None):
-    """Load a run folder or bundle; returns a `mtlm.predict.Predictor` with `predict(inputs, tasks=None)`."""
+def load(path, device=None, engine=None):
+    """Load a run folder or bundle; returns a `mtlm.predict.Predictor` with `predict(inputs, tasks=None)`.
+    engine: torch, torch-bf16, onnx, onnx-int8; default: the fastest engine the bundle holds that passes its
+    check on this machine (see `mtlm.predict.load`; raises mtlm.engine.EngineError)."""
     from mtlm.predict import load as _load
-    return _load(path, device)
+    return _load(path, device, engine)
 
 
 def fit(recipe, resume: bool = False, progress: bool = True, overwrite: bool = False, *, loss_fn=None,

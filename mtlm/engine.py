@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 from pathlib import Path
 from typing import Callable, Protocol, Sequence
 
@@ -108,8 +109,8 @@ def onnx_path(bundle: Path | None, name: str) -> Path:
 
 def ort_session(path: Path, threads: int | None = None):
     """An ONNX Runtime CPU session of `path` with every graph optimisation on and `threads` intra-op threads
-    (default: torch's thread count, so engines compare at the same parallelism). Raises EngineError when
-    onnxruntime is not installed."""
+    (default: torch's thread count, so engines compare at the same parallelism); its threads do not spin-wait
+    between ops when OMP_WAIT_POLICY=PASSIVE (as OpenMP's). Raises EngineError when onnxruntime is not installed."""
     try:
         import onnxruntime as ort
     except ImportError:
@@ -118,6 +119,10 @@ def ort_session(path: Path, threads: int | None = None):
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = threads or torch.get_num_threads()
     options.inter_op_num_threads = 1
+    if os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE":
+        # as torch's OpenMP threads under the same variable (`mtlm serve` sets it): intra-op threads that
+        # spin-wait between ops take the CPU the server's event loop, tokenizer and other processes need
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.log_severity_level = 3
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 

@@ -65,13 +65,17 @@ def serve(args) -> None:
     workers = max(1, int(args.workers))
     settings = ServeSettings(**{name: getattr(args, f"setting_{name}") for name in ServeSettings.model_fields
                                 if getattr(args, f"setting_{name}", None) is not None})
-    predictor = load(bundle)
+    if workers > 1:
+        settings.torch_threads = max(1, (os.cpu_count() or 1) // workers)
+    if settings.torch_threads:          # before the load: an ONNX Runtime session takes its threads when created
+        import torch
+        torch.set_num_threads(settings.torch_threads)
+    predictor = load(bundle, None, settings.engine)     # the engine asked for (default: the fastest that passes)
     if workers == 1:                    # uvicorn runs the app in this process: serve this copy
         _PRELOADED[str(bundle)] = predictor
     del predictor
     metrics_dir = None
     if workers > 1:
-        settings.torch_threads = max(1, (os.cpu_count() or 1) // workers)
         if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):    # /metrics then sums every worker
             metrics_dir = os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="mtlm-prometheus-")
     os.environ[ENV_BUNDLE], os.environ[ENV_SETTINGS] = str(bundle), settings.model_dump_json()

@@ -122,8 +122,8 @@ class Service:
             if self.input_cost_ms is None:
                 self.input_cost_ms = await self._input_cost_ms()
             self.floors = deadline_floors(self.settings, self.input_cost_ms)
-            log.info("model %s loaded in %.1f s, warmed up in %.2f s; tasks: %s; least timeout_ms: %s "
-                     "(%.1f ms per input)", predictor.name, t1 - t0, time.perf_counter() - t1,
+            log.info("model %s (engine %s) loaded in %.1f s, warmed up in %.2f s; tasks: %s; least timeout_ms: %s "
+                     "(%.1f ms per input)", predictor.name, predictor.engine.name, t1 - t0, time.perf_counter() - t1,
                      ", ".join(predictor.tasks), ", ".join(f"{f:g} up to {n} inputs" for n, f in self.floors),
                      self.input_cost_ms)
         except Exception as e:   # keep serving /health and answer /ready 503 with the reason
