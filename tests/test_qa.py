@@ -332,7 +332,7 @@ def test_served_long_context_limits_chunks_and_deadline(qa_run):
 
     class SlowEngine:                      # 50 ms per engine call, each call's rows recorded
         def __init__(self, engine):
-            self.engine = engine
+            self.engine, self.name = engine, engine.name
 
         def run(self, inputs, tasks):
             calls.append(inputs.shape[0])
