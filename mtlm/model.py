@@ -1,7 +1,9 @@
 """MultiTaskModel: one shared Hugging Face backbone and an `nn.ModuleDict` of heads keyed by task name.
 
 One backbone pass produces token states (batch, seq_len, hidden) and a pooled vector (batch, hidden)
-(mean over attention_mask, or the first token); each requested head reads the one it needs."""
+(mean over attention_mask, or the first token); each requested head reads the one it needs. A task with
+private layers (`tasks.<name>.private_layers`, `mtlm.private_layers`) reads the states of its own copy of the
+top layers instead, run on the shared lower layers' output (computed once)."""
 
 from __future__ import annotations
 
@@ -124,7 +126,8 @@ class MultiTaskModel(nn.Module):
 
 class InferenceGraph(nn.Module):
     """`MultiTaskModel.infer` over every head as a module with positional tensor outputs, for
-    `torch.onnx.export` (one graph: one backbone pass feeding every head).
+    `torch.onnx.export` (one graph: one backbone pass feeding every head; with private layers, the shared
+    lower layers once and each task's private top layers).
 
     forward(input_ids, attention_mask, token_type_ids) -> a tuple of logits in `names` order (ONNX outputs
     are positional; name them `names` when exporting). token_type_ids is required here (zeros for

@@ -151,6 +151,9 @@ def test_fit_resume_save_load_and_onnx_parity(make_recipe, tmp_path):
     from mtlm.predict import load
     bundle, report = export_run(straight, tmp_path / "exported")
     assert max(report["max_abs_diff"].values()) <= PARITY_ATOL and min(report["rows_checked"].values()) > 0
+    from mtlm.quantize import node_groups          # int8 search groups: each task's private layers on their own
+    groups = node_groups(bundle / "onnx" / "model.onnx")
+    assert {"private.ner", "private.sentiment", "layer.0", "layer.1", "head.ner", "head.sentiment"} <= set(groups)
     got, want = load(bundle.parent).predict(["john smith went to paris"]), load(straight).predict(["john smith went to paris"])
     assert got[0]["sentiment"]["score"] == pytest.approx(want[0]["sentiment"]["score"], abs=1e-5)
 
@@ -236,3 +239,31 @@ def test_two_processes_match_one_with_private_layers(make_recipe, tmp_path):
     assert set(runs["one"]) == set(runs["two"]) and all(k.startswith("sentiment.0.") for k in runs["one"])
     for k in runs["one"]:
         torch.testing.assert_close(runs["one"][k], runs["two"][k], rtol=1e-3, atol=1e-4, msg=k)
+
+
+def test_mtlm_predict_and_serve_answer_as_the_python_api(tiny_backbone, toy_data, tmp_path):
+    """A bundle with private layers through the `mtlm predict` CLI and a real `mtlm serve` process."""
+    import os
+    import subprocess
+    import sys
+
+    import httpx
+
+    import mtlm
+    from servers import fit_bundle, running_server
+    bundle = fit_bundle(tmp_path, tiny_backbone, {
+        "sentiment": {"type": "classification", "private_layers": 1, "data": {"train": str(toy_data / "sentiment.csv")}},
+        "ner": {"type": "token_classification", "private_layers": 2, "data": {"train": str(toy_data / "ner.jsonl")}}})
+    text = "john smith went to paris"
+    want = mtlm.load(bundle).predict([text])[0]
+    out = tmp_path / "pred.jsonl"
+    proc = subprocess.run([sys.executable, "-m", "mtlm.cli", "predict", str(bundle), text, "--output", str(out)],
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = json.loads(out.read_text().splitlines()[0])["predictions"]
+    assert got["sentiment"]["score"] == pytest.approx(want["sentiment"]["score"], abs=1e-6)
+    with running_server(bundle, tmp_path) as base:
+        answer = httpx.post(f"{base}/v1/predict", json={"inputs": [text]}, timeout=30).json()
+    served = answer["results"][0]
+    assert served["sentiment"]["score"] == pytest.approx(want["sentiment"]["score"], abs=1e-5)
+    assert served["ner"]["entities"] == want["ner"]["entities"]
