@@ -121,6 +121,26 @@ def split_states(backbone: nn.Module, private: nn.ModuleDict, names: list[str], 
     return out
 
 
+def task_backbone_state(backbone: nn.Module, private: nn.ModuleDict, task: str) -> dict[str, Tensor]:
+    """The backbone's state_dict as task `task` sees it: its top K layers' tensors replaced by the task's
+    private copy (a task without private layers: the backbone's own). Running the plain backbone with these
+    weights gives exactly the task's states (the lower layers are the shared ones): what a one-task export
+    (`mtlm export --format hf`) writes."""
+    state = dict(backbone.state_dict())
+    if task not in private:
+        return state
+    layers = stack_for(backbone).layers(backbone)
+    prefix = next(name for name, module in backbone.named_modules() if module is layers)
+    first = len(layers) - len(private[task])
+    for j, layer in enumerate(private[task]):
+        for k, v in layer.state_dict().items():
+            key = f"{prefix}.{first + j}.{k}"
+            if key not in state:
+                raise KeyError(f"{key}: not a tensor of the backbone")
+            state[key] = v
+    return state
+
+
 def check_split(backbone: nn.Module, atol: float = 1e-5) -> None:
     """Run a small input through the backbone's own forward and through `split_states` (no private layers)
     and require the same last hidden states. Raises RecipeError when the split run does not reproduce the

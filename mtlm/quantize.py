@@ -29,8 +29,10 @@ from typing import Callable
 log = logging.getLogger("mtlm")
 
 WEIGHT_OPS = ("MatMul", "Gemm", "Gather")
-LAYER = re.compile(r"/encoder/layer\.(\d+)/")
-PRIVATE = re.compile(r"/private/([^/]+)/")       # a task's private top layers (mtlm.private_layers)
+# a shared layer: "/model/backbone/encoder/layer.N/..." from the backbone's forward, "/model/layer.N/..." when
+# private layers run the stack in pieces; a task's private copy: "/model/<task>.<i>/..." (mtlm.private_layers)
+LAYER = re.compile(r"^/model/(?:backbone/)?(?:encoder/)?layer\.(\d+)/|/encoder/layer\.(\d+)/")
+PRIVATE = re.compile(r"^/model/([^/]+)\.\d+/")
 
 
 def node_groups(path: Path) -> dict[str, list[str]]:
@@ -47,7 +49,7 @@ def node_groups(path: Path) -> dict[str, list[str]]:
             continue
         layer, private = LAYER.search(node.name), PRIVATE.search(node.name)
         if layer:
-            group = f"layer.{layer.group(1)}"
+            group = f"layer.{layer.group(1) or layer.group(2)}"
         elif private:
             group = f"private.{private.group(1)}"
         elif "/embeddings/" in node.name:
