@@ -268,3 +268,14 @@ def test_mtlm_predict_and_serve_answer_as_the_python_api(tiny_backbone, toy_data
     served = answer["predictions"][0]
     assert served["sentiment"]["score"] == pytest.approx(want["sentiment"]["score"], abs=1e-5)
     assert served["ner"]["entities"] == want["ner"]["entities"]
+
+
+def test_layer_drop_and_pruning_refuse_a_model_with_private_layers(make_recipe):
+    from mtlm.compress import CompressError, compress_run
+    from mtlm.recipe import load_recipe
+    from mtlm.train import fit
+    run = fit(load_recipe(make_recipe(tasks=("sentiment", "ner"), max_steps=2, eval_every=2),
+                          ["tasks.ner.private_layers=1"]), progress=False)
+    for method in ("layers", "prune"):
+        with pytest.raises(CompressError, match=f"--method {method}: not built for a model with private layers"):
+            compress_run(run, method=method, budget=1.0)
