@@ -16,6 +16,7 @@ import math
 from pathlib import Path
 
 import yaml
+from pydantic import ValidationError
 
 from mtlm.batches import mean_probabilities, source_dataset
 from mtlm.checkpoint import find_bundle, load_bundle
@@ -24,6 +25,7 @@ from mtlm.evaluate import by_task, evaluate_bundle
 from mtlm.model import count_parameters
 from mtlm.sources import Rows
 from mtlm.tasks import default_metric
+from mtlm.transfer_check import DEFAULT_THRESHOLD, format_warnings, task_steps, warnings
 
 # settings that do not change the trained model: a model trained with other values is reused
 NOT_MODEL = ("name", "output_dir", "train.eval_batch_size", "train.checkpoint_every", "train.keep_checkpoints")
@@ -31,12 +33,17 @@ NOT_MODEL = ("name", "output_dir", "train.eval_batch_size", "train.checkpoint_ev
 
 def trained_recipe_changes(recipe: Recipe) -> list[str] | None:
     """None when recipe.run_dir() holds no model; else the settings ("path: old -> new", see
-    `recipe_changes`) in which `recipe` differs from the recipe its model was trained from, NOT_MODEL aside."""
+    `recipe_changes`) in which `recipe` differs from the recipe its model was trained from, NOT_MODEL aside.
+    A setting the stored recipe lacks (added to mtlm after that model was trained) counts at its default."""
     bundle = recipe.run_dir() / "model"
     if not (bundle / "tasks.json").is_file():
         return None
     path = bundle / "recipe.yaml"
     stored = yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    try:    # settings added to mtlm since that model was trained count at their defaults
+        stored = yaml.safe_load(Recipe.model_validate(stored or {}).to_yaml())
+    except ValidationError:
+        pass
     return [c for c in recipe_changes(stored or {}, yaml.safe_load(recipe.to_yaml()))
             if c.split(":", 1)[0] not in NOT_MODEL]
 
@@ -60,7 +67,7 @@ def single_task_recipe(recipe: Recipe, name: str, steps: int, run_dir: Path, fil
     raw = recipe.model_dump(mode="python")
     raw["name"] = f"{recipe.name}-single-{name}"
     raw["output_dir"] = str(run_dir / "baseline" / name)
-    raw["tasks"] = {name: raw["tasks"][name]}
+    raw["tasks"] = {name: {**raw["tasks"][name], "private_layers": 0}}   # one task: nothing to keep private from
     raw["tasks"][name]["data"] = {**files, "split": {}, "limit": {}}
     train = raw["train"]
     train["max_steps"], train["epochs"] = steps, None
@@ -86,9 +93,14 @@ def step_budgets(recipe: Recipe, sizes: dict[str, int], sources: dict[str, list[
     return {t: max(1, math.ceil(p * max_steps)) for s, p in probs.items() for t in sources[s]}
 
 
-def run_baseline(recipe: Recipe, split: str = "test", retrain: bool = False, progress: bool = True) -> dict:
+def run_baseline(recipe: Recipe, split: str = "test", retrain: bool = False, progress: bool = True,
+                 threshold: float = DEFAULT_THRESHOLD) -> dict:
     """Train (or reuse) the multi-task run and one single-task run per task; evaluate all on `split`;
-    print the table and write baseline_<split>.json in the run folder. Returns that dict."""
+    print the table and write baseline_<split>.json in the run folder. Returns that dict. Its "warnings"
+    list every task that trails its single-task model by more than `threshold` (`mtlm.transfer_check`: points
+    on the 0-1 scale, relative for error metrics) with the options that help; each task row carries its
+    own best dev step and value beside the kept step's ("dev_best_step", "dev_best", "selected_step",
+    "dev_selected")."""
     from mtlm.train import fit
 
     run_dir = recipe.run_dir()
@@ -120,22 +132,29 @@ def run_baseline(recipe: Recipe, split: str = "test", retrain: bool = False, pro
     model, _, _, meta = load_bundle(find_bundle(run_dir))
     params_multi = count_parameters(model)
     groups = {tuple(t.input_fields()) for t in tasks.values()}
+    passes = len(groups) + sum(len(layers) for layers in model.private.values()) / model.backbone.config.num_hidden_layers
     rows = []
     for name, task in tasks.items():
         m = default_metric(task)
         rows.append({"task": name, "metric": m, "steps_single": budgets[name],
                      "lower_is_better": m in task.lower_is_better,
                      "multi_task": mt.get(name, {}).get(m), "single_task": st.get(name, {}).get(m)})
+    steps = task_steps(history, rows)
+    for r in rows:
+        r.update(steps[r["task"]])
     result = {
         "split": split, "max_steps_multi": history["max_steps"], "tasks": rows, **average_rows(rows),
         "parameters": {"multi_task": params_multi, "single_task_total": params_single,
                        "ratio": params_single / params_multi},
-        "backbone_passes_per_input": {"multi_task": len(groups), "single_task": len(tasks),
-                                      "ratio": len(tasks) / len(groups)},
+        # a task's K private layers add K / L of a backbone pass (mtlm.private_layers)
+        "backbone_passes_per_input": {"multi_task": passes, "single_task": len(tasks), "ratio": len(tasks) / passes},
         "multi_task_metrics": mt, "single_task_metrics": st,
     }
+    result["warnings"] = warnings(rows, recipe, steps, threshold)
     (run_dir / f"baseline_{split}.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
     print(format_baseline(result))
+    if result["warnings"]:
+        print(format_warnings(result["warnings"]))
     return result
 
 
@@ -176,12 +195,15 @@ def train_sizes(recipe: Recipe, tasks: dict):
 
 
 def format_baseline(result: dict) -> str:
-    lines = [f"{'task':<18} {'metric':<16} {'multi-task':>10} {'single-task':>11} {'delta':>8}  (split: {result['split']})"]
+    lines = [f"{'task':<18} {'metric':<16} {'multi-task':>10} {'single-task':>11} {'delta':>8}  "
+             f"{'dev: kept step':>14} {'own best step':>15}  (split: {result['split']})"]
     for r in result["tasks"]:
         mt, st = r["multi_task"], r["single_task"]
         delta = f"{mt - st:+.4f}" if mt is not None and st is not None else "-"
         metric = r["metric"] + (" (lower=better)" if r.get("lower_is_better") else "")
-        lines.append(f"{r['task']:<18} {metric:<16} {_fmt(mt):>10} {_fmt(st):>11} {delta:>8}")
+        kept = f"{r.get('selected_step')} ({_fmt(r.get('dev_selected'))})" if r.get("selected_step") else "-"
+        own = f"{r.get('dev_best_step')} ({_fmt(r.get('dev_best'))})" if r.get("dev_best_step") else "-"
+        lines.append(f"{r['task']:<18} {metric:<16} {_fmt(mt):>10} {_fmt(st):>11} {delta:>8}  {kept:>14} {own:>15}")
     a = result["average"]
     excluded = result.get("average_excludes") or []
     lines.append(f"{'average':<18} {'':<16} {a['multi_task']:>10.4f} {a['single_task']:>11.4f} "
@@ -193,7 +215,7 @@ def format_baseline(result: dict) -> str:
     p, b = result["parameters"], result["backbone_passes_per_input"]
     lines.append(f"parameters: {p['multi_task'] / 1e6:.1f}M multi-task vs {p['single_task_total'] / 1e6:.1f}M for "
                  f"{len(result['tasks'])} single-task models ({p['ratio']:.2f}x)")
-    lines.append(f"inference: {b['multi_task']} backbone pass(es) per input vs {b['single_task']} "
+    lines.append(f"inference: {b['multi_task']:g} backbone pass(es) per input vs {b['single_task']} "
                  f"({b['ratio']:.2f}x the compute for single-task)")
     return "\n".join(lines)
 

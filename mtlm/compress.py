@@ -117,6 +117,9 @@ def compress_run(run: str | Path, method: str = "auto", budget: float = 1.0, out
     if method == "bf16" and not bf16_ok:
         TorchBf16Engine(None, "cpu")                       # raises EngineError with the reason
     model, tokenizer, tasks, meta = load_bundle(bundle, "cpu")
+    if method in ("layers", "prune") and len(model.private):   # they rebuild the shared stack only
+        raise CompressError(f"--method {method}: not built for a model with private layers (tasks "
+                            f"{', '.join(model.private)}: tasks.<name>.private_layers); use int8, bf16 or auto")
     try:
         dev = dev_features(bundle, tasks, tokenizer, int(meta["max_length"]), rows=None)
     except ContractError as e:

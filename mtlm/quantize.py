@@ -5,7 +5,8 @@ Quantisation is onnxruntime's dynamic quantisation (`onnxruntime.quantization.qu
 int8 per output channel (per-tensor drops MiniLM's embedding cosine to ~0.95, /work/shared/ENGINES.md),
 activations quantised per batch at run time. What can stay fp32 is named by *groups* of graph nodes that
 carry weights (`node_groups`): "embeddings" (the embedding tables' Gather nodes), "layer.N" (the MatMuls of
-encoder layer N) and "head.TASK" (a task head's MatMul / Gemm).
+encoder layer N), "private.TASK" (a task's private top layers, `mtlm.private_layers`) and "head.TASK" (a task
+head's MatMul / Gemm).
 
 `search` walks a ladder from strongest to weakest and keeps the first setting within the budget for EVERY
 task on dev (Trial.fits); a setting that violates it is never returned:
@@ -28,12 +29,16 @@ from typing import Callable
 log = logging.getLogger("mtlm")
 
 WEIGHT_OPS = ("MatMul", "Gemm", "Gather")
-LAYER = re.compile(r"/encoder/layer\.(\d+)/")
+# a shared layer: "/model/backbone/encoder/layer.N/..." from the backbone's forward, "/model/layer.N/..." when
+# private layers run the stack in pieces; a task's private copy: "/model/<task>.<i>/..." (mtlm.private_layers)
+LAYER = re.compile(r"^/model/(?:backbone/)?(?:encoder/)?layer\.(\d+)/|/encoder/layer\.(\d+)/")
+PRIVATE = re.compile(r"^/model/([^/]+)\.\d+/")
 
 
 def node_groups(path: Path) -> dict[str, list[str]]:
     """{group: names of the nodes of the graph at `path` whose weights it quantises}: "embeddings",
-    "layer.0" .. "layer.L-1", "head.<task>" (nodes whose weight is a graph initializer), in graph order."""
+    "layer.0" .. "layer.L-1", "private.<task>" (a task's private top layers), "head.<task>" (nodes whose weight
+    is a graph initializer), in graph order."""
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
@@ -42,9 +47,11 @@ def node_groups(path: Path) -> dict[str, list[str]]:
     for node in model.graph.node:
         if node.op_type not in WEIGHT_OPS or not any(i in weights for i in node.input):
             continue
-        layer = LAYER.search(node.name)
+        layer, private = LAYER.search(node.name), PRIVATE.search(node.name)
         if layer:
-            group = f"layer.{layer.group(1)}"
+            group = f"layer.{layer.group(1) or layer.group(2)}"
+        elif private:
+            group = f"private.{private.group(1)}"
         elif "/embeddings/" in node.name:
             group = "embeddings"
         else:                                    # "/model/<task>/..." : a head

@@ -136,3 +136,22 @@ def test_pipeline_gives_mtlms_predictions_on_real_texts(real_run, tmp_path, caps
         out = AutoModelForQuestionAnswering.from_pretrained(tmp_path / "qa").eval()(**enc)
     got = torch.stack([out.start_logits, out.end_logits], -1)
     assert torch.allclose(got, ref, atol=1e-4), (got - ref).abs().max()
+
+
+def test_a_task_with_private_layers_is_exported_with_its_own_top_layers(tiny_backbone, toy_data, tmp_path):
+    """tasks.<name>.private_layers: the HF folder's encoder holds the task's own top layers, so the plain
+    encoder gives mtlm's logits (with the shared top layers it would not)."""
+    from conftest import write_recipe
+    recipe = {"name": "hfp", "backbone": tiny_backbone, "max_length": 32, "output_dir": str(tmp_path / "run"),
+              "tasks": {"sentiment": {"type": "classification", "private_layers": 2,
+                                      "data": {"train": str(toy_data / "sentiment.csv")}},
+                        "ner": {"type": "token_classification", "private_layers": 1,
+                                "data": {"train": str(toy_data / "ner.jsonl")}}},
+              "train": {"batch_size": 8, "max_steps": 6, "eval_every": 6, "lr": 1e-3}}
+    run = fit(load_recipe(write_recipe(tmp_path / "r.yaml", recipe)), progress=False)
+    texts = ["the movie was great fun", "john smith went to paris and the film was bad"]
+    for task, ttype in [("sentiment", "classification"), ("ner", "token_classification")]:
+        out = export_hf(run, task, tmp_path / task)
+        ref, enc = mtlm_logits(run / "model", task, texts)
+        got = hf_logits(out, ttype, enc)
+        assert torch.allclose(got, ref, atol=1e-5), (task, (got - ref).abs().max())

@@ -18,6 +18,8 @@ What maps, per task type:
 - multilabel, multiple_choice: refused (ExportError). Multilabel decisions use per-label thresholds tuned on
   dev, which no HF pipeline applies; multiple choice has no pipeline.
 The tokenizer's model_max_length is the run's max_length: pass `truncation=True` for longer texts.
+A task with private layers (`tasks.<name>.private_layers: K`) is exported with its own top K layers in place
+of the shared ones (`mtlm.private_layers.task_backbone_state`): the plain encoder then computes its states.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+
+from mtlm.private_layers import task_backbone_state
 
 MODELING = Path(__file__).with_name("modeling_mtlm.py")
 REFUSED = {
@@ -61,7 +65,8 @@ def _pooled_folder(model, task, ttype: str, config, out: Path) -> None:
     config.architectures = ["MtlmForSequenceClassification"]
     config.auto_map = {"AutoModelForSequenceClassification": "modeling_mtlm.MtlmForSequenceClassification"}
     config.save_pretrained(out)
-    tensors = {f"backbone.{k}": v.detach().cpu().contiguous() for k, v in model.backbone.state_dict().items()
+    tensors = {f"backbone.{k}": v.detach().cpu().contiguous()
+               for k, v in task_backbone_state(model.backbone, model.private, task.name).items()
                if not k.startswith("pooler.")}
     tensors.update({"classifier.weight": weight.contiguous(), "classifier.bias": bias.contiguous()})
     save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
@@ -84,7 +89,8 @@ def _token_folder(model, task, ttype: str, config, out: Path) -> None:
     target = getattr(hf, attr, None)
     if not isinstance(target, torch.nn.Linear):
         raise ExportError(f"{type(hf).__name__} has no linear `{attr}` head to hold mtlm's {ttype} head")
-    missing, unexpected = hf.base_model.load_state_dict(model.backbone.state_dict(), strict=False)
+    missing, unexpected = hf.base_model.load_state_dict(
+        task_backbone_state(model.backbone, model.private, task.name), strict=False)
     unexpected = [k for k in unexpected if not k.startswith("pooler.")]
     if missing or unexpected:
         raise ExportError(f"the backbone's weights do not fit {type(hf).__name__}: missing {missing[:5]}, "
