@@ -52,7 +52,7 @@ class _Check(Callback):
         layer0 = sum(float(g.pow(2).sum()) for n, g in zip(params, grads)
                      if g is not None and layer_group(n) == "layer.0") ** 0.5
         total = sum(float(g.pow(2).sum()) for g in grads if g is not None) ** 0.5
-        self.expected = (record, float(loss), layer0, total)
+        self.expected = (record, float(loss.detach()), layer0, total)
 
 
 def test_probe_norms_equal_autograd_on_the_probe_batch(make_recipe):
