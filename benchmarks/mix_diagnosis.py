@@ -1,10 +1,11 @@
 """Why does the token-level task trail its single-task model on a mix (issue 17)? Measurements, one mix.
 
-    python benchmarks/mix_diagnosis.py probe       # the default multi-task run with per-task gradients every 25 steps
+    python benchmarks/mix_diagnosis.py probe       # per-task loss and backbone gradients at step 0 and on the trained models
+    python benchmarks/mix_diagnosis.py trajectory  # the default multi-task run again, gradients every 25 steps (costly)
     python benchmarks/mix_diagnosis.py selection   # the tagger's own best step vs the step the mean selected (test)
     python benchmarks/mix_diagnosis.py refit       # a fresh tagger head on a frozen backbone: pretrained / multi / single
     python benchmarks/mix_diagnosis.py lr --lrs 5e-5,2e-4    # multi vs single at other learning rates
-    python benchmarks/mix_diagnosis.py all         # probe, selection, refit, lr (in that order)
+    python benchmarks/mix_diagnosis.py all         # probe, selection, refit, lr (in that order; not trajectory)
 
 Mix and budget are benchmarks/mixes.py's (default: ner3k-banking-stsb, seed 0, 300 steps of batch 16).
 `refit` and the single-task side read the models `python benchmarks/mixes.py --mixes MIX --seeds SEED` trained
@@ -12,9 +13,11 @@ Mix and budget are benchmarks/mixes.py's (default: ner3k-banking-stsb, seed 0, 3
 section per measurement, each rewritten when it is run again; the load average is recorded with each.
 
 probe: `mtlm.task_gradients.TaskGradients` (each task's loss and backbone-gradient norm, per layer, on a fixed
-32-row probe batch, and the cosine between tasks' backbone gradients) in the same run as the benchmark's
-default multi-task model (same recipe and seed; the probe does not change training), plus a callback that
-keeps the bundle of the tagger's own best dev step, evaluated on test beside the selected one.
+64-row probe batch of its train rows, and the cosine between tasks' backbone gradients) at the start (the
+pretrained backbone, new heads), on the benchmark's trained multi-task model, and on each single-task model
+(its own task only). trajectory: the same probe every 25 steps in a rerun of the benchmark's default
+multi-task run (same recipe and seed; the probe does not change training), plus
+a callback that keeps the bundle of the tagger's own best dev step, evaluated on test beside the selected one.
 refit: the tagger's train rows of the benchmark, a new linear head trained on a frozen backbone taken from
 (a) the pretrained MiniLM, (b) the multi-task model, (c) the single-task tagger; the same steps and lr for
 each. If (b) reaches (c), the shared representation still holds what the tagger needs and the loss is in the
@@ -57,22 +60,62 @@ def token_task(recipe) -> str:
 def benchmark_default(ns):
     """The benchmark's default recipe of the mix and seed (models under runs/mixes), trained by
     `run_baseline` when missing; returns (recipe, its baseline result)."""
-    from mtlm.baseline import run_baseline
-    bench = argparse.Namespace(**{**vars(_args(ns)), "work": mixes.WORK})
+    from mtlm.baseline import run_baseline, trained_recipe_changes
+    bench = argparse.Namespace(backbone="minilm-l6", split="test", work=mixes.WORK, **mixes.BUDGET)
     recipe = mixes.make_recipe(ns.mix, ns.seed, "default", [], bench)
+    stored = recipe.run_dir() / "baseline_test.json"
+    if stored.is_file() and trained_recipe_changes(recipe) == []:
+        return recipe, json.loads(stored.read_text(encoding="utf-8"))
     return recipe, run_baseline(recipe, split="test", progress=False)
 
 
 # ------------------------------------------------------------------------------------------- probe
 
 def probe(ns) -> dict:
+    """TaskGradients at three states of the benchmark's mix and seed (module docstring), no training."""
+    from mtlm.checkpoint import find_bundle, load_bundle
+    from mtlm.task_gradients import TaskGradients
+    from mtlm.train import build
+
+    base, baseline = benchmark_default(ns)
+    recipe = mixes.make_recipe(ns.mix, ns.seed, "probe", [], _args(ns))
+    run = build(recipe, overwrite=True)             # data, pretrained backbone, new heads: step 0
+    grads = TaskGradients(every=10**9, rows=ns.rows, seed=ns.seed)
+    grads.on_train_begin(run)
+    states = {"start: pretrained backbone, new heads": grads.records[-1]}
+    trained, *_ = load_bundle(find_bundle(base.run_dir()))
+    run.unwrapped.load_state_dict(trained.state_dict())
+    states["multi-task model (benchmark, selected step)"] = grads.measure(run, base.train.max_steps)
+    single = {}
+    for task in recipe.tasks:
+        model, *_ = load_bundle(find_bundle(base.run_dir() / "baseline" / task))
+        run.unwrapped.backbone.load_state_dict(model.backbone.state_dict())
+        run.unwrapped.heads[task].load_state_dict(model.heads[task].state_dict())
+        single[task] = grads.measure(run, -1)["tasks"][task]
+    states["single-task models (each its own task)"] = {"step": None, "tasks": single, "cosine": {}}
+    shares = _sampling_shares(base, base.run_dir())
+    table = {name: {t: {"loss": round(v["loss"], 4), "backbone_norm": round(v["backbone_norm"], 4),
+                        "head_norm": round(v["head_norm"], 4),
+                        "top_layer_norm": round(v["layer_norms"].get(f"layer.{_top(v)}", 0.0), 4)}
+                    for t, v in st["tasks"].items()} for name, st in states.items()}
+    return {"mix": ns.mix, "seed": ns.seed, "rows": ns.rows, "sampling_share": shares, "table": table,
+            "cosine": {name: st["cosine"] for name, st in states.items()}, "states": states,
+            "benchmark": {r["task"]: {k: r[k] for k in ("metric", "multi_task", "single_task", "gain")}
+                          for r in baseline["tasks"]}}
+
+
+def _top(task_record: dict) -> int:
+    return max(int(g.split(".")[1]) for g in task_record["layer_norms"] if g.startswith("layer."))
+
+
+def trajectory(ns) -> dict:
     from mtlm.callbacks import Callback
     from mtlm.checkpoint import save_bundle
     from mtlm.evaluate import by_task, evaluate_bundle
     from mtlm.task_gradients import TaskGradients
     from mtlm.train import fit
 
-    recipe = mixes.make_recipe(ns.mix, ns.seed, "probe", [], _args(ns))
+    recipe = mixes.make_recipe(ns.mix, ns.seed, "trajectory", [], _args(ns))
     tagger = token_task(recipe)
     run_dir = recipe.run_dir()
 
@@ -86,7 +129,7 @@ def probe(ns) -> dict:
                 self.best = value
                 save_bundle(run.unwrapped, run.tokenizer, run.tasks, run.recipe, run.run_dir / "tagger_best")
 
-    grads = TaskGradients(every=ns.every, rows=32, seed=ns.seed)
+    grads = TaskGradients(every=ns.every, rows=ns.rows, seed=ns.seed)
     fit(recipe, progress=False, overwrite=True, callbacks=[grads, TaggerBest()])
     m = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
     selected = by_task(evaluate_bundle(run_dir, "test")[0])
@@ -222,18 +265,20 @@ def _per_task(result: dict) -> dict:
 # -------------------------------------------------------------------------------------------- main
 
 STEPS = {"probe": probe, "selection": selection, "refit": refit, "lr": lr_sensitivity}
+COSTLY = {"trajectory": trajectory}
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=[*STEPS, "all"])
+    p.add_argument("what", choices=[*STEPS, *COSTLY, "all"])
     p.add_argument("--mix", default="ner3k-banking-stsb", choices=list(mixes.MIXES))
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--eval-every", type=int, default=50)
-    p.add_argument("--every", type=int, default=25, help="probe: steps between gradient measurements")
+    p.add_argument("--steps", type=int, default=mixes.BUDGET["steps"])
+    p.add_argument("--batch-size", type=int, default=mixes.BUDGET["batch_size"])
+    p.add_argument("--eval-every", type=int, default=mixes.BUDGET["eval_every"])
+    p.add_argument("--every", type=int, default=25, help="trajectory: steps between gradient measurements")
+    p.add_argument("--rows", type=int, default=64, help="probe: train rows per task in the probe batch")
     p.add_argument("--lrs", default="5e-5,2e-4")
     p.add_argument("--refit-steps", type=int, default=150)
     p.add_argument("--refit-lr", type=float, default=1e-3)
@@ -248,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     result["machine"] = {"cpu": cpu_model(), "cpu_flags": cpu_flags(), "logical_cpus": os.cpu_count()}
     for what in (list(STEPS) if ns.what == "all" else [ns.what]):
         t0 = time.perf_counter()
-        section = STEPS[what](ns)
+        section = {**STEPS, **COSTLY}[what](ns)
         section.update({"wall_s": round(time.perf_counter() - t0, 1), "loadavg": list(os.getloadavg()),
                         "config": {k: str(v) for k, v in vars(ns).items()}})
         result[what] = section

@@ -45,6 +45,7 @@ DATA = ROOT.parent / "shared" / "data"
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "mixes.json"
 WORK = ROOT / "runs" / "mixes"
 MAX_GAP = 0.02      # the bar: no task more than 2 points below its single-task model
+BUDGET = {"steps": 300, "batch_size": 16, "eval_every": 100, "lr": 1e-4}   # the default budget (docstring)
 
 
 def _data(name: str, limit: dict | None = None, split: dict | None = None, test: bool = True) -> dict:
@@ -226,10 +227,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="recipe overrides for the multi-task run only (repeatable); 'default' always runs")
     p.add_argument("--only-variants", action="store_true", help="skip the default variant's table row "
                    "(it is still trained or reused: the single-task side comes from it)")
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--eval-every", type=int, default=100)
-    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--steps", type=int, default=BUDGET["steps"])
+    p.add_argument("--batch-size", type=int, default=BUDGET["batch_size"])
+    p.add_argument("--eval-every", type=int, default=BUDGET["eval_every"])
+    p.add_argument("--lr", type=float, default=BUDGET["lr"])
     p.add_argument("--backbone", default="minilm-l6")
     p.add_argument("--split", default="test")
     p.add_argument("--work", type=Path, default=WORK, help="where the run folders go")
