@@ -86,22 +86,59 @@ def probe(ns) -> dict:
     trained, *_ = load_bundle(find_bundle(base.run_dir()))
     run.unwrapped.load_state_dict(trained.state_dict())
     states["multi-task model (benchmark, selected step)"] = grads.measure(run, base.train.max_steps)
-    single = {}
+    adam = {"multi_task": adam_step_norms(trained, base.run_dir(), grads.last_gradients)}
+    single, adam["single_task"] = {}, {}
     for task in recipe.tasks:
         model, *_ = load_bundle(find_bundle(base.run_dir() / "baseline" / task))
         run.unwrapped.backbone.load_state_dict(model.backbone.state_dict())
         run.unwrapped.heads[task].load_state_dict(model.heads[task].state_dict())
         single[task] = grads.measure(run, -1)["tasks"][task]
+        adam["single_task"].update(adam_step_norms(model, base.run_dir() / "baseline" / task,
+                                                   {task: grads.last_gradients[task]}))
     states["single-task models (each its own task)"] = {"step": None, "tasks": single, "cosine": {}}
     shares = _sampling_shares(base, base.run_dir())
     table = {name: {t: {"loss": round(v["loss"], 4), "backbone_norm": round(v["backbone_norm"], 4),
                         "head_norm": round(v["head_norm"], 4),
                         "top_layer_norm": round(v["layer_norms"].get(f"layer.{_top(v)}", 0.0), 4)}
                     for t, v in st["tasks"].items()} for name, st in states.items()}
+    adam["multi_vs_single"] = {t: adam["multi_task"][t] / adam["single_task"][t] for t in adam["single_task"]}
     return {"mix": ns.mix, "seed": ns.seed, "rows": ns.rows, "sampling_share": shares, "table": table,
+            "adam_preconditioned_step_norm": adam,
             "cosine": {name: st["cosine"] for name, st in states.items()}, "states": states,
             "benchmark": {r["task"]: {k: r[k] for k in ("metric", "multi_task", "single_task", "gain")}
                           for r in baseline["tasks"]}}
+
+
+def adam_step_norms(model, run_dir: Path, gradients: dict[str, list]) -> dict[str, float]:
+    """How far one probe batch of each task moves the shared layers under the run's AdamW state: the L2 norm
+    over the transformer blocks' parameters (not the embeddings: rows of tokens the run never saw have
+    v = 0) of g / (sqrt(v_hat) + eps), v_hat = exp_avg_sq / (1 - beta2^t) from the run's
+    last checkpoint (Kingma & Ba 2015; the lr factor left out). `model`: the run's MultiTaskModel (its
+    parameters in the order `mtlm.train.param_groups` gave the optimizer); `gradients`: {task: backbone
+    gradients in backbone.named_parameters() order}. A task whose gradients are small next to the others'
+    (whose v dominate the shared second moment) gets a small step here, however low its loss."""
+    import torch
+
+    from mtlm.checkpoint import latest_checkpoint
+    from mtlm.task_gradients import layer_group
+    from mtlm.train import param_groups
+    ckpt = latest_checkpoint(run_dir)
+    state = torch.load(ckpt / "optimizer.bin", map_location="cpu", weights_only=False)
+    order = [p for g in param_groups(model, 0.0) for p in g["params"]]
+    index = {id(p): i for i, p in enumerate(order)}
+    beta2 = state["param_groups"][0]["betas"][1]
+    eps = state["param_groups"][0]["eps"]
+    out = {}
+    for task, grads in gradients.items():
+        sq = 0.0
+        for (name, p), g in zip(model.backbone.named_parameters(), grads):
+            st = state["state"].get(index[id(p)])
+            if st is None or not layer_group(name).startswith("layer."):
+                continue
+            v_hat = st["exp_avg_sq"] / (1 - beta2 ** float(st["step"]))
+            sq += float((g / (v_hat.sqrt() + eps)).pow(2).sum())
+        out[task] = sq ** 0.5
+    return out
 
 
 def _top(task_record: dict) -> int:

@@ -42,8 +42,9 @@ class TaskGradients(Callback):
     records: one dict per measurement: {"step", "tasks": {task: {"loss": float, "backbone_norm": float
     (L2 over every backbone parameter), "layer_norms": {group: L2 norm}, "head_norm": float}}, "cosine":
     {"a|b": cosine of the two tasks' flattened backbone gradients}}. `path`: where on_train_end writes
-    {"every", "rows", "records"} as JSON (None: kept in memory only). Raises ValueError for every < 1 or
-    rows < 1."""
+    {"every", "rows", "records"} as JSON (None: kept in memory only). `last_gradients`: {task: [gradient of
+    each backbone parameter, in `backbone.named_parameters()` order]} of the latest measurement (e.g. to
+    precondition with an optimizer's state). Raises ValueError for every < 1 or rows < 1."""
 
     def __init__(self, every: int = 25, rows: int = 32, seed: int = 0, path=None) -> None:
         if every < 1 or rows < 1:
@@ -51,6 +52,7 @@ class TaskGradients(Callback):
         self.every, self.rows, self.seed, self.path = every, rows, seed, path
         self.records: list[dict] = []
         self.probes: dict[str, tuple[dict, dict]] = {}
+        self.last_gradients: dict[str, list[torch.Tensor]] = {}
 
     def on_train_begin(self, run: Run) -> None:
         rng = np.random.default_rng(self.seed)
@@ -89,6 +91,7 @@ class TaskGradients(Callback):
                     for grp, g in zip(groups, g_back):
                         by_group[grp] = by_group.get(grp, 0.0) + float(g.pow(2).sum())
                     flat[task] = torch.cat([g.reshape(-1) for g in g_back])
+                    self.last_gradients[task] = g_back
                     head_sq = sum(float(g.pow(2).sum()) for g in grads[len(params):] if g is not None)
                     out[task] = {"loss": float(loss.detach()), "backbone_norm": float(flat[task].norm()),
                                  "layer_norms": {k: v ** 0.5 for k, v in by_group.items()},
