@@ -5,6 +5,8 @@ A bundle is a folder::
     backbone/           config.json, weights (model.safetensors, or sharded model-0000N-of-0000M.safetensors
                         with model.safetensors.index.json), tokenizer files: loadable by `AutoModel.from_pretrained`
     heads.safetensors   every head's weights, keys "<task>.<param>"
+    private_layers.safetensors   only when a task has private_layers > 0: its copies of the backbone's top
+                        layers, keys "<task>.<index>.<param>" (`mtlm.private_layers`)
     tasks.json          format version, pooling, max_length, and per task: type, config, fitted state
                         (label names, thresholds, target stats), input fields, selection metric
     recipe.yaml         the recipe the model was trained from
@@ -35,8 +37,9 @@ from safetensors import safe_open
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from mtlm.config import Recipe, TaskConfig
-from mtlm.model import MultiTaskModel
+from mtlm.config import Recipe, RecipeError, TaskConfig
+from mtlm.model import MultiTaskModel, with_private_layers
+from mtlm.private_layers import FILE as PRIVATE_FILE, load_private, private_state
 from mtlm.tasks import build_task, default_metric
 
 FORMAT_VERSION = 1
@@ -86,6 +89,8 @@ def save_bundle(model: MultiTaskModel, tokenizer, tasks: dict, recipe: Recipe, p
     heads = {f"{name}.{k}": v.detach().cpu().contiguous() for name, head in model.heads.items()
              for k, v in head.state_dict().items()}
     save_file(heads, tmp / "heads.safetensors")
+    if len(model.private):
+        save_file(private_state(model.private), tmp / PRIVATE_FILE)
     meta = {
         "format": FORMAT_VERSION,
         "name": recipe.name,
@@ -204,7 +209,8 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> tuple[M
     """Load (model in eval mode, tokenizer, tasks {name: fitted task}, tasks.json dict).
 
     Raises BundleError for a folder that is not a bundle, an unsupported format, an unreadable tasks.json,
-    backbone weights that do not match their config, heads that do not match tasks.json (`check_heads`), or
+    backbone weights that do not match their config, heads that do not match tasks.json (`check_heads`),
+    private layers that do not match the tasks' private_layers (`mtlm.private_layers.load_private`), or
     weights holding NaN or infinite values."""
     from transformers import AutoTokenizer
 
@@ -229,7 +235,12 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> tuple[M
     for name, head in heads.items():
         head.load_state_dict({k.split(".", 1)[1]: v for k, v in weights.items() if k.split(".", 1)[0] == name},
                              strict=True)
-    model = MultiTaskModel(backbone, heads, {n: t.head_input for n, t in tasks.items()}, meta["pooling"])
+    try:
+        private = with_private_layers(backbone, tasks)
+        load_private(private, path)
+    except (RecipeError, ValueError) as e:
+        raise BundleError(f"{path}: {e}") from None
+    model = MultiTaskModel(backbone, heads, {n: t.head_input for n, t in tasks.items()}, meta["pooling"], private)
     bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:     # a diverged run or a damaged file: every answer of these tensors' tasks would be NaN
         raise BundleError(f"{path}: weights hold NaN or infinite values: {', '.join(bad[:5])}"

@@ -51,6 +51,8 @@ class TaskConfig(_Strict):
     columns: dict[str, str | list[str]] = Field(default_factory=dict)  # role -> column name (a list only for
     #                                            multiple_choice `choices` given as several columns)
     weight: float = Field(1.0, ge=0)             # alpha_i in L = sum_i alpha_i * L_i
+    private_layers: int = Field(0, ge=0)         # K: this task's own copy of the backbone's top K layers
+    #                                            (the lower layers stay shared and run once); 0 = fully shared
     metric: str | None = None                    # selection metric; the task type's default when None
     on_bad_rows: Literal["error", "skip"] = "error"
     label_separator: str = ","                   # multilabel: separator when labels come as one string

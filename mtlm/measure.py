@@ -83,12 +83,14 @@ def speed(engines: dict[str, Engine], tasks: list[str], rows: list[dict], pad_to
 
 def size_on_disk(bundle: Path, engine: str) -> int:
     """Bytes an engine's weights take in `bundle`: the ONNX graph file for ONNX engines; the backbone
-    safetensors plus heads for torch engines (tokenizer and config files are shared and left out)."""
+    safetensors plus heads (and private layers, when any) for torch engines (tokenizer and config files are
+    shared and left out)."""
     bundle = Path(bundle)
     if engine in ONNX_FILES:
         path = bundle / ONNX_DIR / ONNX_FILES[engine]
         return path.stat().st_size + sum(p.stat().st_size for p in path.parent.glob(path.name + ".data"))
-    return (bundle / "backbone" / "model.safetensors").stat().st_size + (bundle / "heads.safetensors").stat().st_size
+    files = [bundle / "backbone" / "model.safetensors", bundle / "heads.safetensors", bundle / "private_layers.safetensors"]
+    return sum(p.stat().st_size for p in files if p.is_file())
 
 
 def peak_memory_mb(bundle: Path, engine: str, rows: list[dict], pad_token_id: int, batch_size: int = 32,

