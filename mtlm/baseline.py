@@ -60,7 +60,7 @@ def single_task_recipe(recipe: Recipe, name: str, steps: int, run_dir: Path, fil
     raw = recipe.model_dump(mode="python")
     raw["name"] = f"{recipe.name}-single-{name}"
     raw["output_dir"] = str(run_dir / "baseline" / name)
-    raw["tasks"] = {name: raw["tasks"][name]}
+    raw["tasks"] = {name: {**raw["tasks"][name], "private_layers": 0}}   # one task: nothing to keep private from
     raw["tasks"][name]["data"] = {**files, "split": {}, "limit": {}}
     train = raw["train"]
     train["max_steps"], train["epochs"] = steps, None

@@ -53,6 +53,7 @@ class TaskConfig(_Strict):
     weight: float = Field(1.0, ge=0)             # alpha_i in L = sum_i alpha_i * L_i
     private_layers: int = Field(0, ge=0)         # K: this task's own copy of the backbone's top K layers
     #                                            (the lower layers stay shared and run once); 0 = fully shared
+    head_lr: float | None = Field(None, gt=0)    # this task's head peak lr (absolute); None = train.head_lr
     metric: str | None = None                    # selection metric; the task type's default when None
     on_bad_rows: Literal["error", "skip"] = "error"
     label_separator: str = ","                   # multilabel: separator when labels come as one string
@@ -107,6 +108,10 @@ class TrainConfig(_Strict):
     max_steps: int | None = Field(None, gt=0)    # optimizer steps; or give epochs
     epochs: float | None = Field(None, gt=0)     # passes over all tasks' train rows (sum of sizes / global batch)
     lr: float = Field(5e-5, gt=0)                # peak learning rate, reached after warmup
+    # peak lr of the task heads (absolute, as in a torch param group; e.g. 1e-3 with lr 5e-5); None = lr.
+    # tasks.<name>.head_lr overrides it per task. Private layers (tasks.<name>.private_layers) use lr.
+    head_lr: float | None = Field(None, gt=0)
+    head_warmup_steps: int = Field(0, ge=0)      # first optimizer steps: heads train alone, backbone frozen
     weight_decay: float = Field(0.01, ge=0)      # AdamW decoupled L2; not on biases / LayerNorm
     warmup_ratio: float = Field(0.06, ge=0, lt=1)
     scheduler: Literal["linear", "cosine", "constant"] = "linear"
@@ -150,6 +155,9 @@ class TrainConfig(_Strict):
             self.max_steps = 1000
         if self.max_steps is not None and self.epochs is not None:
             raise ValueError("give max_steps or epochs, not both")
+        if self.max_steps is not None and self.head_warmup_steps >= self.max_steps:
+            raise ValueError(f"head_warmup_steps ({self.head_warmup_steps}) must be less than max_steps "
+                             f"({self.max_steps}): the backbone would never train")
         return self
 
 

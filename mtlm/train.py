@@ -9,7 +9,9 @@ labelled on one file, one backbone pass). Per micro-batch: forward -> masked per
 (`train.adversarial`, then `loss_fn`: each returns {task: loss} with the same keys) -> the weighting turns
 the round's per-task losses into gradients and updates itself once per step. Callbacks (`mtlm.callbacks`)
 log, keep the best bundle (scale-free selection, `mtlm.selection`) and stop early; every `checkpoint_every`
-steps the whole state (callbacks' included) is checkpointed for `--resume`.
+steps the whole state (callbacks' included) is checkpointed for `--resume`. Heads may have their own peak
+lr (`train.head_lr`, `tasks.<name>.head_lr`: `param_groups`), and during the first `train.head_warmup_steps`
+steps only the heads are updated (every other parameter's gradient is dropped before the optimizer step).
 """
 
 from __future__ import annotations
@@ -49,13 +51,35 @@ NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: decoupled weight decay on weights, none on biases and LayerNorm (Loshchilov & Hutter 2019)."""
-    decay, no_decay = [], []
+def param_groups(model: torch.nn.Module, weight_decay: float, head_lrs: dict[str, float | None] | None = None
+                 ) -> list[dict]:
+    """AdamW groups: decoupled weight decay on weights, none on biases and LayerNorm (Loshchilov & Hutter 2019).
+
+    head_lrs: {task: peak lr of its head, or None for the optimizer's lr}. Without any (the default) there
+    are two groups (decay, no decay) over every trainable parameter; with some, the heads of those tasks get
+    their own two groups each, with "lr" set (the schedule scales every group's lr alike), after the two
+    shared ones. The group layout thus follows the recipe alone, so a checkpoint's optimizer state fits it."""
+    head_lrs = {n: lr for n, lr in (head_lrs or {}).items() if lr is not None}
+    heads = getattr(model, "heads", {})
+    owner = {id(p): n for n in head_lrs if n in heads for p in heads[n].parameters()}
+    groups: dict[tuple, list] = {(None, True): [], (None, False): []}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if any(name.endswith(s) for s in NO_DECAY) else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            groups.setdefault((owner.get(id(p)), not any(name.endswith(s) for s in NO_DECAY)), []).append(p)
+    out = [{"params": groups[(None, True)], "weight_decay": weight_decay},
+           {"params": groups[(None, False)], "weight_decay": 0.0}]
+    for task, lr in head_lrs.items():
+        out += [{"params": groups[(task, decay)], "weight_decay": weight_decay if decay else 0.0, "lr": lr}
+                for decay in (True, False) if groups.get((task, decay))]
+    return out
+
+
+def head_parameters(model: torch.nn.Module) -> set[int]:
+    """ids of the parameters of the task heads (`model.heads`): what trains during `train.head_warmup_steps`.
+    Raises RecipeError for a model (from a `model_fn`) without `heads`."""
+    if not isinstance(getattr(model, "heads", None), torch.nn.Module):
+        raise RecipeError([f"train.head_warmup_steps: the model ({type(model).__name__}) has no `heads` module"])
+    return {id(p) for p in model.heads.parameters()}
 
 
 def make_accelerator(recipe: Recipe) -> Accelerator:
@@ -157,8 +181,9 @@ def build(recipe: Recipe, resume: bool = False, overwrite: bool = False, model_f
     weighting = build_weighting(cfg, {n: t.cfg.weight for n, t in tasks.items()}, model, accelerator.device)
     # fused AdamW: one kernel for all parameters (on CPU ~6x faster per step than the per-parameter loop);
     # a learned weighting (uncertainty) adds its parameters as its own group
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay) + weighting.param_groups(), lr=cfg.lr,
-                                  fused=True)
+    head_lrs = {n: t.cfg.head_lr if t.cfg.head_lr is not None else cfg.head_lr for n, t in tasks.items()}
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay, head_lrs) + weighting.param_groups(),
+                                  lr=cfg.lr, fused=True)
     # The scheduler stays outside accelerator.prepare: Accelerate would step it once per process.
     scheduler = get_scheduler(cfg.scheduler if cfg.scheduler != "constant" else "constant_with_warmup",
                               optimizer, num_warmup_steps=int(cfg.warmup_ratio * max_steps),
@@ -221,6 +246,8 @@ def fit(recipe: Recipe, resume: bool = False, progress: bool = True, stop_after:
     shared_ids = {id(p) for p in run.unwrapped.backbone.parameters()}
     all_params = [p for p in run.unwrapped.parameters() if p.requires_grad]
     head_params = [p for p in all_params if id(p) not in shared_ids]
+    heads_only = head_parameters(run.unwrapped) if cfg.head_warmup_steps else set()
+    frozen = [p for p in all_params if id(p) not in heads_only]      # during train.head_warmup_steps
     autocast_dtype = AUTOCAST.get(str(accelerator.mixed_precision))
     running: dict[str, float] = {}
     run.bar = progress_bar(max_steps, "train", enabled=progress and main, initial=state["step"], unit="step")
@@ -255,6 +282,9 @@ def fit(recipe: Recipe, resume: bool = False, progress: bool = True, stop_after:
         if run.step_mode == "all_tasks":   # pcgrad/cagrad average the backbone's per-task gradients themselves
             average_gradients(accelerator, head_params if weighting.combines_shared_gradients else all_params)
         weighting.step(accelerator)    # update weights / combine per-task gradients (same on every process)
+        if state["step"] < cfg.head_warmup_steps:   # head warm-up: every parameter but the heads' stays as is
+            for p in frozen:
+                p.grad = None
         if cfg.max_grad_norm:
             accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
         run.optimizer.step()

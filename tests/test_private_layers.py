@@ -209,3 +209,30 @@ def test_gradnorm_balances_on_the_last_layer_every_task_runs(tiny_backbone):
     assert {id(p) for p in weighting.layer} == {id(p) for p in model.backbone.encoder.layer[0].parameters()}
     with pytest.raises(ValueError, match="private_layers 2, all of the backbone's 2 layers"):
         GradNorm({"sentiment": 1.0}, model=make(tiny_backbone, {"sentiment": 2}))
+
+
+@pytest.mark.requires(executable="accelerate", hint="pip install accelerate")
+def test_two_processes_match_one_with_private_layers(make_recipe, tmp_path):
+    """DDP (2 CPU processes, gloo) with one task's private top layer: the private copy trains as in one process
+    with the same global batches (it is unused in the other task's micro-batches: find_unused_parameters)."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+    common = dict(tasks=("sentiment", "paraphrase"), max_steps=6, eval_every=6, dropout=0.0,
+                  early_stopping_patience=None)
+    runs = {}
+    for name, batch, launch in (("one", 16, []), ("two", 8, ["accelerate", "launch", "--multi_gpu", "--num_processes",
+                                                               "2", "--num_machines", "1", "--mixed_precision", "no",
+                                                               "--dynamo_backend", "no"])):
+        path = make_recipe(name=name, batch_size=batch, **common)
+        cmd = (launch or [sys.executable]) + ["-m", "mtlm.cli", "train", str(path), "tasks.sentiment.private_layers=1",
+                                              "--no-progress"]
+        proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"},
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[name] = load_file(tmp_path / "runs" / name / "model" / "private_layers.safetensors")
+    assert set(runs["one"]) == set(runs["two"]) and all(k.startswith("sentiment.0.") for k in runs["one"])
+    for k in runs["one"]:
+        torch.testing.assert_close(runs["one"][k], runs["two"][k], rtol=1e-3, atol=1e-4, msg=k)
