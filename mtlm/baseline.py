@@ -24,6 +24,7 @@ from mtlm.evaluate import by_task, evaluate_bundle
 from mtlm.model import count_parameters
 from mtlm.sources import Rows
 from mtlm.tasks import default_metric
+from mtlm.transfer_check import DEFAULT_THRESHOLD, format_warnings, task_steps, warnings
 
 # settings that do not change the trained model: a model trained with other values is reused
 NOT_MODEL = ("name", "output_dir", "train.eval_batch_size", "train.checkpoint_every", "train.keep_checkpoints")
@@ -86,9 +87,14 @@ def step_budgets(recipe: Recipe, sizes: dict[str, int], sources: dict[str, list[
     return {t: max(1, math.ceil(p * max_steps)) for s, p in probs.items() for t in sources[s]}
 
 
-def run_baseline(recipe: Recipe, split: str = "test", retrain: bool = False, progress: bool = True) -> dict:
+def run_baseline(recipe: Recipe, split: str = "test", retrain: bool = False, progress: bool = True,
+                 threshold: float = DEFAULT_THRESHOLD) -> dict:
     """Train (or reuse) the multi-task run and one single-task run per task; evaluate all on `split`;
-    print the table and write baseline_<split>.json in the run folder. Returns that dict."""
+    print the table and write baseline_<split>.json in the run folder. Returns that dict. Its "warnings"
+    list every task that trails its single-task model by more than `threshold` (`mtlm.transfer_check`: points
+    on the 0-1 scale, relative for error metrics) with the options that help; each task row carries its
+    own best dev step and value beside the kept step's ("dev_best_step", "dev_best", "selected_step",
+    "dev_selected")."""
     from mtlm.train import fit
 
     run_dir = recipe.run_dir()
@@ -126,6 +132,9 @@ def run_baseline(recipe: Recipe, split: str = "test", retrain: bool = False, pro
         rows.append({"task": name, "metric": m, "steps_single": budgets[name],
                      "lower_is_better": m in task.lower_is_better,
                      "multi_task": mt.get(name, {}).get(m), "single_task": st.get(name, {}).get(m)})
+    steps = task_steps(history, rows)
+    for r in rows:
+        r.update(steps[r["task"]])
     result = {
         "split": split, "max_steps_multi": history["max_steps"], "tasks": rows, **average_rows(rows),
         "parameters": {"multi_task": params_multi, "single_task_total": params_single,
@@ -134,8 +143,11 @@ def run_baseline(recipe: Recipe, split: str = "test", retrain: bool = False, pro
                                       "ratio": len(tasks) / len(groups)},
         "multi_task_metrics": mt, "single_task_metrics": st,
     }
+    result["warnings"] = warnings(rows, recipe, steps, threshold)
     (run_dir / f"baseline_{split}.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
     print(format_baseline(result))
+    if result["warnings"]:
+        print(format_warnings(result["warnings"]))
     return result
 
 
@@ -176,12 +188,15 @@ def train_sizes(recipe: Recipe, tasks: dict):
 
 
 def format_baseline(result: dict) -> str:
-    lines = [f"{'task':<18} {'metric':<16} {'multi-task':>10} {'single-task':>11} {'delta':>8}  (split: {result['split']})"]
+    lines = [f"{'task':<18} {'metric':<16} {'multi-task':>10} {'single-task':>11} {'delta':>8}  "
+             f"{'dev: kept step':>14} {'own best step':>15}  (split: {result['split']})"]
     for r in result["tasks"]:
         mt, st = r["multi_task"], r["single_task"]
         delta = f"{mt - st:+.4f}" if mt is not None and st is not None else "-"
         metric = r["metric"] + (" (lower=better)" if r.get("lower_is_better") else "")
-        lines.append(f"{r['task']:<18} {metric:<16} {_fmt(mt):>10} {_fmt(st):>11} {delta:>8}")
+        kept = f"{r.get('selected_step')} ({_fmt(r.get('dev_selected'))})" if r.get("selected_step") else "-"
+        own = f"{r.get('dev_best_step')} ({_fmt(r.get('dev_best'))})" if r.get("dev_best_step") else "-"
+        lines.append(f"{r['task']:<18} {metric:<16} {_fmt(mt):>10} {_fmt(st):>11} {delta:>8}  {kept:>14} {own:>15}")
     a = result["average"]
     excluded = result.get("average_excludes") or []
     lines.append(f"{'average':<18} {'':<16} {a['multi_task']:>10.4f} {a['single_task']:>11.4f} "

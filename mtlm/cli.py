@@ -115,8 +115,12 @@ def cmd_predict(args) -> None:
 
 def cmd_baseline(args) -> None:
     from mtlm.baseline import run_baseline
+    from mtlm.config import RecipeError
     from mtlm.recipe import load_recipe
-    run_baseline(load_recipe(args.recipe, args.overrides), split=args.split, retrain=args.retrain)
+    if not args.warn_gap >= 0:
+        raise RecipeError([f"--warn-gap {args.warn_gap}: must be 0 or more"], header="bad flag")
+    run_baseline(load_recipe(args.recipe, args.overrides), split=args.split, retrain=args.retrain,
+                 threshold=args.warn_gap)
 
 
 def cmd_quickstart(args) -> None:
@@ -262,6 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("recipe")
     b.add_argument("overrides", nargs="*")
     b.add_argument("--split", choices=["dev", "test"], default="test")
+    b.add_argument("--warn-gap", type=float, default=0.02,
+                   help="warn when a task trails its single-task model by more than this: points on the metric's "
+                        "0-1 scale (0.02 = 2 points), relative for error metrics (default 0.02)")
     b.add_argument("--retrain", action="store_true", help="retrain the runs even if they exist (an existing model is reused only when trained from "
                                                   "the same recipe; a multi-task model from another recipe is an error)")
     b.set_defaults(func=cmd_baseline)
