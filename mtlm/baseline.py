@@ -16,6 +16,7 @@ import math
 from pathlib import Path
 
 import yaml
+from pydantic import ValidationError
 
 from mtlm.batches import mean_probabilities, source_dataset
 from mtlm.checkpoint import find_bundle, load_bundle
@@ -32,12 +33,17 @@ NOT_MODEL = ("name", "output_dir", "train.eval_batch_size", "train.checkpoint_ev
 
 def trained_recipe_changes(recipe: Recipe) -> list[str] | None:
     """None when recipe.run_dir() holds no model; else the settings ("path: old -> new", see
-    `recipe_changes`) in which `recipe` differs from the recipe its model was trained from, NOT_MODEL aside."""
+    `recipe_changes`) in which `recipe` differs from the recipe its model was trained from, NOT_MODEL aside.
+    A setting the stored recipe lacks (added to mtlm after that model was trained) counts at its default."""
     bundle = recipe.run_dir() / "model"
     if not (bundle / "tasks.json").is_file():
         return None
     path = bundle / "recipe.yaml"
     stored = yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    try:    # settings added to mtlm since that model was trained count at their defaults
+        stored = yaml.safe_load(Recipe.model_validate(stored or {}).to_yaml())
+    except ValidationError:
+        pass
     return [c for c in recipe_changes(stored or {}, yaml.safe_load(recipe.to_yaml()))
             if c.split(":", 1)[0] not in NOT_MODEL]
 

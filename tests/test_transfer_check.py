@@ -72,3 +72,23 @@ def test_baseline_warns_about_a_task_that_lost_to_the_mix(make_recipe, capsys):
     printed = capsys.readouterr().out
     assert format_warnings(saved["warnings"]) in printed
     assert "tasks.sentiment.private_layers=1" in printed and "own best step" in printed
+
+
+def test_a_model_trained_before_new_settings_existed_counts_as_the_same_recipe(make_recipe):
+    """A bundle's recipe.yaml written before private_layers / head_warmup_steps existed lacks them: baseline
+    must reuse it (the settings' defaults are what it was trained with), not refuse it as another recipe."""
+    import yaml
+
+    from mtlm.baseline import trained_recipe_changes
+    from mtlm.train import fit
+    recipe = load_recipe(make_recipe(tasks=("sentiment", "ner"), max_steps=2, eval_every=2))
+    run = fit(recipe, progress=False)
+    path = run / "model" / "recipe.yaml"
+    stored = yaml.safe_load(path.read_text())
+    for task in stored["tasks"].values():
+        del task["private_layers"]
+    del stored["train"]["head_warmup_steps"]
+    path.write_text(yaml.safe_dump(stored))
+    assert trained_recipe_changes(recipe) == []
+    assert trained_recipe_changes(load_recipe(make_recipe(tasks=("sentiment", "ner"), max_steps=2, eval_every=2),
+                                              ["tasks.ner.private_layers=1"])) == ["tasks.ner.private_layers: 0 -> 1"]
