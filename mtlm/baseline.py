@@ -132,6 +132,7 @@ def run_baseline(recipe: Recipe, split: str = "test", retrain: bool = False, pro
     model, _, _, meta = load_bundle(find_bundle(run_dir))
     params_multi = count_parameters(model)
     groups = {tuple(t.input_fields()) for t in tasks.values()}
+    passes = len(groups) + sum(len(layers) for layers in model.private.values()) / model.backbone.config.num_hidden_layers
     rows = []
     for name, task in tasks.items():
         m = default_metric(task)
@@ -145,8 +146,8 @@ def run_baseline(recipe: Recipe, split: str = "test", retrain: bool = False, pro
         "split": split, "max_steps_multi": history["max_steps"], "tasks": rows, **average_rows(rows),
         "parameters": {"multi_task": params_multi, "single_task_total": params_single,
                        "ratio": params_single / params_multi},
-        "backbone_passes_per_input": {"multi_task": len(groups), "single_task": len(tasks),
-                                      "ratio": len(tasks) / len(groups)},
+        # a task's K private layers add K / L of a backbone pass (mtlm.private_layers)
+        "backbone_passes_per_input": {"multi_task": passes, "single_task": len(tasks), "ratio": len(tasks) / passes},
         "multi_task_metrics": mt, "single_task_metrics": st,
     }
     result["warnings"] = warnings(rows, recipe, steps, threshold)
@@ -214,7 +215,7 @@ def format_baseline(result: dict) -> str:
     p, b = result["parameters"], result["backbone_passes_per_input"]
     lines.append(f"parameters: {p['multi_task'] / 1e6:.1f}M multi-task vs {p['single_task_total'] / 1e6:.1f}M for "
                  f"{len(result['tasks'])} single-task models ({p['ratio']:.2f}x)")
-    lines.append(f"inference: {b['multi_task']} backbone pass(es) per input vs {b['single_task']} "
+    lines.append(f"inference: {b['multi_task']:g} backbone pass(es) per input vs {b['single_task']} "
                  f"({b['ratio']:.2f}x the compute for single-task)")
     return "\n".join(lines)
 

@@ -112,6 +112,8 @@ class TrainConfig(_Strict):
     # tasks.<name>.head_lr overrides it per task. Private layers (tasks.<name>.private_layers) use lr.
     head_lr: float | None = Field(None, gt=0)
     head_warmup_steps: int = Field(0, ge=0)      # first optimizer steps: heads train alone, backbone frozen
+    # none: each task's loss as its type computes it; initial: divided by its first value (mtlm.loss_normalization)
+    loss_normalization: Literal["none", "initial"] = "none"
     weight_decay: float = Field(0.01, ge=0)      # AdamW decoupled L2; not on biases / LayerNorm
     warmup_ratio: float = Field(0.06, ge=0, lt=1)
     scheduler: Literal["linear", "cosine", "constant"] = "linear"

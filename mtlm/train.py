@@ -38,6 +38,7 @@ from mtlm.data import encode_rows, prepare_rows
 from mtlm.engine import cpu_has_bf16
 from mtlm.environment import describe_environment
 from mtlm.evaluate import evaluate
+from mtlm.loss_normalization import InitialLossNormalization
 from mtlm.hooks import LossContext, LossHook, ModelHook, Run   # noqa: F401  (fit's public hook types)
 from mtlm.model import build_model, load_backbone
 from mtlm.progress import progress as progress_bar
@@ -235,10 +236,14 @@ def fit(recipe: Recipe, resume: bool = False, progress: bool = True, stop_after:
     loads), BackboneError, ValueError (a loss hook that changes the task keys)."""
     run = build(recipe, resume=resume, overwrite=overwrite, model_fn=model_fn)
     cfg, accelerator, model, weighting = recipe.train, run.accelerator, run.model, run.weighting
+    # train.loss_normalization: a loss hook (last: it scales every term) with state in the checkpoints
+    normalization = [InitialLossNormalization(accelerator)] if cfg.loss_normalization == "initial" else []
     loss_hooks = adversarial_hooks(cfg.adversarial) + \
-        (list(loss_fn) if isinstance(loss_fn, (list, tuple)) else [loss_fn] if loss_fn is not None else [])
+        (list(loss_fn) if isinstance(loss_fn, (list, tuple)) else [loss_fn] if loss_fn is not None else []) + \
+        normalization
     run.callbacks = [*tracking_callbacks(cfg), BestBundle(run.tasks), EarlyStopping(cfg.early_stopping_patience),
-                     *callbacks, Checkpoints(cfg.checkpoint_every or cfg.eval_every, cfg.keep_checkpoints)]
+                     *callbacks, *normalization, Checkpoints(cfg.checkpoint_every or cfg.eval_every,
+                                                             cfg.keep_checkpoints)]
     callbacks = run.callbacks
     if run.checkpoint is not None:
         restore(run, callbacks)

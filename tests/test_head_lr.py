@@ -93,3 +93,33 @@ def test_bad_head_settings_are_recipe_errors(make_recipe):
         load_recipe(make_recipe(), ["train.head_warmup_steps=20"])
     with pytest.raises(RecipeError, match=r"tasks\.topic\.head_lr"):
         load_recipe(make_recipe(), ["tasks.topic.head_lr=0"])
+
+
+def test_initial_loss_normalization_divides_by_the_first_loss_and_resumes(make_recipe):
+    from mtlm.loss_normalization import InitialLossNormalization
+
+    class Ctx:
+        def __init__(self, losses):
+            self.losses = losses
+    hook = InitialLossNormalization()
+    first = hook(Ctx({"ner": torch.tensor(2.0), "topic": torch.tensor(4.0)}))
+    assert {k: float(v) for k, v in first.items()} == {"ner": 1.0, "topic": 1.0}
+    later = hook(Ctx({"ner": torch.tensor(1.0, requires_grad=True)}))
+    assert float(later["ner"]) == 0.5 and later["ner"].requires_grad      # gradients flow, scaled by 1/L(0)
+
+    over = ["train.loss_normalization=initial"]
+    straight = fit(load_recipe(make_recipe(tasks=("sentiment", "ner"), name="a", max_steps=8, eval_every=4,
+                                           early_stopping_patience=None), over), progress=False)
+    path = make_recipe(tasks=("sentiment", "ner"), name="b", max_steps=8, eval_every=4, early_stopping_patience=None)
+    fit(load_recipe(path, over), progress=False, stop_after=4)
+    resumed = fit(load_recipe(path, over), progress=False, resume=True)
+    import json
+    evals = [json.loads((r / "metrics.json").read_text())["eval"] for r in (straight, resumed)]
+    assert [{k: v for k, v in e.items() if "/" in k} for e in evals[0]] == \
+        [{k: v for k, v in e.items() if "/" in k} for e in evals[1]]
+    from mtlm.checkpoint import latest_checkpoint
+    saved = json.loads((latest_checkpoint(resumed) / "trainer_state.json").read_text())["callbacks"]
+    assert set(saved["loss_normalization"]["initial"]) == {"sentiment", "ner"}
+    a, b = load_file(straight / "model" / "heads.safetensors"), load_file(resumed / "model" / "heads.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
