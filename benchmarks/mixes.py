@@ -127,6 +127,16 @@ def multi_run_facts(recipe, split: str) -> dict:
             "dev_curve": [{k: v for k, v in e.items() if "/" in k or k in ("step", "score")} for e in ev]}
 
 
+def stored_baseline(recipe, split: str) -> dict | None:
+    """The default run's baseline_<split>.json when its model is the one this recipe trains (else None):
+    a variant reuses the single-task side without evaluating it again."""
+    from mtlm.baseline import trained_recipe_changes
+    path = recipe.run_dir() / f"baseline_{split}.json"
+    if path.is_file() and trained_recipe_changes(recipe) == []:
+        return json.loads(path.read_text(encoding="utf-8"))
+    return None
+
+
 def run_one(mix: str, seed: int, variant: str, overrides: list[str], args) -> dict:
     """One multi-task run (a variant) against the mix's single-task models for that seed."""
     from mtlm.baseline import run_baseline, step_budgets, train_sizes
@@ -135,7 +145,9 @@ def run_one(mix: str, seed: int, variant: str, overrides: list[str], args) -> di
 
     t0 = time.perf_counter()
     base = make_recipe(mix, seed, "default", [], args)
-    base_result = run_baseline(base, split=args.split, progress=False)   # reuses what is trained already
+    base_result = stored_baseline(base, args.split) if variant != "default" else None
+    if base_result is None:
+        base_result = run_baseline(base, split=args.split, progress=False)   # reuses what is trained already
     if variant == "default":
         result, recipe = base_result, base
         steps = {r["task"]: r["steps_single"] for r in result["tasks"]}
@@ -265,8 +277,7 @@ def main(argv: list[str] | None = None) -> int:
         for seed in seeds:
             for name, overrides in variants.items():
                 if name == "default" and args.only_variants and len(variants) > 1:
-                    run_one(mix, seed, name, overrides, args)      # trains/reuses the singles only
-                    continue
+                    continue            # each variant's run_one trains or reuses the default run and singles
                 print(f"== {mix} seed {seed} variant {name} {' '.join(overrides)}", flush=True)
                 run = {**run_one(mix, seed, name, overrides, args), "contention": contention()}
                 result["runs"] = [r for r in result["runs"]
