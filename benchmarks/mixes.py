@@ -18,6 +18,8 @@ Budget (2 shared CPU cores): 300 optimizer steps of batch 16 per multi-task run 
 mix add up to another 300), max_length 64 (the SQuAD mix: 128 with doc_stride 48), dev capped to 300 rows
 per task (evaluated every 100 steps), test to 1,000 (SQuAD: 200 / 500 questions). Much smaller than the
 issue's 900 steps of batch 32: absolute scores are lower than converged ones; the deltas are what is compared.
+Measured on the shared 2-core CPU at load average 6-9 (others' jobs): 15 min (mix 1) to 38 min (mix 2) per
+mix and seed; a quiet machine needs about a third of that. A larger budget: --steps 900 --batch-size 32.
 
 Variants (`--variant NAME='key=value ...'`, dotted recipe overrides as `mtlm train` takes them) change the
 multi-task run only. The single-task models are trained once per mix and seed from the default recipe (its
