@@ -153,13 +153,22 @@ def cmd_export(args) -> None:
         out = export_hf(args.run, args.task, args.output)
         info = json.loads((out / "mtlm_export.json").read_text(encoding="utf-8"))
         remote = ", trust_remote_code=True" if info["trust_remote_code"] else ""
-        how = ("transformers.AutoModelForQuestionAnswering.from_pretrained" if info["type"] == "extractive_qa"
-               else "transformers.pipeline")      # transformers 5 has no question-answering pipeline
-        print(f"wrote {out} ({info['type']}); load it with {how}({str(out)!r}{remote})")
+        if info["type"] == "extractive_qa":     # transformers 5 has no question-answering pipeline
+            how = f"transformers.AutoModelForQuestionAnswering.from_pretrained({str(out)!r}{remote})"
+        else:
+            pipe = "token-classification" if info["type"] == "token_classification" else "text-classification"
+            how = f"transformers.pipeline({pipe!r}, model={str(out)!r}{remote})"
+        print(f"wrote {out} ({info['type']}); load it with {how}")
         return
+    from mtlm.hf.export import ExportError
+    if args.format != "onnx":
+        raise ExportError(f"unknown export format {args.format!r}; known formats: onnx, hf (one task: --task NAME)")
     if args.task:
-        from mtlm.hf.export import ExportError
         raise ExportError("--task is for --format hf (the onnx graph holds every task)")
+    import importlib.util
+    missing = [m for m in ("onnx", "onnxruntime") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise MissingPackage(f"`mtlm export --format onnx` needs {' and '.join(missing)}: pip install onnx onnxruntime")
     from mtlm.export import export_run
     bundle, report = export_run(args.run, args.output, args.format)
     fused = report["fused_operators"]
@@ -171,6 +180,11 @@ def cmd_export(args) -> None:
 
 def cmd_compress(args) -> None:
     from mtlm.compress import REPORT_FILE, CompressError, compress_run, format_report
+    import importlib.util
+    missing = [m for m in ("onnx", "onnxruntime") if importlib.util.find_spec(m) is None]
+    if missing and args.method in ("auto", "int8"):
+        raise MissingPackage(f"`mtlm compress --method {args.method}` needs {' and '.join(missing)}: "
+                             "pip install onnx onnxruntime")
     layers = prune = None
     if args.method == "layers":
         from mtlm.layer_drop import LayerSettings

@@ -301,4 +301,16 @@ def format_report(report: dict) -> str:
         peak = f"{e['peak_rss_mb']:>9.0f}" if e.get("peak_rss_mb") else f"{'-':>9}"
         lines.append(f"{name:<12}{e['texts_per_s']:>9.1f}{e['ratio_vs_torch']:>9.2f}{e['p50_latency_ms']:>8.1f}{size}{peak}")
     lines.append(f"cpu flags: {' '.join(report['cpu_flags']) or 'unknown'}; {report['measured_on_rows']} dev texts")
+    slower = slower_than_torch(report)
+    if slower:
+        lines.append(f"WARNING: {slower} measured {report['engines'][slower]['ratio_vs_torch']:.2f}x torch fp32 here: "
+                     f"it is no faster on this machine, so `mtlm eval` / `mtlm serve` default to the faster torch "
+                     f"engine (pass --engine {slower} to use it)")
     return "\n".join(lines)
+
+
+def slower_than_torch(report: dict) -> str | None:
+    """The chosen engine's name when it measured slower than torch fp32 in the report's own run, else None."""
+    name = report.get("model", report.get("engine"))
+    engine = report.get("engines", {}).get(name)
+    return name if name != "torch" and engine is not None and engine["ratio_vs_torch"] < 1.0 else None

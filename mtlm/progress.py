@@ -22,6 +22,7 @@ class LineProgress:
                  every_percent: float = 10.0, every_s: float = 30.0, clock: Callable[[], float] = time.monotonic,
                  unit: str = "it") -> None:
         self.total, self.desc, self.n, self.unit = int(total), desc, int(initial), unit
+        self.initial = int(initial)    # done before this process (a resumed run): not in the rate
         self.stream = stream if stream is not None else sys.stderr
         self.every_n = max(1, int(self.total * every_percent / 100)) if self.total else None
         self.every_s, self.clock = every_s, clock
@@ -47,7 +48,7 @@ class LineProgress:
             return
         elapsed = now - self.start
         done = f"{self.n}/{self.total} ({100 * self.n / self.total:.0f}%)" if self.total else f"{self.n}"
-        rate = f"{self.n / elapsed:.2f} {self.unit}/s" if elapsed > 0 else ""
+        rate = f"{(self.n - self.initial) / elapsed:.2f} {self.unit}/s" if elapsed > 0 else ""
         self.write(f"{self.desc}: {done} {elapsed:.0f}s {rate} {self.postfix}".rstrip())
         self.last_n, self.last_t = self.n, now
 

@@ -112,3 +112,7 @@ def test_bad_input_gets_clear_errors(teacher, tmp_path, tiny_backbone, capsys):
                  "--output", str(tmp_path / "x")]) == 2
     assert "distill.temperature" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+    (tmp_path / "pictures").mkdir()
+    (tmp_path / "pictures" / "a.png").write_bytes(b"\x89PNG")
+    assert main(["distill", str(teacher), "--student", str(tmp_path / "pictures"), "--output", str(tmp_path / "y")]) == 2
+    assert "not a model folder or backbone name" in capsys.readouterr().err

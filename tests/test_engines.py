@@ -270,3 +270,17 @@ def test_check_compares_decisions_of_every_head_type(tiny_backbone):
     decided = [n for n in tasks if tasks[n].cfg.type != "regression"]
     assert all(noisy[n].agreement < 0.9 for n in decided), {n: noisy[n].agreement for n in decided}
     assert {line.split(":")[0] for line in failures("onnx-int8", noisy)} == set(decided)
+
+
+def test_the_report_warns_when_the_compressed_engine_is_slower_than_torch():
+    """A compressed engine measured slower than torch fp32 in the same run is named with a warning (the derived
+    run's default engine is then torch, the faster one): it used to be accepted silently."""
+    from mtlm.compress import format_report, slower_than_torch
+    base = {"method": "int8", "engine": "onnx-int8", "model": "onnx-int8", "budget_pct": 1.0, "tasks": {},
+            "cpu_flags": ["avx2"], "measured_on_rows": 10}
+    speeds = lambda r: {"torch": {"texts_per_s": 60.0, "ratio_vs_torch": 1.0, "p50_latency_ms": 10.0},  # noqa: E731
+                        "onnx-int8": {"texts_per_s": 60.0 * r, "ratio_vs_torch": r, "p50_latency_ms": 9.0}}
+    slow, fast = {**base, "engines": speeds(0.89)}, {**base, "engines": speeds(1.7)}
+    assert slower_than_torch(slow) == "onnx-int8" and slower_than_torch(fast) is None
+    assert "WARNING: onnx-int8 measured 0.89x torch fp32" in format_report(slow)
+    assert "WARNING" not in format_report(fast)

@@ -88,6 +88,24 @@ def test_types_without_a_one_to_one_export_are_refused_clearly(toy_run, tmp_path
     assert "--task 'nope': the bundle's tasks are sentiment, score, ner, emotions" in capsys.readouterr().err
     assert main(["export", str(toy_run), "--format", "hf"]) == 2
     assert "give --task NAME" in capsys.readouterr().err
+    assert main(["export", str(toy_run), "--task", "sentiment", "--format", "bogus"]) == 2
+    assert "unknown export format 'bogus'" in capsys.readouterr().err
+
+
+def test_export_output_is_never_a_file_nor_a_foreign_folder(toy_run, tmp_path, capsys):
+    """--output naming a file, or a non-empty folder that is not an earlier export, is refused and left
+    untouched (it used to be removed with shutil.rmtree); an earlier export is replaced."""
+    (tmp_path / "notes.txt").write_text("keep me")
+    assert main(["export", str(toy_run), "--task", "sentiment", "--format", "hf",
+                 "--output", str(tmp_path / "notes.txt")]) == 2
+    assert "a file is there" in capsys.readouterr().err
+    assert main(["export", str(toy_run), "--task", "sentiment", "--format", "hf", "--output", str(tmp_path)]) == 2
+    assert "holds no earlier export" in capsys.readouterr().err
+    assert (tmp_path / "notes.txt").read_text() == "keep me"
+    out = export_hf(toy_run, "sentiment", tmp_path / "hf")
+    assert main(["export", str(toy_run), "--task", "sentiment", "--format", "hf", "--output", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"transformers.pipeline('text-classification', model={str(out)!r}, trust_remote_code=True)" in printed
 
 
 def test_pipeline_gives_mtlms_predictions_on_real_texts(real_run, tmp_path, capsys):
@@ -155,3 +173,17 @@ def test_a_task_with_private_layers_is_exported_with_its_own_top_layers(tiny_bac
         ref, enc = mtlm_logits(run / "model", task, texts)
         got = hf_logits(out, ttype, enc)
         assert torch.allclose(got, ref, atol=1e-5), (task, (got - ref).abs().max())
+
+
+def test_onnx_export_and_int8_compress_without_onnx_name_the_install(toy_run, monkeypatch, capsys):
+    """The default install has no onnx/onnxruntime (the test extra does): a clear message and exit 2, and no
+    half-written derived run (it used to crash with OnnxExporterError after creating --output)."""
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnx" else real(name, *a))
+    out = toy_run.parent / "no-onnx"
+    assert main(["export", str(toy_run), "--output", str(out)]) == 2
+    assert "needs onnx: pip install onnx onnxruntime" in capsys.readouterr().err
+    assert not out.exists()
+    assert main(["compress", str(toy_run), "--method", "int8"]) == 2
+    assert "needs onnx: pip install onnx onnxruntime" in capsys.readouterr().err

@@ -103,3 +103,6 @@ def test_no_playground_leaves_it_out(six_task_bundle):
     assert off.get("/").status_code == 404 and off.get("/playground/playground.js").status_code == 404
     assert on.get("/").status_code == 200 and on.get("/playground/playground.js").status_code == 200
     assert on.get("/playground/config.json").json() == {"api_key_required": False}
+    # the page hides fields with the `hidden` attribute: the stylesheet must not override it for labels
+    css = on.get("/playground/playground.css").text
+    assert "[hidden] { display: none !important; }" in css

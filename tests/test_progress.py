@@ -84,3 +84,15 @@ def test_mtlm_eval_shows_batches_done(make_recipe, capsys, monkeypatch):
     assert lines and lines[-1].startswith("eval dev: ") and "(100%)" in lines[-1] and "\r" not in err
     done, total = lines[-1].split()[2].split("/")
     assert done == total and int(total) > 10          # 4 rows per batch over both tasks' dev rows
+
+
+def test_a_resumed_runs_rate_counts_only_this_process_steps():
+    """Resumed at step 60 of 80: 20 steps in 50 s is 0.40 step/s (it printed 1.60, counting the 60 steps done
+    before the resume)."""
+    out, clock = io.StringIO(), Clock()
+    bar = LineProgress(80, "train", initial=60, stream=out, clock=clock, unit="step")
+    for _ in range(20):
+        clock.t += 2.5
+        bar.update(1)
+    bar.close()
+    assert out.getvalue().splitlines()[-1].startswith("train: 80/80 (100%) 50s 0.40 step/s")

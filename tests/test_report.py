@@ -54,6 +54,14 @@ def test_report_of_a_folder_that_is_not_a_run_says_what_is_missing(tmp_path, cap
     assert "no recipe.yaml" in capsys.readouterr().err
 
 
+def test_report_output_that_is_a_file_is_a_clear_error(make_recipe, tmp_path, capsys):
+    from mtlm.train import fit
+    run = fit(load_recipe(make_recipe(max_steps=2)), progress=False)
+    (tmp_path / "page.html").write_text("x")
+    assert main(["report", str(run), "--no-predictions", "--output", str(tmp_path / "page.html")]) == 2
+    assert "a file is there, not a folder" in capsys.readouterr().err
+
+
 @needs_matplotlib
 @needs_browser[0]
 @needs_browser[1]

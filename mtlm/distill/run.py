@@ -132,7 +132,12 @@ def distill_run(teacher_run: str | Path, student: str, overrides: list[str] = ()
                    list(overrides))
     if kind == "backbone":
         from mtlm.model import resolve_backbone
-        if not _same_tokenizer(AutoTokenizer.from_pretrained(resolve_backbone(student)), tokenizer):
+        try:
+            student_tokenizer = AutoTokenizer.from_pretrained(resolve_backbone(student))
+        except (OSError, ValueError) as e:
+            raise DistillError(f"--student {student}: not a model folder or backbone name this can load "
+                               f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        if not _same_tokenizer(student_tokenizer, tokenizer):
             raise DistillError(f"--student {student}: its tokenizer differs from the teacher's; the teacher's "
                                f"outputs are matched to the student's tokens, so a student must share the "
                                f"teacher's tokenizer (or use layers:N)")

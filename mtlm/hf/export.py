@@ -118,9 +118,14 @@ def export_hf(run: str | Path, task_name: str, output: str | Path | None = None)
                           f"{REFUSED[ttype]}")
     run_dir = bundle.parent if bundle.name == "model" else bundle
     out = Path(output) if output is not None else run_dir / "hf" / task_name
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"--output {out}: a file is there, not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        if not (out / "mtlm_export.json").is_file():
+            raise ExportError(f"--output {out}: the folder is not empty and holds no earlier export "
+                              "(mtlm_export.json); give a new or empty folder")
+        shutil.rmtree(out)                 # an earlier export of ours: replaced
+    out.mkdir(parents=True, exist_ok=True)
     config = type(model.backbone.config).from_dict(model.backbone.config.to_dict())
     if ttype in ("classification", "regression"):
         _pooled_folder(model, task, ttype, config, out)

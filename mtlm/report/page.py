@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 from mtlm.report import figures as F
-from mtlm.report.collect import RunRecord, collect
+from mtlm.report.collect import ReportError, RunRecord, collect
 from mtlm.report.dev_outputs import dev_outputs
 
 STYLE = ("body{font-family:sans-serif;max-width:980px;margin:2em auto;color:#222}img{max-width:100%}"
@@ -102,7 +102,12 @@ def write_report(run: str | Path, output: str | Path | None = None, with_predict
     Raises ReportError (not a run folder), BundleError, ContractError (dev data changed or missing)."""
     rec = collect(run)
     out = Path(output) if output is not None else rec.run_dir / "report"
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise ReportError(f"--output {out}: a file is there, not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ReportError(f"--output {out}: cannot create the folder ({e.strerror})") from None
     for old in out.glob("*.png"):
         old.unlink()
     page = Page(out)
