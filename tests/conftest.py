@@ -104,6 +104,18 @@ def toy_data(tmp_path_factory) -> Path:
     return d
 
 
+def shared_task(dataset: str, task_type: str, limit: dict, test: bool = True, **extra) -> dict:
+    """A recipe task over ../shared/data/<dataset>/{train,dev[,test]}.jsonl (`test=False`: 10% of train held out
+    as test), capped by `limit` ({split: rows}); `extra`: more task keys (columns, doc_stride, private_layers...)."""
+    d = SHARED_DATA / dataset
+    data = {"train": str(d / "train.jsonl"), "dev": str(d / "dev.jsonl"), "limit": limit}
+    if test:
+        data["test"] = str(d / "test.jsonl")
+    else:
+        data["split"] = {"test": 0.1}
+    return {"type": task_type, "data": data, **extra}
+
+
 def write_recipe(path: Path, recipe: dict) -> Path:
     import yaml
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
@@ -158,7 +170,7 @@ def pytest_runtest_setup(item):
 
 @pytest.fixture(scope="session")
 def real_run(tmp_path_factory):
-    """A short real run: MiniLM-L6 on SST-2 sentiment, CoNLL-2003 NER and SQuAD QA from ../shared/data (60
+    """A short real run: MiniLM-L6 on SST-2 sentiment, CoNLL-2003 NER and SQuAD QA from ../shared/data (90
     steps, a few hundred rows each); skips without the MiniLM package or the data. Shared by the report and
     Hugging Face export tests."""
     import importlib.util
@@ -167,19 +179,12 @@ def real_run(tmp_path_factory):
     if not all((SHARED_DATA / d).is_dir() for d in ("sst2", "conll2003", "squad")):
         pytest.skip("../shared/data not present")
     import mtlm
-    d, tmp = SHARED_DATA, tmp_path_factory.mktemp("real-run")
+    tmp = tmp_path_factory.mktemp("real-run")
     recipe = write_recipe(tmp / "real.yaml", {
         "name": "real", "backbone": "minilm-l6", "max_length": 128, "output_dir": str(tmp / "run"),
         "tasks": {
-            "sentiment": {"type": "classification",
-                          "data": {"train": str(d / "sst2/train.jsonl"), "dev": str(d / "sst2/dev.jsonl"),
-                                   "limit": {"train": 600, "dev": 100, "test": 50}, "split": {"test": 0.1}}},
-            "ner": {"type": "token_classification",
-                    "data": {"train": str(d / "conll2003/train.jsonl"), "dev": str(d / "conll2003/dev.jsonl"),
-                             "test": str(d / "conll2003/test.jsonl"),
-                             "limit": {"train": 600, "dev": 100, "test": 50}}},
-            "qa": {"type": "extractive_qa", "doc_stride": 32,
-                   "data": {"train": str(d / "squad/train.jsonl"), "dev": str(d / "squad/dev.jsonl"),
-                            "test": str(d / "squad/test.jsonl"), "limit": {"train": 400, "dev": 40, "test": 20}}}},
+            "sentiment": shared_task("sst2", "classification", {"train": 600, "dev": 100, "test": 50}, test=False),
+            "ner": shared_task("conll2003", "token_classification", {"train": 600, "dev": 100, "test": 50}),
+            "qa": shared_task("squad", "extractive_qa", {"train": 400, "dev": 40, "test": 20}, doc_stride=32)},
         "train": {"batch_size": 16, "max_steps": 90, "eval_every": 30, "lr": 1e-4, "sampling": "round_robin"}})
     return mtlm.fit(mtlm.load_recipe(recipe), progress=False)

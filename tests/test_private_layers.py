@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import SHARED_DATA, write_recipe
+from conftest import SHARED_DATA, shared_task, write_recipe
 from mtlm.config import RecipeError, TaskConfig
 from mtlm.model import MultiTaskModel, build_model, load_backbone, pool
 from mtlm.tasks import build_task
@@ -182,16 +182,12 @@ def test_a_bundle_whose_private_layers_do_not_match_is_a_bundle_error(make_recip
 @pytest.mark.skipif(not (SHARED_DATA / "conll2003").is_dir(), reason="../shared/data not present")
 def test_minilm_with_a_private_top_layer_fits_and_predicts(tmp_path):
     import mtlm
-    d = SHARED_DATA
     recipe = write_recipe(tmp_path / "r.yaml", {
         "name": "private", "backbone": "minilm-l6", "max_length": 48, "output_dir": str(tmp_path / "run"),
         "tasks": {
-            "ner": {"type": "token_classification", "private_layers": 2,
-                    "data": {"train": str(d / "conll2003/train.jsonl"), "dev": str(d / "conll2003/dev.jsonl"),
-                             "limit": {"train": 160, "dev": 32}, "split": {"test": 0.1}}},
-            "sentiment": {"type": "classification",
-                          "data": {"train": str(d / "sst2/train.jsonl"), "dev": str(d / "sst2/dev.jsonl"),
-                                   "limit": {"train": 160, "dev": 32}, "split": {"test": 0.1}}}},
+            "ner": shared_task("conll2003", "token_classification", {"train": 160, "dev": 32}, test=False,
+                               private_layers=2),
+            "sentiment": shared_task("sst2", "classification", {"train": 160, "dev": 32}, test=False)},
         "train": {"batch_size": 16, "max_steps": 6, "eval_every": 6, "lr": 5e-5}})
     run = mtlm.fit(mtlm.load_recipe(recipe), progress=False)
     predictor = mtlm.load(run)
