@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from browser import browser_page, images_rendered, needs_browser
@@ -93,3 +95,22 @@ def test_training_log_falls_back_to_tensorboard_events(make_recipe):
     assert [e["step"] for e in from_events] == list(range(1, 21))          # every step, not every 10th
     assert {"loss/sentiment", "loss/topic", "weight/topic", "lr"} <= set().union(*from_events)
     assert from_events[-1]["weight/topic"] == pytest.approx(kept[-1]["weight/topic"])
+
+
+def test_a_distilled_student_is_a_point_of_the_tradeoff(tmp_path):
+    """A `mtlm distill` run beside its teacher (distill_report.json) is read like a compressed run: the
+    teacher as torch fp32, the student as its own point."""
+    from mtlm.contract import FORMAT_VERSION
+    from mtlm.report.collect import derived_runs
+    teacher, student = tmp_path / "teacher", tmp_path / "teacher-distill-layers3"
+    teacher.mkdir()
+    student.mkdir()
+    (student / "parent.json").write_text(json.dumps({"format": FORMAT_VERSION, "parent": "../teacher", "parent_name": "teacher", "method": "distill",
+                                                       "details": {}}))
+    (student / "distill_report.json").write_text(json.dumps({
+        "tasks": {"ner": {"metric": "f1", "teacher_dev": 0.8, "student_dev": 0.75}},
+        "speed": {"teacher": {"texts_per_s": 30.0}, "student": {"texts_per_s": 63.0}}}))
+    (rep,) = derived_runs(teacher)
+    assert rep["run"] == student.name and rep["engine"] == "student"
+    assert rep["tasks"] == {"ner": {"metric": "f1", "dev_before": 0.8, "dev_after": 0.75}}
+    assert rep["engines"] == {"torch": {"texts_per_s": 30.0}, "student": {"texts_per_s": 63.0}}

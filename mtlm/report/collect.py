@@ -50,16 +50,34 @@ def tensorboard_log(logs: Path) -> list[dict]:
 
 
 def derived_runs(run_dir: Path) -> list[dict]:
-    """compress_report.json of every folder beside `run_dir` whose parent.json names `run_dir`."""
+    """The compression / distillation report of every folder beside `run_dir` whose parent.json names `run_dir`:
+    compress_report.json as it is; distill_report.json (`mtlm distill`) in the same shape (tasks' dev_before /
+    dev_after = teacher / student, engines "torch" = the teacher and "student", both on torch)."""
     out = []
     here = run_dir.resolve()
     for sib in sorted(run_dir.resolve().parent.iterdir()):
-        if sib == here or not (sib / "parent.json").is_file() or not (sib / "compress_report.json").is_file():
+        if sib == here or not (sib / "parent.json").is_file():
             continue
         parent = read_parent(sib)
-        if parent is not None and parent[0].resolve() == here:
+        if parent is None or parent[0].resolve() != here:
+            continue
+        if (sib / "compress_report.json").is_file():
             out.append({"run": sib.name, **_json(sib / "compress_report.json")})
+        elif (sib / "distill_report.json").is_file():
+            out.append({"run": sib.name, **distill_as_compress(_json(sib / "distill_report.json"))})
     return out
+
+
+def distill_as_compress(report: dict) -> dict:
+    """A distill_report.json ({"tasks": {t: {metric, teacher_dev, student_dev}}, "speed": {teacher|student:
+    {texts_per_s}}}) in compress_report.json's shape, so the trade-off figure shows students beside compressed
+    variants. Tasks without both dev values are left out."""
+    speed = report.get("speed") or {}
+    tasks = {n: {"metric": t.get("metric"), "dev_before": t["teacher_dev"], "dev_after": t["student_dev"]}
+             for n, t in (report.get("tasks") or {}).items() if "teacher_dev" in t and "student_dev" in t}
+    engines = {name: {"texts_per_s": speed[who]["texts_per_s"]}
+               for name, who in (("torch", "teacher"), ("student", "student")) if who in speed}
+    return {"method": "distill", "engine": "student", "tasks": tasks, "engines": engines}
 
 
 def collect(run_dir: str | Path) -> RunRecord:
