@@ -145,6 +145,14 @@ def cmd_serve(args) -> None:
     serve(args)
 
 
+def _need_onnx(command: str) -> None:
+    """MissingPackage naming the install when onnx or onnxruntime is absent (the default install has neither)."""
+    import importlib.util
+    missing = [m for m in ("onnx", "onnxruntime") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise MissingPackage(f"`{command}` needs {' and '.join(missing)}: pip install onnx onnxruntime")
+
+
 def cmd_export(args) -> None:
     if args.format == "hf":
         from mtlm.hf.export import ExportError, export_hf
@@ -165,10 +173,7 @@ def cmd_export(args) -> None:
         raise ExportError(f"unknown export format {args.format!r}; known formats: onnx, hf (one task: --task NAME)")
     if args.task:
         raise ExportError("--task is for --format hf (the onnx graph holds every task)")
-    import importlib.util
-    missing = [m for m in ("onnx", "onnxruntime") if importlib.util.find_spec(m) is None]
-    if missing:
-        raise MissingPackage(f"`mtlm export --format onnx` needs {' and '.join(missing)}: pip install onnx onnxruntime")
+    _need_onnx("mtlm export --format onnx")
     from mtlm.export import export_run
     bundle, report = export_run(args.run, args.output, args.format)
     fused = report["fused_operators"]
@@ -180,11 +185,8 @@ def cmd_export(args) -> None:
 
 def cmd_compress(args) -> None:
     from mtlm.compress import REPORT_FILE, CompressError, compress_run, format_report
-    import importlib.util
-    missing = [m for m in ("onnx", "onnxruntime") if importlib.util.find_spec(m) is None]
-    if missing and args.method in ("auto", "int8"):
-        raise MissingPackage(f"`mtlm compress --method {args.method}` needs {' and '.join(missing)}: "
-                             "pip install onnx onnxruntime")
+    if args.method in ("auto", "int8"):
+        _need_onnx(f"mtlm compress --method {args.method}")
     layers = prune = None
     if args.method == "layers":
         from mtlm.layer_drop import LayerSettings
