@@ -60,8 +60,9 @@ def _check_arguments(method: str, budget: float) -> None:
     if method in NOT_BUILT:
         raise CompressError(f"--method {method}: not built yet (it needs recovery training with distillation "
                             f"through fit's loss hook); use --method int8, bf16, prune, layers or auto")
-    if not budget >= 0:
-        raise CompressError(f"--budget {budget}: must be 0 or more (the relative drop in percent allowed per task)")
+    if not 0 <= budget < float("inf"):
+        raise CompressError(f"--budget {budget}: must be 0 or more and finite (the relative drop in percent allowed "
+                            f"per task)")
 
 
 class Scorer:

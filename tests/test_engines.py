@@ -164,6 +164,7 @@ def test_search_ladder_never_returns_a_setting_over_budget():
 @pytest.mark.parametrize("kwargs, match", [
     ({"method": "magic"}, "unknown method 'magic'; known methods: auto, int8, bf16, prune, layers"),
     ({"method": "int8", "budget": -0.5}, "must be 0 or more"),
+    ({"method": "int8", "budget": float("inf")}, "must be 0 or more and finite"),
 ])
 def test_compress_bad_arguments(run, kwargs, match):
     with pytest.raises(CompressError, match=match):
