@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mtlm.recipe import load_recipe
-from mtlm.transfer_check import format_warnings, options_for, task_steps, trailing, warnings
+from mtlm.transfer_check import average_trails, format_warnings, options_for, task_steps, trailing, warnings
 
 
 def row(task, metric, mt, st, lower=False):
@@ -27,6 +27,23 @@ def test_trailing_uses_points_for_bounded_metrics_and_relative_gaps_for_errors()
     assert [t["task"] for t in trailing(rows, 0.0)] == ["ner", "intent", "sts", "price"]
     with pytest.raises(ValueError, match="threshold -1"):
         trailing(rows, -1)
+
+
+def test_a_mix_that_loses_on_average_names_the_task_that_trails_most(make_recipe):
+    """The mixes benchmark's mix 2 (seed 0): no task 2 points below, but the average 0.4 points below."""
+    rows = [row("ner", "f1", 0.669, 0.687), row("topic", "accuracy", 0.863, 0.857),
+            row("paraphrase", "accuracy", 0.679, 0.680), row("sts", "mse", 0.9, 0.5, lower=True)]
+    assert trailing(rows[:3], 0.02) == []
+    avg = average_trails(rows)
+    assert avg["task"] == "ner" and avg["gap"] == pytest.approx(0.018)
+    assert avg["average"]["multi_task"] == pytest.approx((0.669 + 0.863 + 0.679) / 3)    # mse left out
+    recipe = load_recipe(make_recipe(tasks=("sentiment", "ner")))
+    out = warnings(rows[:3], recipe, {}, 0.02)
+    assert [w["task"] for w in out] == ["ner"]
+    assert "average trails" in out[0]["message"] and out[0]["options"][0].startswith("tasks.ner.head_lr=")
+    # a mix that holds on average, or whose worst task does not trail, gets no warning
+    assert average_trails([row("ner", "f1", 0.70, 0.687), row("topic", "accuracy", 0.863, 0.857)]) is None
+    assert warnings([row("ner", "f1", 0.70, 0.687)], recipe, {}, 0.02) == []
 
 
 def test_options_name_what_the_recipe_does_not_use_yet(make_recipe):

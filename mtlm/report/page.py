@@ -85,6 +85,9 @@ def _baselines(page: Page, rec: RunRecord) -> None:
                     f"one multi-task model vs one single-task model per task on {split}")
         page.add(_table(["task", "metric", "multi-task", "single-task"],
                         [[r["task"], r["metric"], r["multi_task"], r["single_task"]] for r in b["tasks"]]))
+        for w in b.get("warnings", []):      # mtlm.transfer_check: a task left behind, and the options that help
+            page.add(f"<p class=\"warning\">WARNING: {html.escape(w['message'])}. Options that help:</p><ul>"
+                     + "".join(f"<li><code>{html.escape(o)}</code></li>" for o in w["options"]) + "</ul>")
 
 
 def _environment(env: dict | None) -> str:
