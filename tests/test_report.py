@@ -49,7 +49,8 @@ def test_report_of_a_run_with_baseline_and_compressed_variant(make_recipe, tmp_p
     text = index.read_text()
     for section in ("training", "per task, on dev", "multi-task vs single-task (dev)", "compression and distillation",
                     "recipe", "environment", "library torch", "name: dwa",
-                    "WARNING: task ner trails its single-task model", "tasks.ner.head_lr="):
+                    "WARNING: task ner trails its single-task model", "tasks.ner.head_lr=", "dev at the kept step",
+                    "own best step"):
         assert section in text, section
     assert 'src="http' not in text and "<script" not in text     # self-contained: no network, no script
     assert rendered_in_browser(index, tmp_path) == sorted(
@@ -121,3 +122,16 @@ def test_a_distilled_student_is_a_point_of_the_tradeoff(tmp_path):
     assert rep["run"] == student.name and rep["engine"] == "student"
     assert rep["tasks"] == {"ner": {"metric": "f1", "dev_before": 0.8, "dev_after": 0.75}}
     assert rep["engines"] == {"torch": {"texts_per_s": 30.0}, "student": {"texts_per_s": 63.0}}
+
+
+def test_each_tasks_own_best_step_stands_beside_the_kept_step(tmp_path):
+    from mtlm.report.collect import RunRecord
+    from mtlm.report.page import _kept_vs_own_best
+    rec = RunRecord(tmp_path, "", None, [{"step": 10, "ner/f1": 0.61, "intent/accuracy": 0.5},
+                                         {"step": 20, "ner/f1": 0.58, "intent/accuracy": 0.7}], [], 20,
+                    task_best={"ner": {"metric": "f1", "value": 0.61, "step": 10},
+                               "intent": {"metric": "accuracy", "value": 0.7, "step": 20}})
+    html = _kept_vs_own_best(rec)
+    assert "dev at the kept step 20" in html
+    assert "<td>ner</td><td>f1</td><td>0.5800</td><td>10</td><td>0.6100</td>" in html
+    assert "<td>intent</td><td>accuracy</td><td>0.7000</td><td>20</td><td>0.7000</td>" in html

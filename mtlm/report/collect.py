@@ -27,6 +27,7 @@ class RunRecord:
     eval_files: dict[str, dict] = field(default_factory=dict)      # split -> eval_<split>.json
     baselines: dict[str, dict] = field(default_factory=dict)       # split -> baseline_<split>.json
     derived: list[dict] = field(default_factory=list)              # compress_report.json of derived runs
+    task_best: dict[str, dict] = field(default_factory=dict)       # metrics.json: task -> {metric, value, step}
 
 
 def _json(path: Path) -> dict:
@@ -96,7 +97,7 @@ def collect(run_dir: str | Path) -> RunRecord:
     env_path = run_dir / "environment.json"
     rec = RunRecord(run_dir, (run_dir / "recipe.yaml").read_text(encoding="utf-8"),
                     _json(env_path) if env_path.is_file() else None, metrics.get("eval") or [], train_log,
-                    metrics.get("best_step"))
+                    metrics.get("best_step"), task_best=metrics.get("task_best") or {})
     for path in sorted(run_dir.glob("eval_*.json")):
         rec.eval_files[path.stem.removeprefix("eval_")] = _json(path)
     for path in sorted(run_dir.glob("baseline_*.json")):

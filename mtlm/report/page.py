@@ -90,6 +90,14 @@ def _baselines(page: Page, rec: RunRecord) -> None:
                      + "".join(f"<li><code>{html.escape(o)}</code></li>" for o in w["options"]) + "</ul>")
 
 
+def _kept_vs_own_best(rec: RunRecord) -> str:
+    """Each task's dev metric at the kept step (selected by the mean over tasks) beside its own best step."""
+    kept = next((e for e in rec.evals if e.get("step") == rec.best_step), {})
+    return _table(["task", "metric", f"dev at the kept step {rec.best_step}", "own best step", "dev there"],
+                  [[t, b["metric"], kept.get(f"{t}/{b['metric']}"), b["step"], b["value"]]
+                   for t, b in rec.task_best.items()])
+
+
 def _environment(env: dict | None) -> str:
     if not env:
         return "<p>no environment.json (a run trained before mtlm recorded it)</p>"
@@ -123,6 +131,8 @@ def write_report(run: str | Path, output: str | Path | None = None, with_predict
                 "train_loss", "training loss per task")
     page.figure(F.train_curves(rec.train_log, "weight/", "task weights (weighting method)", "weight"),
                 "task_weights", "task weights over steps")
+    if rec.task_best:
+        page.add(_kept_vs_own_best(rec))
     if with_predictions:
         dev = dev_outputs(rec.run_dir)
         if dev:
