@@ -310,8 +310,9 @@ def fit(recipe: Recipe, resume: bool = False, progress: bool = True, stop_after:
                                        **{f"weight/{n}": round(w, 5) for n, w in weights.items()}})
         if step % cfg.eval_every == 0 or step == max_steps:
             elapsed = time.perf_counter() - t0        # training time so far (earlier evaluations included)
+            # each process runs its shard of the dev set; the predictions are gathered (same metrics everywhere)
             metrics = evaluate(run.unwrapped, run.tasks, run.dev, cfg.eval_batch_size, run.tokenizer.pad_token_id,
-                               accelerator.device, autocast_dtype)
+                               accelerator.device, autocast_dtype, accelerator=accelerator)
             state["history"].append({"step": step, **metrics, "train_tokens_per_s": tokens_seen / elapsed,
                                      "train_s": elapsed})
             run.improved = False

