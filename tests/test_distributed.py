@@ -145,9 +145,9 @@ def test_the_shards_of_two_ranks_make_up_one_process_global_batches(n):
     differ = [(sorted(b), m) for b, m in zip(one, merged) if sorted(b) != m]
     if n % 2 == 0:
         assert not differ
-    else:                               # the short batch: one item twice, so both ranks get rows
+    else:                               # the short batch, padded by one item (the epoch's first)
         ((b, m),) = differ
-        assert len(b) == n % 16 and len(m) == len(b) + 1 and set(m) == set(b)
+        assert len(b) == n % 16 and len(m) == len(b) + 1 and set(b) <= set(m)
 
 
 FIT_SCRIPT = "import sys, mtlm\nfor path in sys.argv[1:]:\n    mtlm.fit(mtlm.load_recipe(path), progress=False)\n"
