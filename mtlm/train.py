@@ -113,6 +113,17 @@ def average_gradients(accelerator: Accelerator, params: list[torch.nn.Parameter]
         offset += p.numel()
 
 
+def global_means(accelerator: Accelerator, values: dict[str, float]) -> dict[str, float]:
+    """{name: mean over processes} of per-process values with the same keys everywhere (one all-reduce;
+    the values themselves with one process): the logged training losses are the global batch's, not the
+    main process's share of it."""
+    if accelerator.num_processes == 1 or not values:
+        return values
+    means = accelerator.reduce(torch.tensor(list(values.values()), dtype=torch.float64,
+                                            device=accelerator.device), reduction="mean")
+    return dict(zip(values, means.tolist()))
+
+
 def build(recipe: Recipe, resume: bool = False, overwrite: bool = False, model_fn: ModelHook | None = None) -> Run:
     """Construct a run: check the recipe and data, clear (--overwrite) or resume the run folder, then data,
     backbone, heads, `model_fn`, weighting, optimizer, schedule, Accelerate. Raises RecipeError (before any
@@ -299,7 +310,7 @@ def fit(recipe: Recipe, resume: bool = False, progress: bool = True, stop_after:
         state["step"] += 1
         steps_this_call += 1
         step = state["step"]
-        losses_now = {n: sum(v) / len(v) for n, v in step_losses.items()}
+        losses_now = global_means(accelerator, {n: sum(v) / len(v) for n, v in step_losses.items()})
         for name, value in losses_now.items():
             running[name] = value if name not in running else 0.9 * running[name] + 0.1 * value
         run.bar.set_postfix({n: f"{v:.3f}" for n, v in running.items()}, refresh=False)
