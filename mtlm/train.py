@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -87,6 +88,12 @@ def make_accelerator(recipe: Recipe) -> Accelerator:
     # Ask for the CPU explicitly when there is no GPU: under torchrun/accelerate launch without it,
     # every rank would train alone (see shared/ENGINES.md). Heads of tasks absent from a micro-batch get
     # no gradient, so DDP must look for unused parameters.
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":   # accelerate launch --use_fsdp / config
+        raise RecipeError(["FSDP (accelerate launch --use_fsdp, or an Accelerate config with distributed_type FSDP) "
+                           "is not supported: on CPU Accelerate does not shard (it trains plain DDP, or fails in "
+                           "the FSDP plugin's sync_module_states), and mtlm's loop saves the bundle from the main "
+                           "process's full parameters and averages all_tasks gradients itself, which sharded "
+                           "parameters break. Launch DDP instead (--multi_gpu)"])
     mp = recipe.train.mixed_precision
     if mp == "fp16" and not torch.cuda.is_available():
         raise RecipeError(["train.mixed_precision: fp16 needs a GPU; use bf16 on CPU"])
