@@ -154,3 +154,33 @@ def test_six_real_trials_prune_one_and_the_best_recipe_retrains_to_its_score(tmp
     recipe = mtlm.load_recipe(folder / "best_recipe.yaml")
     score = StudyScore(folder / "reference.json", {n: build_task(n, t) for n, t in recipe.tasks.items()})
     assert score(kept) == pytest.approx(float(best["score"]), abs=1e-4)
+
+
+def test_trials_in_parallel_processes_share_one_study(make_recipe, tmp_path):
+    """--jobs 2: two worker processes on one study.db run 3 trials in all (2 + 1), each in its own run folder."""
+    from mtlm.tune import prepare, run_tune
+    path = make_recipe(tasks=("sentiment",), name="par", max_steps=4, eval_every=2, early_stopping_patience=None)
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump({"train.lr": {"low": 1e-5, "high": 3e-3, "log": True}}))
+    result = run_tune(prepare(path, [], 3, space), jobs=2)
+    assert [r["trial"] for r in result["rows"]] == [0, 1, 2]
+    assert {r["state"] for r in result["rows"]} <= {"complete", "pruned"} and result["best"] is not None
+    assert sorted(p.name for p in (tmp_path / "runs" / "par-tune" / "trials").iterdir()) == ["0000", "0001", "0002"]
+
+
+def test_a_trial_killed_mid_run_is_run_again_with_its_settings(make_recipe, tmp_path):
+    """A trial left running in study.db (its process died) is marked failed and queued again: the resumed
+    search runs it with the same settings, and it counts once towards --trials."""
+    from optuna.distributions import FloatDistribution
+    from mtlm.tune import prepare, run_tune
+    from mtlm.tune.study import open_study
+    path = make_recipe(tasks=("sentiment",), name="killed", max_steps=4, eval_every=2)
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump({"train.lr": {"low": 1e-5, "high": 3e-3, "log": True}}))
+    search = prepare(path, [], 2, space)
+    stale = open_study(search).ask({"train.lr": FloatDistribution(1e-5, 3e-3, log=True)})   # left RUNNING
+    result = run_tune(search)
+    rows = result["rows"]
+    assert [r["state"] for r in rows][0] == "fail" and len(rows) == 3
+    assert rows[1]["train.lr"] == pytest.approx(stale.params["train.lr"])
+    assert {r["state"] for r in rows[1:]} <= {"complete", "pruned"}

@@ -145,27 +145,31 @@ def open_study(search: Search):
 
 
 def _counted(study) -> int:
+    """Trials that count towards --trials: finished, pruned or running (a failed one does not; a queued one
+    is run by the next trial asked for)."""
     from optuna.trial import TrialState
     return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED,
-                                                         TrialState.RUNNING, TrialState.WAITING)))
+                                                         TrialState.RUNNING)))
 
 
-def optimize(search: Search, threads: int | None = None) -> None:
-    """Run trials until the study holds `search.trials` (finished, pruned or running) or the deadline passes.
-    One worker; several share study.db (`run_tune(jobs=K)`)."""
+def optimize(search: Search, n: int, threads: int | None = None) -> None:
+    """Run `n` trials of the study, or fewer when the deadline passes (no trial starts after it). One worker;
+    several share study.db (`run_tune(jobs=K)`), each with its share of the trials."""
     import optuna
     if threads:
         import torch
         torch.set_num_threads(threads)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = open_study(search)
-    while _counted(study) < search.trials and (search.deadline is None or time.time() < search.deadline):
+    for _ in range(n):
+        if search.deadline is not None and time.time() >= search.deadline:
+            break
         study.optimize(lambda t: objective(search, t), n_trials=1, catch=())
 
 
-def _worker(search: Search, threads: int) -> None:
+def _worker(search: Search, n: int, threads: int) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    optimize(search, threads)
+    optimize(search, n, threads)
 
 
 def recover(study) -> int:
@@ -219,12 +223,14 @@ def run_tune(search: Search, jobs: int = 1) -> dict:
     rerun = recover(study)
     if rerun:
         log.warning("%d trial(s) were running when the last `mtlm tune` stopped: running them again", rerun)
-    if jobs <= 1:
-        optimize(search)
+    left = max(0, search.trials - _counted(study))       # a resumed study counts the trials it holds
+    if jobs <= 1 or left <= 1:
+        optimize(search, left)
     else:
-        threads = max(1, (os.cpu_count() or 1) // jobs)
+        shares = [left // jobs + (i < left % jobs) for i in range(min(jobs, left))]
+        threads = max(1, (os.cpu_count() or 1) // len(shares))
         ctx = multiprocessing.get_context("spawn")
-        procs = [ctx.Process(target=_worker, args=(search, threads)) for _ in range(jobs)]
+        procs = [ctx.Process(target=_worker, args=(search, n, threads)) for n in shares]
         for p in procs:
             p.start()
         for p in procs:
