@@ -114,9 +114,10 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
     global batches, each sorted by length, so a micro-batch holds similar lengths (less padding), as the
     Hugging Face `LengthGroupedSampler` does; the batch order is shuffled again. A global batch holds
     batch_size * num_replicas items and process `rank` takes every num_replicas-th of them. With several
-    processes an epoch is first padded to a multiple of num_replicas with its own first items (as torch's
-    `DistributedSampler` pads), so every batch, the short last one included, gives each process the same
-    number of rows (>= 1): no process waits in the all-reduce for one with nothing to do.
+    processes the epoch's short last batch is padded to a multiple of num_replicas with the epoch's first items
+    (as torch's `DistributedSampler` pads), so every batch gives each process the same number of rows (>= 1):
+    no process waits in the all-reduce for one with nothing to do; every other global batch is the one a
+    single process with the same global batch draws.
 
     `state_dict()` is the position of the next batch ({"epoch", "cursor"}); it counts batches taken from the
     iterator, so the DataLoader must not prefetch (num_workers=0)."""
@@ -137,13 +138,15 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
         """The epoch's batches over all processes, in the order they are served."""
         rng = np.random.default_rng([self.seed, epoch])
         perm = rng.permutation(len(self.lengths)).tolist()
-        pad = -len(perm) % self.num_replicas
-        perm += (perm * math.ceil(pad / len(perm)))[:pad] if pad else []
         if self.group_by_length:
             mega = self.global_batch * self.MEGA
             perm = [i for k in range(0, len(perm), mega)
                     for i in sorted(perm[k:k + mega], key=lambda j: -self.lengths[j])]
         batches = [perm[k:k + self.global_batch] for k in range(0, len(perm), self.global_batch)]
+        # only the short last batch is padded (after grouping): every other batch is the one a single process
+        # with the same global batch draws, whatever the number of processes
+        pad = -len(batches[-1]) % self.num_replicas
+        batches[-1] += (perm * math.ceil(pad / len(perm)))[:pad] if pad else []
         rng.shuffle(batches)
         return batches
 

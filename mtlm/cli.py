@@ -1,4 +1,4 @@
-"""`mtlm train|eval|predict|baseline|quickstart|serve|export|compress|distill|report`: parse arguments, then call one
+"""`mtlm train|tune|eval|predict|baseline|quickstart|serve|export|compress|distill|report`: parse arguments, then call one
 function.
 
 User errors (bad recipe, bad data, missing backbone package, bad bundle, bad input) print one message and
@@ -42,6 +42,20 @@ def cmd_train(args) -> None:
                                           "--student ...` only; `mtlm train` trains without a teacher")
     run_dir = fit(recipe, resume=args.resume, progress=not args.no_progress, overwrite=args.overwrite)
     print(f"run folder: {run_dir}\nbest bundle: {run_dir / 'model'}")
+
+
+def cmd_tune(args) -> None:
+    import importlib.util
+    if importlib.util.find_spec("optuna") is None:
+        raise MissingPackage("`mtlm tune` needs the 'optuna' package: pip install 'mtlm[tune]'")
+    from mtlm.tune import format_trials, prepare, run_tune
+    search = prepare(args.recipe, args.overrides, args.trials, args.space, args.timeout_min, args.out, args.pruner,
+                     args.seed)
+    result = run_tune(search, jobs=args.jobs)
+    print(format_trials(result))
+    print(f"tune folder: {result['folder']} (trials.csv, study.db)")
+    if result["best_recipe"]:
+        print(f"best recipe: {result['best_recipe']}  (retrain: mtlm train {result['best_recipe']})")
 
 
 def cmd_eval(args) -> None:
@@ -259,6 +273,20 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.set_defaults(func=cmd_train)
 
+    u = sub.add_parser("tune", help="hyperparameter search with Optuna: real trials, pruning, resumable")
+    u.add_argument("recipe", help="YAML recipe (the base of every trial)")
+    u.add_argument("overrides", nargs="*", help="key.path=value overrides of the base recipe")
+    u.add_argument("--trials", type=_positive_int, required=True, help="trials in the study (a resumed study counts "
+                                                                       "the ones it holds)")
+    u.add_argument("--timeout-min", type=float, help="start no trial after this many minutes")
+    u.add_argument("--space", help="search space YAML (default: lr, warmup, batch size, sampling/temperature, "
+                                   "weighting, task weights; README 'Hyperparameter search')")
+    u.add_argument("--jobs", type=_positive_int, default=1, help="trials at a time, one process each (default: 1)")
+    u.add_argument("--pruner", choices=["median", "hyperband"], default="median")
+    u.add_argument("--seed", type=int, default=0, help="the sampler's seed")
+    u.add_argument("--out", help="tune folder (default: the recipe's run folder + '-tune')")
+    u.set_defaults(func=cmd_tune)
+
     e = sub.add_parser("eval", help="evaluate every task of a run or bundle")
     e.add_argument("run", help="run folder or bundle folder")
     e.add_argument("--split", choices=["dev", "test"], default="test")
@@ -385,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     # parse_known_args lets texts follow options (`mtlm predict RUN --tasks a,b "text"`)
     args, extra = parser.parse_known_args(argv)
-    if extra and (args.command not in ("predict", "train", "baseline", "distill") or any(x.startswith("-") for x in extra)):
+    if extra and (args.command not in ("predict", "train", "baseline", "distill", "tune") or any(x.startswith("-") for x in extra)):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if extra:   # texts / overrides given after an option
         if args.command == "predict":

@@ -24,40 +24,59 @@ log = logging.getLogger("mtlm")
 
 @torch.inference_mode()
 def task_outputs(model, task, features: list[dict], batch_size: int, pad_token_id: int,
-                 device: torch.device, autocast_dtype: torch.dtype | None = None, bar=None
+                 device: torch.device, autocast_dtype: torch.dtype | None = None, bar=None, accelerator=None
                  ) -> tuple[list[Any], list[Any]]:
     """(predictions, references) for one task over `features`, in the input order. `bar`: a progress
     object (`mtlm.progress`) advanced by one per batch.
 
     Batches are length-sorted to cut padding. The task's `postprocess(per_feature_predictions, features)`
     merges features that are parts of one example (extractive QA windows), so predictions and references are
-    one per example."""
+    one per example.
+
+    accelerator: with several processes, each runs the forward passes of its shard of the features (every
+    world-th feature in length order, so shards have alike lengths), and the per-feature predictions are
+    gathered (`accelerate.utils.gather_object`) so that every process postprocesses and scores the whole
+    split, as one process would. Every process must call it with the same features (a collective)."""
     model.eval()
     preds: list[Any] = [None] * len(features)
-    for idx in length_sorted_batches([f["length"] for f in features], batch_size):
+    lengths = [f["length"] for f in features]
+    world = accelerator.num_processes if accelerator is not None else 1
+    mine = list(range(len(features)))
+    if world > 1:
+        mine = sorted(mine, key=lambda i: -lengths[i])[accelerator.process_index::world]
+    done: list[tuple[int, Any]] = []
+    for local in length_sorted_batches([lengths[i] for i in mine], batch_size):
+        idx = [mine[j] for j in local]
         chunk = [features[i] for i in idx]
         batch = {k: v.to(device) for k, v in collate(task, chunk, pad_token_id).items() if k != "labels"}
         ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
         with ctx:
             logits = model(task=task.name, **batch)
-        for i, p in zip(idx, task.predictions(logits.float(), chunk)):
-            preds[i] = p
+        done += zip(idx, task.predictions(logits.float(), chunk))
         if bar is not None:
             bar.update(1)
+    if world > 1:
+        from accelerate.utils import gather_object
+        done = gather_object(done)
+    for i, p in done:
+        preds[i] = p
     return task.postprocess(preds, features), task.references(features)
 
 
 def evaluate(model, tasks: dict, features: dict[str, list[dict]], batch_size: int, pad_token_id: int,
-             device: torch.device, autocast_dtype: torch.dtype | None = None, bar=None) -> dict[str, float]:
+             device: torch.device, autocast_dtype: torch.dtype | None = None, bar=None,
+             accelerator=None) -> dict[str, float]:
     """Metrics of every task that has features: {"task/metric": value, ..., "mean": selection mean}.
-    `bar`: a progress object advanced by one per batch (`task_outputs`)."""
+    `bar`: a progress object advanced by one per batch (`task_outputs`). `accelerator`: split the forward
+    passes across its processes and gather the predictions; every process gets the same metrics."""
     out: dict[str, float] = {}
     selection = []
     for name, feats in features.items():
         if not feats:
             continue
         task = tasks[name]
-        preds, refs = task_outputs(model, task, feats, batch_size, pad_token_id, device, autocast_dtype, bar)
+        preds, refs = task_outputs(model, task, feats, batch_size, pad_token_id, device, autocast_dtype, bar,
+                                   accelerator)
         for metric, value in task.metrics(preds, refs).items():
             out[f"{name}/{metric}"] = value
         m = default_metric(task)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -87,6 +88,12 @@ def make_accelerator(recipe: Recipe) -> Accelerator:
     # Ask for the CPU explicitly when there is no GPU: under torchrun/accelerate launch without it,
     # every rank would train alone (see shared/ENGINES.md). Heads of tasks absent from a micro-batch get
     # no gradient, so DDP must look for unused parameters.
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":   # accelerate launch --use_fsdp / config
+        raise RecipeError(["FSDP (accelerate launch --use_fsdp, or an Accelerate config with distributed_type FSDP) "
+                           "is not supported: on CPU Accelerate does not shard (it trains plain DDP, or fails in "
+                           "the FSDP plugin's sync_module_states), and mtlm's loop saves the bundle from the main "
+                           "process's full parameters and averages all_tasks gradients itself, which sharded "
+                           "parameters break. Launch DDP instead (--multi_gpu)"])
     mp = recipe.train.mixed_precision
     if mp == "fp16" and not torch.cuda.is_available():
         raise RecipeError(["train.mixed_precision: fp16 needs a GPU; use bf16 on CPU"])
@@ -111,6 +118,17 @@ def average_gradients(accelerator: Accelerator, params: list[torch.nn.Parameter]
     for p in params:
         p.grad = flat[offset:offset + p.numel()].view_as(p)
         offset += p.numel()
+
+
+def global_means(accelerator: Accelerator, values: dict[str, float]) -> dict[str, float]:
+    """{name: mean over processes} of per-process values with the same keys everywhere (one all-reduce;
+    the values themselves with one process): the logged training losses are the global batch's, not the
+    main process's share of it."""
+    if accelerator.num_processes == 1 or not values:
+        return values
+    means = accelerator.reduce(torch.tensor(list(values.values()), dtype=torch.float64,
+                                            device=accelerator.device), reduction="mean")
+    return dict(zip(values, means.tolist()))
 
 
 def build(recipe: Recipe, resume: bool = False, overwrite: bool = False, model_fn: ModelHook | None = None) -> Run:
@@ -299,7 +317,7 @@ def fit(recipe: Recipe, resume: bool = False, progress: bool = True, stop_after:
         state["step"] += 1
         steps_this_call += 1
         step = state["step"]
-        losses_now = {n: sum(v) / len(v) for n, v in step_losses.items()}
+        losses_now = global_means(accelerator, {n: sum(v) / len(v) for n, v in step_losses.items()})
         for name, value in losses_now.items():
             running[name] = value if name not in running else 0.9 * running[name] + 0.1 * value
         run.bar.set_postfix({n: f"{v:.3f}" for n, v in running.items()}, refresh=False)
@@ -310,8 +328,9 @@ def fit(recipe: Recipe, resume: bool = False, progress: bool = True, stop_after:
                                        **{f"weight/{n}": round(w, 5) for n, w in weights.items()}})
         if step % cfg.eval_every == 0 or step == max_steps:
             elapsed = time.perf_counter() - t0        # training time so far (earlier evaluations included)
+            # each process runs its shard of the dev set; the predictions are gathered (same metrics everywhere)
             metrics = evaluate(run.unwrapped, run.tasks, run.dev, cfg.eval_batch_size, run.tokenizer.pad_token_id,
-                               accelerator.device, autocast_dtype)
+                               accelerator.device, autocast_dtype, accelerator=accelerator)
             state["history"].append({"step": step, **metrics, "train_tokens_per_s": tokens_seen / elapsed,
                                      "train_s": elapsed})
             run.improved = False
