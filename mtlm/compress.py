@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -102,6 +103,7 @@ def compress_run(run: str | Path, method: str = "auto", budget: float = 1.0, out
     from mtlm.measure import cpu_flags, model_rows, peak_memory_mb, size_on_disk, speed
 
     _check_arguments(method, budget)
+    load_start = os.getloadavg()        # the machine may be shared: the ratios carry over, not the rates
     if method == "layers":
         from mtlm.layer_drop import LayerSettings
         layers = layers or LayerSettings()
@@ -252,7 +254,7 @@ def compress_run(run: str | Path, method: str = "auto", budget: float = 1.0, out
                               **({"runs_on": candidates[n]["runs_on"], "fits": candidates[n]["trial"].fits,
                                   "dev_drop_pct": candidates[n]["trial"].drops} if n in candidates else {})}
                           for n in speeds},
-              "measured_on_rows": len(rows)}
+              "measured_on_rows": len(rows), "loadavg": {"start": load_start, "end": os.getloadavg()}}
     if method == "auto":
         from mtlm.compress_auto import verdict
         report["skipped"] = skipped
@@ -337,7 +339,9 @@ def format_report(report: dict) -> str:
         peak = f"{e['peak_rss_mb']:>9.0f}" if e.get("peak_rss_mb") else f"{'-':>9}"
         lines.append(f"{name:<{width}}{e['texts_per_s']:>9.1f}{e['ratio_vs_torch']:>9.2f}{e['p50_latency_ms']:>8.1f}"
                      f"{size}{peak}")
-    lines.append(f"cpu flags: {' '.join(report['cpu_flags']) or 'unknown'}; {report['measured_on_rows']} dev texts")
+    load = report.get("loadavg", {}).get("end")
+    lines.append(f"cpu flags: {' '.join(report['cpu_flags']) or 'unknown'}; {report['measured_on_rows']} dev texts"
+                 + (f"; load average {load[0]:.1f} (shared machine: compare the ratios)" if load else ""))
     if "verdict" in report:
         lines += report["verdict"]["lines"]
         if report["verdict"]["stopped_by"]:
