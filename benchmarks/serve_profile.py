@@ -72,7 +72,7 @@ def main() -> None:
             raw = Path(tmp) / "stacks.txt"
             spy = subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(server.proc.pid),
                                     "--duration", str(int(cfg.seconds)), "--format", "raw", "--output", str(raw),
-                                    "--subprocesses", "--nonblocking", "--native"],
+                                    "--subprocesses", "--native"],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
             time.sleep(1.0)
             recs, start = asyncio.run(closed_loop(target, texts, cfg.concurrency, 10 ** 7, cfg.seconds, 30000))
