@@ -15,6 +15,9 @@ lacks, is recorded as refused with the reason):
      the ratio HTTP / in-process per round, and its median over rounds (os.getloadavg() per slice recorded);
   3. an overload run: Poisson arrivals at 2 x the median HTTP saturation for `--overload-s` s: 5xx count
      (must be 0), 429 share, unanswered requests.
+An entry `ENGINE@RUN` serves another bundle with that engine: a run derived from this one by `mtlm compress`
+(same tasks), e.g. `onnx-int8@runs/x-auto` for a pruned or layer-dropped + int8 bundle, compared with the torch
+fp32 server of the parent in the same rounds.
 The same texts in the same order for every engine and slice. The load generator (this process's asyncio
 client) shares the machine's CPUs with the server; it is idle during the in-process slices.
 """
@@ -99,6 +102,7 @@ def run_engines(bundle: Path, tasks: list[str], texts: list[str], cfg, log_dir: 
     import torch
     from serve_bench import Server, closed_loop
 
+    from mtlm.checkpoint import find_bundle
     from mtlm.engine import EngineError, precheck_engine
     from mtlm.predict import load
     cores = os.cpu_count() or 1
@@ -106,19 +110,21 @@ def run_engines(bundle: Path, tasks: list[str], texts: list[str], cfg, log_dir: 
     results: dict[str, dict] = {}
     live: dict[str, tuple] = {}
     try:
-        for engine in cfg.engines:
+        for entry in cfg.engines:
+            engine, _, other = entry.partition("@")
+            where = find_bundle(other).resolve() if other else bundle
             try:
-                precheck_engine(engine, bundle)
+                precheck_engine(engine, where)
             except EngineError as e:
-                print(f"[{engine}] refused: {e}", flush=True)
-                results[engine] = {"refused": str(e)}
+                print(f"[{entry}] refused: {e}", flush=True)
+                results[entry] = {"refused": str(e)}
                 continue
-            predictor = load(bundle, None, engine)
+            predictor = load(where, None, engine)
             predictor.predict(texts[:cfg.batch], tasks, batch_size=cfg.batch)                # warm-up
-            server = Server(bundle, ["--engine", engine, "--max-queue", str(cfg.max_queue), "--max-batch-size",
-                                     str(cfg.batch)], cores, log_dir, f"mtlm-{engine}")
-            live[engine] = (predictor, server)
-            results[engine] = {"engine": predictor.engine.name, "rounds": []}
+            server = Server(where, ["--engine", engine, "--max-queue", str(cfg.max_queue), "--max-batch-size",
+                                    str(cfg.batch)], cores, log_dir, f"mtlm-{engine}-{len(live)}")
+            live[entry] = (predictor, server)
+            results[entry] = {"engine": predictor.engine.name, "bundle": str(where), "rounds": []}
             server.wait_ready()
             asyncio.run(closed_loop([(server.url, "/v1/predict", {"tasks": tasks})], texts, 8, 64, 10, cfg.timeout_ms))
         at = dict.fromkeys(live, 0)

@@ -201,8 +201,17 @@ def cmd_compress(args) -> None:
     from mtlm.compress import REPORT_FILE, CompressError, compress_run, format_report
     if args.method in ("auto", "int8"):
         _need_onnx(f"mtlm compress --method {args.method}")
-    layers = prune = None
-    if args.method == "layers":
+    layers = prune = auto = None
+    if args.search_minutes is not None and args.method != "auto":
+        raise CompressError("--search-minutes applies to --method auto only")
+    if args.method == "auto":
+        from mtlm.compress_auto import AutoSettings
+        auto = AutoSettings()
+        if args.search_minutes is not None:
+            auto.search_minutes = args.search_minutes
+        if args.recovery_steps is not None:
+            auto.recovery_steps = args.recovery_steps
+    elif args.method == "layers":
         from mtlm.layer_drop import LayerSettings
         layers = LayerSettings()
         if args.recovery_steps is not None:
@@ -220,12 +229,13 @@ def cmd_compress(args) -> None:
             except ValueError:
                 raise CompressError(f"--prune-levels {args.prune_levels}: expected fractions like 0.5,0.3,0.1") from None
     elif args.recovery_steps is not None:
-        raise CompressError("--recovery-steps applies to --method layers and prune only")
+        raise CompressError("--recovery-steps applies to --method auto, layers and prune only")
     if args.layer_choice and args.method != "layers":
         raise CompressError("--layer-choice applies to --method layers only")
     if args.prune_levels and args.method != "prune":
         raise CompressError("--prune-levels applies to --method prune only")
-    run_dir, report = compress_run(args.run, args.method, args.budget, args.output, layers=layers, prune=prune)
+    run_dir, report = compress_run(args.run, args.method, args.budget, args.output, layers=layers, prune=prune,
+                                   auto=auto)
     print(format_report(report))
     print(f"derived run: {run_dir} (mtlm eval {run_dir} --split dev|test compares it with its parent)\n"
           f"report: {run_dir / REPORT_FILE}")
@@ -374,13 +384,17 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("run", help="run folder (with its stored dev rows)")
     c.add_argument("--method", default="auto",
                    help="auto | int8 | bf16 | prune | layers; default: %(default)s. auto tries int8, onnx fp32 and "
-                        "bf16, not prune or layers: they train once per level / layer count they try (minutes on a CPU)")
+                        "bf16 (native only), then, within --search-minutes, layer dropping and pruning, alone and "
+                        "+ int8 (each trains: minutes on a CPU)")
     c.add_argument("--budget", type=float, default=1.0,
                    help="relative drop in percent allowed for EACH task's dev metric (default: %(default)s)")
     c.add_argument("--output", help="derived run folder (default: <run>-<method> beside the run)")
     c.add_argument("--recovery-steps", type=int, default=None,
-                   help="--method layers / prune: recovery training steps (distilled from the run) per layer count "
-                        "or pruning level tried (default: 100)")
+                   help="--method auto / layers / prune: recovery training steps (distilled from the run) per layer "
+                        "count or pruning level tried (default: 100)")
+    c.add_argument("--search-minutes", type=float, default=None,
+                   help="--method auto: wall-clock bound of the trained tries (layers, prune; alone and + int8); a "
+                        "try starts while the time spent plus the longest try fits; 0: none (default: 30)")
     c.add_argument("--layer-choice", help="--method layers: which layers a student keeps, tried in order: top "
                                           "(drop the top layers), alternate (keep spread layers); default top,alternate")
     c.add_argument("--prune-levels", help="--method prune: fractions of heads and of FFN neurons to try, e.g. "

@@ -7,15 +7,16 @@ every task. Methods:
   which node groups stay fp32 that fits, and names the task that bound it.
 - bf16: torch bf16 autocast (engine torch-bf16), measured on the CPU: only with native bf16 (AVX512-BF16 /
   AMX). (A GPU runs the torch-bf16 engine through `mtlm.load(path, "cuda", "torch-bf16")`.)
-- auto: every method this machine runs (int8, the fp32 ONNX graph, bf16 where native), then the fastest
-  within budget, measured side by side with torch fp32 in this run.
+- auto: every method this machine runs without training (int8, the fp32 ONNX graph, bf16 where native), then,
+  within `--search-minutes`, layer dropping and pruning alone and each combined with int8
+  (`mtlm.compress_auto`); the fastest within budget, measured side by side with torch fp32 in this run. Its
+  report adds a verdict: the 1.8x goal reached or not, and what stops each method (a task or a missing
+  instruction set).
 - layers: layer dropping (Sajjad et al. 2020: top / alternate layers) with recovery training distilled from the
   parent (`mtlm.layer_drop`); the search keeps the fewest layers that fit and names the task that bound it.
-  It trains once per layer count tried, so auto does not try it.
 - prune: structured pruning of attention heads and FFN neurons, importance summed over every task, then
   recovery fine-tuning distilled from the parent through `fit` (`mtlm.prune`); the search keeps the strongest
-  pruning level that fits and names the task that bound it. It trains once per level tried, so auto does not
-  try it.
+  pruning level that fits and names the task that bound it.
 The chosen model is re-evaluated from the files written before it is returned: a setting that violates the
 budget on dev is never returned; when none fits, CompressError says what each try lost.
 
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -85,11 +87,13 @@ class Scorer:
 
 
 def compress_run(run: str | Path, method: str = "auto", budget: float = 1.0, output: str | Path | None = None,
-                 measure_memory: bool = True, rounds: int = 3, layers=None, prune=None) -> tuple[Path, dict]:
+                 measure_memory: bool = True, rounds: int = 3, layers=None, prune=None,
+                 auto=None) -> tuple[Path, dict]:
     """Compress run `run` by `method` within `budget` (% relative drop per task on dev) into a derived run
     (`output`, default `<run>-<method>` beside it). Returns (the derived run folder, the report dict).
     `layers`: `mtlm.layer_drop.LayerSettings` for --method layers (choices, recovery steps; default settings).
     `prune`: `mtlm.prune.PruneSettings` for --method prune (levels, recovery steps; default settings).
+    `auto`: `mtlm.compress_auto.AutoSettings` for --method auto (search time, recovery steps; default settings).
 
     Raises CompressError (unknown or unbuilt method, budget < 0, a task without dev rows, output exists,
     nothing within budget), EngineError (bf16 on a CPU without native bf16), ContractError (no stored
@@ -99,6 +103,7 @@ def compress_run(run: str | Path, method: str = "auto", budget: float = 1.0, out
     from mtlm.measure import cpu_flags, model_rows, peak_memory_mb, size_on_disk, speed
 
     _check_arguments(method, budget)
+    load_start = os.getloadavg()        # the machine may be shared: the ratios carry over, not the rates
     if method == "layers":
         from mtlm.layer_drop import LayerSettings
         layers = layers or LayerSettings()
@@ -109,6 +114,11 @@ def compress_run(run: str | Path, method: str = "auto", budget: float = 1.0, out
         prune = prune or PruneSettings()
         if prune.check():
             raise CompressError("--method prune: " + "; ".join(prune.check()))
+    if method == "auto":
+        from mtlm.compress_auto import AutoSettings
+        auto = auto or AutoSettings()
+        if auto.check():
+            raise CompressError("--method auto: " + "; ".join(auto.check()))
     bundle = find_bundle(run)
     parent = bundle.parent if bundle.name == "model" else bundle
     out = Path(output) if output is not None else parent.with_name(f"{parent.name}-{method}")
@@ -121,6 +131,7 @@ def compress_run(run: str | Path, method: str = "auto", budget: float = 1.0, out
     if method in ("layers", "prune") and len(model.private):   # they rebuild the shared stack only
         raise CompressError(f"--method {method}: not built for a model with private layers (tasks "
                             f"{', '.join(model.private)}: tasks.<name>.private_layers); use int8, bf16 or auto")
+    trains = method == "auto" and auto.search_minutes > 0 and not len(model.private)
     try:
         dev = dev_features(bundle, tasks, tokenizer, int(meta["max_length"]), rows=None)
     except ContractError as e:
@@ -136,67 +147,88 @@ def compress_run(run: str | Path, method: str = "auto", budget: float = 1.0, out
 
     work = Path(tempfile.mkdtemp(prefix="mtlm-compress-"))
     try:
-        found: dict[str, dict] = {}              # engine -> {"trial", "engine", "details"}
+        # name -> {"trial", "engine", "details", "runs_on", "bundle" (own weights) or None, "graph_dir" or None,
+        # "bound_by"}; over: tries over budget, measured for the report only
+        found: dict[str, dict] = {}
+        over: dict[str, dict] = {}
+        skipped: list[dict] = []
         trials: list[dict] = []
         bound = None
         if method in ("int8", "auto"):
             found_int8, int8_trials, bound = _search_int8(model, work, scorer, base, budget)
             trials += [t.as_dict() for t in int8_trials]
             if found_int8 is not None:
-                found["onnx-int8"] = found_int8
+                found["onnx-int8"] = {**found_int8, "runs_on": "onnx-int8", "graph_dir": work, "bound_by": bound}
             if method == "auto" and (work / ONNX_DIR / ONNX_FILES["onnx"]).is_file():
                 engine = OnnxEngine(None, "cpu", work)
                 metrics = scorer.metrics(engine)
                 trial = Trial("onnx fp32", [], metrics, scorer.drops(base, metrics), budget)
                 trials.append(trial.as_dict())
                 if trial.fits:
-                    found["onnx"] = {"trial": trial, "engine": engine, "details": {}}
+                    found["onnx"] = {"trial": trial, "engine": engine, "details": {}, "runs_on": "onnx",
+                                     "graph_dir": work}
         if method in ("bf16", "auto") and bf16_ok:
             engine = TorchBf16Engine(model, "cpu")
             metrics = scorer.metrics(engine)
             trial = Trial("torch bf16 autocast", [], metrics, scorer.drops(base, metrics), budget)
             trials.append(trial.as_dict())
             if trial.fits:
-                found["torch-bf16"] = {"trial": trial, "engine": engine, "details": {"autocast": "bfloat16"}}
+                found["torch-bf16"] = {"trial": trial, "engine": engine, "details": {"autocast": "bfloat16"},
+                                       "runs_on": "torch-bf16"}
+        if trains:
+            from mtlm.compress_auto import trained_tries
+            more, over, auto_trials, skipped = trained_tries(
+                model, bundle, tasks, tokenizer, meta, scorer, base, budget, auto, work / "trained",
+                lambda student, folder: _search_int8(student, folder, scorer, base, budget))
+            found.update(more)
+            trials += auto_trials
+        elif method == "auto":
+            skipped.append({"try": "layers, prune (alone and + int8)",
+                            "reason": "--search-minutes 0" if auto.search_minutes <= 0 else
+                            "not built for a model with private layers"})
         if method == "layers":
             from mtlm.layer_drop import search_layers
             best, layer_trials, bound = search_layers(model, parent, scorer, base, budget, layers, work / "layers")
             trials += layer_trials
             if best is not None:
-                found[DROPPED] = {**best, "engine": _reopen(DROPPED, model, best["bundle"])}
+                found[DROPPED] = {**best, "engine": _reopen(DROPPED, model, best["bundle"]), "runs_on": "torch",
+                                  "bound_by": bound}
         if method == "prune":
             from mtlm.prune import search_pruning
             best, pruned_trials, bound = search_pruning(model, bundle, tasks, tokenizer, meta, scorer, base, budget,
                                                         prune, work / "prune")
             trials += pruned_trials
             if best is not None:
-                found[PRUNED] = {**best, "engine": _reopen(PRUNED, model, best["bundle"])}
+                found[PRUNED] = {**best, "engine": _reopen(PRUNED, model, best["bundle"]), "runs_on": "torch",
+                                 "bound_by": bound}
         if not found:
             lines = [f"  {t['name']}: " + ", ".join(f"{n} {d:+.2f}%" for n, d in t["dev_drop_pct"].items())
                      for t in trials]
-            skipped = "" if bf16_ok or method != "auto" else " (bf16 not tried: this CPU has no native bf16)"
+            bf16_note = "" if bf16_ok or method != "auto" else " (bf16 not tried: this CPU has no native bf16)"
             stopped = f" (the task that stops it: {bound})" if method in ("layers", "prune") and bound else ""
-            raise CompressError(f"nothing fits a {budget}% budget on dev for every task{skipped}{stopped}; relative "
+            raise CompressError(f"nothing fits a {budget}% budget on dev for every task{bf16_note}{stopped}; relative "
                                 f"drops per try:\n" + "\n".join(lines))
+        candidates = {**found, **over}
 
         rows = model_rows(dev)
-        speeds = speed({"torch": reference, **{n: f["engine"] for n, f in found.items()}}, list(tasks), rows,
+        speeds = speed({"torch": reference, **{n: f["engine"] for n, f in candidates.items()}}, list(tasks), rows,
                        tokenizer.pad_token_id, rounds=rounds)
         chosen = max(found, key=lambda n: speeds[n]["texts_per_s"])
-        details = {"budget_pct": budget, "engine": chosen, "bound_by": bound if chosen in ("onnx-int8", *OWN_WEIGHTS) else None,
-                   **found[chosen]["details"]}
-        derived = derive_run(parent, out, found[chosen].get("bundle"), method=method if method != "auto"
+        entry = found[chosen]
+        runs_on = entry["runs_on"]
+        details = {"budget_pct": budget, "engine": runs_on, "bound_by": entry.get("bound_by"), **entry["details"]}
+        derived = derive_run(parent, out, entry.get("bundle"), method=method if method != "auto"
                              else f"auto:{chosen}", details=details)
         target = derived / "model"
-        if chosen in OWN_WEIGHTS:      # the parent's recipe, not the recovery run's (details hold its settings)
+        if entry.get("bundle"):        # the parent's recipe, not the recovery run's (details hold its settings)
             shutil.copy2(bundle / "recipe.yaml", target / "recipe.yaml")
-        if chosen in ONNX_FILES:
+        if runs_on in ONNX_FILES:
             (target / ONNX_DIR).mkdir(exist_ok=True)
-            shutil.copy2(work / ONNX_DIR / ONNX_FILES[chosen], target / ONNX_DIR / ONNX_FILES[chosen])
+            shutil.copy2(entry["graph_dir"] / ONNX_DIR / ONNX_FILES[runs_on], target / ONNX_DIR / ONNX_FILES[runs_on])
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    final = _reopen(chosen, model, target)          # the files as written, scored again: never over budget
+    final = _reopen(runs_on, model, target)          # the files as written, scored again: never over budget
     dev_after = scorer.metrics(final)
     dev_drops = scorer.drops(base, dev_after)
     if any(d > budget + 1e-9 for d in dev_drops.values()):
@@ -207,24 +239,28 @@ def compress_run(run: str | Path, method: str = "auto", budget: float = 1.0, out
     checks = compare(final, reference, tasks, {n: f[:CHECK_ROWS] for n, f in dev.items()}, tokenizer.pad_token_id)
     details["check"] = {n: c.as_dict() for n, c in checks.items()}     # what `mtlm.load`'s check compares with
     flags = cpu_flags()
-    runs_on = "torch" if chosen in OWN_WEIGHTS else chosen
-    if chosen not in OWN_WEIGHTS:             # a torch model of its own weights: no engine manifest
-        write_manifest(target, {chosen: {"file": f"{ONNX_DIR}/{ONNX_FILES[chosen]}" if chosen in ONNX_FILES else None,
-                                         **details}},
-                       measured={"texts_per_s": {n: speeds[n]["texts_per_s"] for n in ("torch", chosen)},
-                                 "cpu_flags": flags})
+    if runs_on != "torch":             # a torch model of its own weights: no engine manifest
+        write_manifest(target, {runs_on: {"file": f"{ONNX_DIR}/{ONNX_FILES[runs_on]}" if runs_on in ONNX_FILES
+                                          else None, **details}},
+                       measured={"texts_per_s": {"torch": speeds["torch"]["texts_per_s"],
+                                                 runs_on: speeds[chosen]["texts_per_s"]}, "cpu_flags": flags})
     test = _test_scores(bundle, tasks, tokenizer, meta, reference, final)
     report = {"parent": str(parent), "run": str(derived), "method": method, "engine": runs_on, "model": chosen,
               "budget_pct": budget, "bound_by": details["bound_by"], "cpu_flags": flags,
               "tasks": {n: {"metric": scorer.keys[n].split("/", 1)[1], "dev_before": base[n], "dev_after": dev_after[n],
                             "dev_drop_pct": dev_drops[n], **test.get(n, {})} for n in tasks},
               "trials": trials,
-              "engines": {n: {**speeds[n], "ratio_vs_torch": speeds[n]["texts_per_s"] / speeds["torch"]["texts_per_s"]}
+              "engines": {n: {**speeds[n], "ratio_vs_torch": speeds[n]["texts_per_s"] / speeds["torch"]["texts_per_s"],
+                              **({"runs_on": candidates[n]["runs_on"], "fits": candidates[n]["trial"].fits,
+                                  "dev_drop_pct": candidates[n]["trial"].drops} if n in candidates else {})}
                           for n in speeds},
-              "measured_on_rows": len(rows)}
-    for name, where in (("torch", bundle), (chosen, target)):
+              "measured_on_rows": len(rows), "loadavg": {"start": load_start, "end": os.getloadavg()}}
+    if method == "auto":
+        from mtlm.compress_auto import verdict
+        report["skipped"] = skipped
+        report["verdict"] = verdict(report, auto)
+    for name, where, engine in (("torch", bundle, "torch"), (chosen, target, runs_on)):
         entry = report["engines"][name]
-        engine = "torch" if name in OWN_WEIGHTS else name
         entry["size_mb"] = size_on_disk(where, engine) / 2**20
         if measure_memory:
             entry["peak_rss_mb"] = peak_memory_mb(where, engine, rows, tokenizer.pad_token_id)
@@ -259,10 +295,10 @@ def _search_int8(model, work: Path, scorer: Scorer, base: dict, budget: float):
 
 
 def _reopen(name: str, model, bundle: Path):
-    """Engine `name` for the files in `bundle` (a layer-dropped or pruned model: its own weights, loaded from
-    them, on torch)."""
+    """Engine `name` (an engine name, or DROPPED / PRUNED) for the files in `bundle`; torch on a layer-dropped
+    or pruned model runs its own weights, loaded from them."""
     from mtlm.engine import make_engine
-    if name in OWN_WEIGHTS:
+    if name in OWN_WEIGHTS or name == "torch":
         from mtlm.checkpoint import load_bundle
         return TorchEngine(load_bundle(bundle, "cpu")[0], "cpu")
     return make_engine(name, model, "cpu", bundle)
@@ -296,12 +332,20 @@ def format_report(report: dict) -> str:
                 else f"{'-':>13}{'-':>9}{'-':>8}")
         lines.append(f"{name:<16}{t['metric']:<10}{t['dev_before']:>11.4f}{t['dev_after']:>9.4f}"
                      f"{t['dev_drop_pct']:>+8.2f}{test}")
-    lines.append(f"{'engine':<12}{'texts/s':>9}{'x torch':>9}{'p50 ms':>8}{'size MB':>9}{'peak MB':>9}")
+    width = max(12, *(len(n) + 2 for n in report["engines"]))
+    lines.append(f"{'engine':<{width}}{'texts/s':>9}{'x torch':>9}{'p50 ms':>8}{'size MB':>9}{'peak MB':>9}")
     for name, e in report["engines"].items():
         size = f"{e['size_mb']:>9.1f}" if "size_mb" in e else f"{'-':>9}"
         peak = f"{e['peak_rss_mb']:>9.0f}" if e.get("peak_rss_mb") else f"{'-':>9}"
-        lines.append(f"{name:<12}{e['texts_per_s']:>9.1f}{e['ratio_vs_torch']:>9.2f}{e['p50_latency_ms']:>8.1f}{size}{peak}")
-    lines.append(f"cpu flags: {' '.join(report['cpu_flags']) or 'unknown'}; {report['measured_on_rows']} dev texts")
+        lines.append(f"{name:<{width}}{e['texts_per_s']:>9.1f}{e['ratio_vs_torch']:>9.2f}{e['p50_latency_ms']:>8.1f}"
+                     f"{size}{peak}")
+    load = report.get("loadavg", {}).get("end")
+    lines.append(f"cpu flags: {' '.join(report['cpu_flags']) or 'unknown'}; {report['measured_on_rows']} dev texts"
+                 + (f"; load average {load[0]:.1f} (shared machine: compare the ratios)" if load else ""))
+    if "verdict" in report:
+        lines += report["verdict"]["lines"]
+        if report["verdict"]["stopped_by"]:
+            lines.append("stopped by: " + "; ".join(report["verdict"]["stopped_by"]))
     slower = slower_than_torch(report)
     if slower:
         lines.append(f"WARNING: {slower} measured {report['engines'][slower]['ratio_vs_torch']:.2f}x torch fp32 here: "

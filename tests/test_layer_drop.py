@@ -136,6 +136,6 @@ def test_bad_layer_settings_are_refused(teacher, tmp_path, capsys):
     with pytest.raises(CompressError, match="layer choices must be among"):
         compress_run(teacher, "layers", layers=LayerSettings(strategies=("middle",)))
     assert main(["compress", str(teacher), "--method", "int8", "--recovery-steps", "5"]) == 2
-    assert "--recovery-steps applies to --method layers and prune only" in capsys.readouterr().err
+    assert "--recovery-steps applies to --method auto, layers and prune only" in capsys.readouterr().err
     assert main(["compress", str(teacher), "--method", "layers", "--layer-choice", "bottom"]) == 2
     assert "layer choices must be among" in capsys.readouterr().err
