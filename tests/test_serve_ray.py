@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -60,6 +61,13 @@ def _scores(a, b, where: str = "") -> None:
         assert abs(a - b) <= 1e-5, (where, a, b)
     else:
         assert a == b, (where, a, b)
+
+
+def _same(detail: str) -> str:
+    """A 4xx reason without what each server measures itself (the deadline floors: numbers and tiers)."""
+    if detail.startswith("timeout_ms:"):
+        detail = detail.split(";")[0]
+    return re.sub(r"\d+(\.\d+)?", "N", detail)
 
 
 def test_serve_without_ray_never_imports_it(bundle):
@@ -171,7 +179,7 @@ def test_ray_refuses_bad_requests_like_mtlm_serve(servers):
             ra, rb = _post(a, path, body), _post(b, path, body)
             assert 400 <= ra.status_code < 500, (path, ra.status_code)
             assert rb.status_code == ra.status_code, (path, body if not isinstance(body, bytes) else body[:20], rb.text)
-            assert rb.json()["detail"] == ra.json()["detail"], path
+            assert _same(rb.json()["detail"]) == _same(ra.json()["detail"]), path
 
 
 def test_ray_answers_429_never_5xx_at_twice_its_capacity(servers):
