@@ -211,3 +211,41 @@ def test_ray_server_stops_every_process_it_started(servers):
     gone, alive = psutil.wait_procs(tree, timeout=30)
     alive = [p for p in alive if p.status() != psutil.STATUS_ZOMBIE]
     assert not alive, [(p.pid, " ".join(p.cmdline())[:120]) for p in alive]
+
+
+def test_deployment_checks_its_arguments(bundle, tmp_path):
+    pytest.importorskip("ray.serve")
+    from mtlm.checkpoint import BundleError
+    from mtlm.serve.ray import deployment
+    with pytest.raises(ValueError, match="autoscale: want MIN:MAX"):
+        deployment(bundle, autoscale=(3, 1))
+    with pytest.raises(ValueError, match="replicas: want at least 1"):
+        deployment(bundle, replicas=0)
+    with pytest.raises(BundleError):
+        deployment(tmp_path)
+    app = deployment(bundle, autoscale=(1, 3))        # a bound application, for serve.run or a Serve config
+    assert type(app).__name__ == "Application"
+
+
+def test_health_check_fails_a_replica_whose_model_failed():
+    """Ray calls check_health every 2 s and replaces a replica that raises: one whose model failed to load
+    (or whose batching loop died: the same `failed` state) raises with the reason; a ready one does not."""
+    pytest.importorskip("ray.serve")
+    from mtlm.serve.ray import MtlmReplica
+    from mtlm.serve.schemas import ServeSettings
+    from mtlm.serve.service import Service
+
+    def broken():
+        raise OSError("disk gone")
+
+    async def main():
+        service = Service(broken, ServeSettings())
+        await service.start()
+        await asyncio.wait_for(asyncio.shield(service._load_task), 10)
+        return service
+    replica = object.__new__(MtlmReplica.func_or_class)
+    replica.service = asyncio.run(main())
+    with pytest.raises(RuntimeError, match="disk gone"):
+        replica.check_health()
+    replica.service.state = "ready"
+    replica.check_health()
