@@ -41,7 +41,8 @@ from serve_bench import Server, closed_loop, load_texts, text_tasks
 from serve_stats import summarize
 
 ROOT = Path(__file__).resolve().parents[1]
-RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0",
+           "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "30"}
 
 
 def idle_cpu(server: Server, seconds: float = 3.0) -> float:
@@ -113,7 +114,7 @@ def main() -> None:
                 args, command = specs[name]
                 t0 = time.monotonic()
                 servers[name] = Server(bundle, args, cores, Path(tmp), name, command=command, env=RAY_ENV)
-                servers[name].wait_ready(timeout_s=300)
+                servers[name].wait_ready(timeout_s=900)
                 print(f"[{name}] ready in {time.monotonic() - t0:.1f} s", flush=True)
             for name, s in servers.items():
                 target = [(s.url, "/v1/predict", {"tasks": tasks})]

@@ -35,7 +35,10 @@ from mtlm.serve.schemas import ServeSettings
 log = logging.getLogger("mtlm.serve")
 
 # Keep Ray on loopback and quiet (/work/shared/ENGINES.md: the node-ip argument alone is not enough).
-RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+# The proxy's readiness check (5 s by default) killed the proxy of a local Ray started at `nice` on this
+# shared 2-core machine at load average 7, before it ever answered: give it 30 s.
+RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0",
+           "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "30"}
 ADMISSION_MARGIN = 64     # Ray's max_ongoing_requests over the replica's own limit: the excess gets its 429
 APP_NAME = "mtlm"
 
@@ -193,8 +196,12 @@ def serve_ray(args) -> None:
         for key in ("ssl_certfile", "ssl_keyfile"):
             if getattr(args, key, None):
                 http[key] = str(getattr(args, key))
-        serve.start(http_options=http)
         t0 = time.perf_counter()
+        try:
+            serve.start(http_options=http)
+        except Exception as e:     # the proxy did not start (port taken, or too slow on a loaded machine)
+            raise DeployError(f"Ray Serve's HTTP proxy on {args.host}:{args.port} failed to start: "
+                              f"{type(e).__name__}: {e}") from None
         try:
             serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
         except Exception as e:     # a replica that cannot load: Ray's message holds the replica's traceback
