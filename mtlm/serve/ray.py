@@ -52,8 +52,9 @@ class Admission:
     429 (Retry-After: the batcher's estimate, seconds) beyond `max_ongoing`; drops the app's X-Request-ID
     response header, which Ray's proxy adds itself (the same id: the proxy passes it in the request)."""
 
-    def __init__(self, app, max_ongoing: int):
-        self.app, self.max_ongoing, self.ongoing = app, max_ongoing, 0
+    def __init__(self, app, max_ongoing: int, api_keys: APIKeys | None = None):
+        """api_keys: a request these refuse goes to the app (its 401) rather than learning of the load."""
+        self.app, self.max_ongoing, self.api_keys, self.ongoing = app, max_ongoing, api_keys, 0
         self.state = app.state
 
     async def __call__(self, scope, receive, send):
@@ -67,7 +68,9 @@ class Admission:
 
         if scope["method"] != "POST" or not scope["path"].endswith("/predict"):
             return await self.app(scope, receive, send_once)
-        if self.ongoing >= self.max_ongoing:
+        if self.ongoing >= self.max_ongoing and (
+                self.api_keys is None
+                or self.api_keys.reject(scope["path"], dict(scope["headers"]).get(b"authorization")) is None):
             service = self.app.state.service
             service.metrics.request(None, 429)
             retry = service.batcher.retry_after() if service.batcher is not None else 1
@@ -106,7 +109,7 @@ class MtlmReplica:
         self.service = app.state.service
         await self.service.start()             # the app's lifespan start (run by Ray next) is then a no-op
         await self.service.wait_ready(self.ready_timeout_s)
-        return Admission(app, self.max_ongoing)
+        return Admission(app, self.max_ongoing, self.api_keys)
 
     def check_health(self) -> None:
         """Ray's health check (every `health_check_period_s`): raises once the model failed or the batching
