@@ -140,7 +140,7 @@ def servers(bundle, tmp_path_factory):
         plain = stack.enter_context(running_server(bundle, d / "plain", *flags))
         ray_base = stack.enter_context(running_server(bundle, d / "ray", "--ray", "--replicas", str(REPLICAS),
                                                       "--max-ongoing", str(MAX_ONGOING), *flags, env=RAY_ENV,
-                                                      ready_timeout_s=400))    # a local Ray at `nice` under load
+                                                      ready_timeout_s=900))    # a local Ray at `nice` under load: minutes
         yield {"plain": plain, "ray": ray_base, "tree": _ray_tree(ray_base), "stop": stack.close,
                "log": d / "ray" / "serve.log"}
 
