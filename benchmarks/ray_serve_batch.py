@@ -77,6 +77,8 @@ def main() -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, frame: stop.set())
     try:
+        from ray.serve._private import api as serve_api       # as mtlm.serve.ray.serve_ray: a slow proxy start
+        serve_api.HTTP_PROXY_TIMEOUT = max(serve_api.HTTP_PROXY_TIMEOUT, 600)
         serve.start(http_options={"host": cfg.host, "port": cfg.port})
         serve.run(app, name="serve_batch", route_prefix="/", blocking=False)
         print("ready", flush=True)

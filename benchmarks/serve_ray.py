@@ -42,7 +42,7 @@ from serve_stats import summarize
 
 ROOT = Path(__file__).resolve().parents[1]
 RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0",
-           "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "30"}
+           "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60"}
 
 
 def idle_cpu(server: Server, seconds: float = 3.0) -> float:

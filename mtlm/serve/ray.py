@@ -35,10 +35,12 @@ from mtlm.serve.schemas import ServeSettings
 log = logging.getLogger("mtlm.serve")
 
 # Keep Ray on loopback and quiet (/work/shared/ENGINES.md: the node-ip argument alone is not enough).
-# The proxy's readiness check (5 s by default) killed the proxy of a local Ray started at `nice` on this
-# shared 2-core machine at load average 7, before it ever answered: give it 30 s.
+# On this shared 2-core machine at load average 7-9, a local Ray started at `nice` needed minutes: the
+# controller's proxy readiness check (5 s by default) killed the proxy before it ever answered, and
+# `serve.start` gave up on it after 60 s (a constant in ray.serve._private.api). Give both 10 minutes.
+PROXY_START_TIMEOUT_S = 600
 RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0",
-           "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "30"}
+           "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60"}
 ADMISSION_MARGIN = 64     # Ray's max_ongoing_requests over the replica's own limit: the excess gets its 429
 APP_NAME = "mtlm"
 
@@ -200,6 +202,9 @@ def serve_ray(args) -> None:
             if getattr(args, key, None):
                 http[key] = str(getattr(args, key))
         t0 = time.perf_counter()
+        from ray.serve._private import api as serve_api       # no public setting for this wait (Ray 2.60)
+        if getattr(serve_api, "HTTP_PROXY_TIMEOUT", PROXY_START_TIMEOUT_S) < PROXY_START_TIMEOUT_S:
+            serve_api.HTTP_PROXY_TIMEOUT = PROXY_START_TIMEOUT_S
         try:
             serve.start(http_options=http)
         except Exception as e:     # the proxy did not start (port taken, or too slow on a loaded machine)
