@@ -385,7 +385,8 @@ def build_parser() -> argparse.ArgumentParser:
     r = v.add_argument_group("Ray Serve", "serve through Ray Serve replicas (pip install 'mtlm[ray]'; README 'Serving')")
     r.add_argument("--ray", action="store_true", help="run the app in Ray Serve replicas behind Ray's HTTP proxy "
                    "(a local Ray on 127.0.0.1, or the cluster at RAY_ADDRESS)")
-    r.add_argument("--replicas", type=_positive_int, default=None, metavar="N", help="replicas, each with its own model (default: 1)")
+    r.add_argument("--replicas", type=_positive_int, default=None, metavar="N",
+                   help="replicas, each with its own model (default: 1)")
     r.add_argument("--autoscale", type=_autoscale, default=None, metavar="MIN:MAX",
                    help="let Ray scale between MIN and MAX replicas on ongoing requests")
     r.add_argument("--max-ongoing", type=_positive_int, default=None, metavar="N",
