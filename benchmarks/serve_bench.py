@@ -142,14 +142,17 @@ def free_port() -> int:
 class Server:
     """One `mtlm serve` subprocess on loopback; samples its resident memory (incl. children) every 0.25 s."""
 
-    def __init__(self, bundle: Path, args: list[str], threads: int, log_dir: Path, name: str):
+    def __init__(self, bundle: Path, args: list[str], threads: int, log_dir: Path, name: str,
+                 command: list[str] | None = None, env: dict | None = None):
+        """command: the program before BUNDLE (default `python -m mtlm.cli serve`); env: added variables."""
         self.port, self.name = free_port(), name
         self.url = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-               "OMP_NUM_THREADS": str(threads)}
+               "OMP_NUM_THREADS": str(threads), **(env or {})}
         self.log_path = log_dir / f"{name}.log"
         self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen([sys.executable, "-m", "mtlm.cli", "serve", str(bundle), "--host",
+        command = command or [sys.executable, "-m", "mtlm.cli", "serve"]
+        self.proc = subprocess.Popen([*command, str(bundle), "--host",
                                       "127.0.0.1", "--port", str(self.port), *args],
                                      stdout=self._log, stderr=subprocess.STDOUT, env=env)
         self.rss: list[tuple[float, int]] = []

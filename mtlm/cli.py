@@ -30,7 +30,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from mtlm.hf.export import ExportError
     from mtlm.report.collect import ReportError
     return (RecipeError, DataError, BackboneError, BundleError, InputError, ValidationError, MissingPackage,
-            AccessConfigError, EngineError, CompressError, DistillError, LayerError, ExportError, ReportError)
+            AccessConfigError, EngineError, ServeError, CompressError, DistillError, LayerError, ExportError, ReportError)
 
 
 def cmd_train(args) -> None:
@@ -142,11 +142,40 @@ def cmd_quickstart(args) -> None:
     quickstart(output_dir=args.output_dir, max_steps=args.max_steps)
 
 
+class ServeError(Exception):
+    """The server could not start (a Ray Serve replica that failed to load); the message says why."""
+
+
 class MissingPackage(Exception):
     """A package a command needs is not installed; the message names the pip install that brings it."""
 
 
 def cmd_serve(args) -> None:
+    from mtlm.config import RecipeError
+    ray_only = [f for f, v in (("--replicas", args.replicas), ("--autoscale", args.autoscale),
+                               ("--max-ongoing", args.max_ongoing)) if v is not None]
+    if ray_only and not args.ray:
+        raise RecipeError([f"{', '.join(ray_only)}: Ray Serve flags, add --ray (or use --workers N without Ray)"],
+                          header="bad flag")
+    if args.ray:
+        if args.replicas is not None and args.autoscale is not None:
+            raise RecipeError(["--replicas and --autoscale: give one (a fixed count, or MIN:MAX)"], header="bad flag")
+        if args.workers != 1:
+            raise RecipeError(["--workers is for uvicorn processes; with --ray use --replicas N"], header="bad flag")
+        try:
+            import ray.serve  # noqa: F401
+        except ModuleNotFoundError:
+            raise MissingPackage("`mtlm serve --ray` needs Ray Serve: pip install 'mtlm[ray]' "
+                                 "(or pip install 'ray[serve]')") from None
+        from mtlm.checkpoint import find_bundle
+        from mtlm.engine import precheck_engine
+        from mtlm.serve.ray import DeployError, serve_ray
+        if getattr(args, "setting_engine", None):
+            precheck_engine(args.setting_engine, find_bundle(args.run))
+        try:
+            return serve_ray(args)
+        except DeployError as e:      # a replica that cannot load: the reason, without Ray's traceback
+            raise ServeError(str(e)) from None
     try:
         from mtlm.serve.process import serve
     except ModuleNotFoundError as e:     # an install made with --no-deps, or an old one
@@ -270,6 +299,17 @@ def _positive_int(value: str) -> int:
     return n
 
 
+def _autoscale(value: str) -> tuple[int, int]:
+    """--autoscale MIN:MAX -> (MIN, MAX) replicas."""
+    try:
+        low, high = (int(x) for x in value.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"want MIN:MAX replicas (e.g. 1:4), got {value!r}") from None
+    if not 0 <= low <= high or high < 1:
+        raise argparse.ArgumentTypeError(f"want 0 <= MIN <= MAX and MAX >= 1, got {value!r}")
+    return low, high
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mtlm", description="One pretrained backbone, many NLP tasks.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -352,6 +392,15 @@ def build_parser() -> argparse.ArgumentParser:
         v.add_argument(f"--{name.replace('_', '-')}", type=kind, default=None, dest=f"setting_{name}",
                        metavar="MS" if name.endswith("_ms") else "NAME" if kind is str else "N",
                        help=f"{info.description}{default}")
+    r = v.add_argument_group("Ray Serve", "serve through Ray Serve replicas (pip install 'mtlm[ray]'; README 'Serving')")
+    r.add_argument("--ray", action="store_true", help="run the app in Ray Serve replicas behind Ray's HTTP proxy "
+                   "(a local Ray on 127.0.0.1, or the cluster at RAY_ADDRESS)")
+    r.add_argument("--replicas", type=_positive_int, default=None, metavar="N",
+                   help="replicas, each with its own model (default: 1)")
+    r.add_argument("--autoscale", type=_autoscale, default=None, metavar="MIN:MAX",
+                   help="let Ray scale between MIN and MAX replicas on ongoing requests")
+    r.add_argument("--max-ongoing", type=_positive_int, default=None, metavar="N",
+                   help="predict requests one replica holds before it answers 429 (default: --max-queue)")
     a = v.add_argument_group("access", "who may call the server (README 'Serving')")
     a.add_argument("--api-key", action="append", dest="api_keys", metavar="KEY",
                    help="require 'Authorization: Bearer KEY' on /v1/* (repeatable; shows in the process list: "

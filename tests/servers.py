@@ -33,9 +33,10 @@ def free_port() -> int:
 
 @contextmanager
 def running_server(bundle: Path, log_dir: Path, *args: str, verbose: bool = False, env: dict | None = None,
-                   scheme: str = "http", verify=True, host: str = "127.0.0.1", headers: dict | None = None):
+                   scheme: str = "http", verify=True, host: str = "127.0.0.1", headers: dict | None = None,
+                   ready_timeout_s: float = 90):
     """Yields the base URL ("http://127.0.0.1:PORT") once every worker is ready: /ready answers 200 and
-    /metrics' mtlm_ready (the minimum over workers) is 1; at most 90 s. The server's log (stdout + stderr)
+    /metrics' mtlm_ready (the minimum over workers) is 1; at most `ready_timeout_s`. The server's log (stdout + stderr)
     is `log_dir / "serve.log"`; `args` go after `serve BUNDLE`; `verify`: httpx's (an ssl.SSLContext for a
     self-signed certificate); `headers` go with the /metrics request (an API key)."""
     port = free_port()
@@ -48,7 +49,7 @@ def running_server(bundle: Path, log_dir: Path, *args: str, verbose: bool = Fals
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
         try:
-            deadline = time.monotonic() + 90
+            deadline = time.monotonic() + ready_timeout_s
             while True:
                 assert proc.poll() is None, log_path.read_text()
                 assert time.monotonic() < deadline, "server never became ready:\n" + log_path.read_text()

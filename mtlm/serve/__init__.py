@@ -1,7 +1,8 @@
 """HTTP serving: every task of a bundle from one backbone pass per input, with dynamic micro-batching.
 
 app.py (routes, `serve`) -> service.py (load, warm up, request path, drain) -> batcher.py (bounded queue,
-micro-batches) -> runner.py (tokenizer and model threads); schemas.py (API models, limits), metrics.py.
+micro-batches) -> runner.py (tokenizer and model threads); schemas.py (API models, limits), metrics.py;
+ray.py: the same app in Ray Serve replicas (`mtlm serve --ray`, optional: imports ray).
 `create_app(path)` returns the FastAPI app; `mtlm serve RUN` runs it under uvicorn."""
 
 from __future__ import annotations

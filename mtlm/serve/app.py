@@ -20,9 +20,8 @@ Scaling out: `--workers N` runs N processes on one port, each with its own model
 shares the socket; each worker gets cpu_count / N torch threads). Across machines, run one `mtlm serve`
 per machine and put any HTTP load balancer in front (nginx `upstream`, HAProxy, a cloud LB) with
 `/ready` as the health check: a draining server answers 503 there, so the balancer stops sending it
-traffic while it finishes what it accepted. A Ray Serve deployment would wrap `Service` (load, predict,
-stop) the same way `create_app` does, or take the app `create_app` returns as its ingress (the API-key
-check is part of the app, so it comes along).
+traffic while it finishes what it accepted. `mtlm serve --ray` (`mtlm.serve.ray`) runs this same app
+as the ingress of each Ray Serve replica (the API-key check is part of the app, so it comes along).
 """
 
 from __future__ import annotations

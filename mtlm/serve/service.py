@@ -91,7 +91,10 @@ class Service:
 
     # ---- lifecycle -----------------------------------------------------------------------------
     async def start(self) -> None:
-        """Begin loading in the background and return at once (so /health answers while loading)."""
+        """Begin loading in the background and return at once (so /health answers while loading). Once
+        only: a second call (the app's lifespan after `mtlm.serve.ray` started the service) does nothing."""
+        if self._load_task is not None:
+            return
         self._load_task = asyncio.get_running_loop().create_task(self._load(), name="mtlm-load")
 
     async def wait_ready(self, timeout_s: float) -> None:
