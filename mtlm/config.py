@@ -132,6 +132,9 @@ class TrainConfig(_Strict):
     # weighting needs every task in every step (gradnorm, pcgrad, cagrad, famo), else sampled
     step_mode: Literal["auto", "sampled", "all_tasks"] = "auto"
     group_by_length: bool = True                 # length-grouped micro-batches (less padding)
+    # several examples of one source per backbone row (rows of max_length tokens, attention within each
+    # example; batch_size still counts examples): mtlm.packing. Not for extractive QA / multiple choice
+    packing: bool = False
     eval_every: int = Field(200, gt=0)           # optimizer steps between evaluations on dev
     checkpoint_every: int | None = Field(None, gt=0)  # defaults to eval_every
     keep_checkpoints: int = Field(1, gt=0)       # resumable checkpoints kept on disk

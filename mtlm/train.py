@@ -41,6 +41,7 @@ from mtlm.evaluate import evaluate
 from mtlm.loss_normalization import InitialLossNormalization
 from mtlm.hooks import LossContext, LossHook, ModelHook, Run   # noqa: F401  (fit's public hook types)
 from mtlm.model import build_model, load_backbone
+from mtlm.packing import check_packable
 from mtlm.precision import Precision, native_bf16, resolve_precision
 from mtlm.progress import progress as progress_bar
 from mtlm.run_folder import check_resumable, clear_run
@@ -143,6 +144,8 @@ def build(recipe: Recipe, resume: bool = False, overwrite: bool = False, model_f
         raise RecipeError([f"{run_dir} already holds a run (checkpoint {existing.name}): pass --resume to continue "
                            f"it, --overwrite to start again, or choose another name / output_dir"])
     tasks = {name: build_task(name, tcfg) for name, tcfg in recipe.tasks.items()}
+    if cfg.packing:
+        check_packable(tasks, cfg.adversarial.method)
     data = prepare_rows(recipe, tasks)
     accelerator, precision = make_accelerator(recipe)
     main = accelerator.is_main_process
@@ -177,7 +180,7 @@ def build(recipe: Recipe, resume: bool = False, overwrite: bool = False, model_f
     world = accelerator.num_processes
     # source -> this process's micro-batches of it (a source: a task alone, or a joint group), from a DataLoader
     batches = train_batches(data, tasks, {n: f["train"] for n, f in features.items()}, cfg, world,
-                            accelerator.process_index, tokenizer.pad_token_id)
+                            accelerator.process_index, tokenizer.pad_token_id, recipe.max_length)
     sources = list(batches)
     step_mode = resolve_step_mode(cfg)             # sampled | all_tasks
     sizes = {s: len(b) for s, b in batches.items()}     # train items (features; a joint group's rows)
