@@ -135,6 +135,7 @@ class TrainConfig(_Strict):
     # several examples of one source per backbone row (rows of max_length tokens, attention within each
     # example; batch_size still counts examples): mtlm.packing. Not for extractive QA / multiple choice
     packing: bool = False
+    compile: bool = False                        # torch.compile(dynamic=True) on the backbone (mtlm.compiled)
     eval_every: int = Field(200, gt=0)           # optimizer steps between evaluations on dev
     checkpoint_every: int | None = Field(None, gt=0)  # defaults to eval_every
     keep_checkpoints: int = Field(1, gt=0)       # resumable checkpoints kept on disk

@@ -30,9 +30,10 @@ from accelerate.utils import set_seed
 from transformers import get_scheduler
 
 from mtlm.adversarial import adversarial_hooks
-from mtlm.batches import TaskSampler, masked_losses, steps_for_epochs, train_batches
+from mtlm.batches import TaskSampler, collate_source, masked_losses, steps_for_epochs, train_batches
 from mtlm.callbacks import BestBundle, Checkpoints, EarlyStopping
 from mtlm.checkpoint import latest_checkpoint
+from mtlm.compiled import compile_backbone
 from mtlm.config import Recipe, RecipeError
 from mtlm.contract import check_rows_unchanged, write_contract
 from mtlm.data import encode_rows, prepare_rows
@@ -202,6 +203,11 @@ def build(recipe: Recipe, resume: bool = False, overwrite: bool = False, model_f
     model = build_model(backbone, tasks, recipe.pooling, cfg.dropout)
     if model_fn is not None:
         model = model_fn(model)
+    if cfg.compile:                  # compiled and checked on two train items of the first source
+        first = batches[sources[0]]
+        items = [first.dataset[i] for i in range(min(2, len(first.dataset)))]
+        sample, _ = collate_source(tasks, items, tokenizer.pad_token_id, recipe.max_length if cfg.packing else None)
+        compile_backbone(model, sample)
     weighting = build_weighting(cfg, {n: t.cfg.weight for n, t in tasks.items()}, model, accelerator.device)
     # fused AdamW: one kernel for all parameters (on CPU ~6x faster per step than the per-parameter loop);
     # a learned weighting (uncertainty) adds its parameters as its own group
