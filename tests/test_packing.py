@@ -97,3 +97,26 @@ def test_distill_student_recipe_unpacks_and_refuses_packing(tmp_path):
     assert student_recipe(raw, "s1", "minilm-l6", files, tmp_path, []).train.packing is False
     with pytest.raises(RecipeError, match="distillation reads unpacked rows"):
         student_recipe(raw, "s1", "minilm-l6", files, tmp_path, ["train.packing=true"])
+
+
+def test_chunked_encoding_equals_one_call(tiny_backbone, monkeypatch):
+    """Training rows are tokenized ENCODE_CHUNK at a time (resident memory); the features are those of one
+    call, for text tasks and word tagging alike."""
+    import numpy as np
+    from transformers import AutoTokenizer
+    import mtlm.tasks.base as base
+    tok = AutoTokenizer.from_pretrained(tiny_backbone)
+    texts = [{"text": "great fun movie " * (i % 5 + 1), "label": "a", "tokens": ["good", "bad"][: i % 2 + 1],
+              "tags": ["O", "O"][: i % 2 + 1]} for i in range(7)]
+    cls = build_task("c", TaskConfig(type="classification", data={"train": "x"}))
+    ner = build_task("n", TaskConfig(type="token_classification", data={"train": "x"}))
+    cls.fit(texts), ner.fit(texts)
+    whole = [cls.encode(texts, tok, 16), ner.encode(texts, tok, 16)]
+    monkeypatch.setattr(base, "ENCODE_CHUNK", 3)
+    monkeypatch.setattr(mtlm.tasks.token_classification, "ENCODE_CHUNK", 3)
+    chunked = [cls.encode(texts, tok, 16), ner.encode(texts, tok, 16)]
+    for a, b in zip(whole, chunked):
+        assert len(a) == len(b) == 7
+        for fa, fb in zip(a, b):
+            assert fa.keys() == fb.keys()
+            assert all(np.array_equal(np.asarray(fa[k]), np.asarray(fb[k])) for k in fa)
