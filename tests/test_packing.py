@@ -120,3 +120,17 @@ def test_chunked_encoding_equals_one_call(tiny_backbone, monkeypatch):
         for fa, fb in zip(a, b):
             assert fa.keys() == fb.keys()
             assert all(np.array_equal(np.asarray(fa[k]), np.asarray(fb[k])) for k in fa)
+
+
+def test_packing_and_compile_may_change_on_resume(tmp_path):
+    """Packing changes only how a micro-batch's examples are laid out (the sampler, its order and the
+    examples per step stay), compile only how the backbone runs: a resumed run may switch them."""
+    import yaml
+    from mtlm.recipe import parse_recipe
+    from mtlm.run_folder import check_resumable
+    raw = {"name": "r", "tasks": {"s": {"type": "classification", "data": {"train": "a.csv"}}}}
+    saved = yaml.safe_load(parse_recipe(raw, tmp_path).to_yaml())
+    now = parse_recipe(raw, tmp_path, ["train.packing=true", "train.compile=true"])
+    assert sorted(c.split(":")[0] for c in check_resumable(saved, now, tmp_path)) == ["train.compile", "train.packing"]
+    with pytest.raises(RecipeError, match="train.batch_size"):
+        check_resumable(saved, parse_recipe(raw, tmp_path, ["train.batch_size=4"]), tmp_path)
