@@ -1,17 +1,22 @@
 """Training throughput: mtlm's loop vs a plain Hugging Face `Trainer` fine-tune, same data, same model.
 
-    python benchmarks/train_throughput.py                     # full run: 60 steps x 3 repeats x 3 variants
+    python benchmarks/train_throughput.py                     # full run: 60 steps x 3 repeats x 4 variants
     python benchmarks/train_throughput.py --steps 8 --repeats 1   # quick check that everything runs
 
 Variants (each run in its own subprocess, interleaved, order rotated every repeat):
-  mtlm          `mtlm.train.fit` on a 1-task recipe (classification, SST-2 train, batch 32, max_length 128, fp32,
-                its defaults: length-grouped batches + dynamic padding)
-  hf            `Trainer` + `AutoModelForSequenceClassification` from the same MiniLM-L6 weights, configured as
-                a typical user does: `DataCollatorWithPadding` (dynamic padding), random sampler, the default
-                optimizer (fused AdamW), same lr / weight decay / warmup / clipping. This is the baseline of the aims.
-  hf_grouped    the same with `train_sampling_strategy="group_by_length"` (the v5 name of `group_by_length=True`),
-                reported for honesty: it is the Trainer's own answer to padding.
-  mtlm_nogroup  (optional, `--variants`) mtlm with `train.group_by_length=false`: loop against loop.
+  hf_grouped    `Trainer` + `AutoModelForSequenceClassification` from the same MiniLM-L6 weights with
+                `train_sampling_strategy="group_by_length"` (the v5 name of `group_by_length=True`, the
+                Trainer's own answer to padding), `DataCollatorWithPadding`, the default optimizer (fused
+                AdamW), same lr / weight decay / warmup / clipping. The baseline of the aims.
+  hf            the same with the default random sampler, as a typical user runs it (reported too).
+  mtlm          `mtlm.train.fit` on a 1-task recipe (classification, SST-2 train, batch 32, max_length 128,
+                its defaults: length-grouped batches, dynamic padding, mixed_precision auto = bf16 only where
+                the CPU has native bf16, else fp32; the precision each run used is recorded)
+  mtlm_packed   mtlm with `train.packing: true` (the same 32 examples per step, packed into rows of 128)
+  mtlm_compile  (optional) mtlm with `train.compile: true` (compile time falls before the window)
+  mtlm_nogroup  (optional) mtlm with `train.group_by_length=false`: loop against loop.
+After training (outside the window) every variant scores SST-2 dev accuracy: the same examples were seen
+(steps x batch), so it shows whether a variant learns as much per example (`--dev ''` skips it).
 
 What is measured, the same way for every variant:
   * Window: the interval between the end of optimizer step W (`--warmup-steps`) and the end of the last
@@ -50,173 +55,17 @@ import tempfile
 import time
 from pathlib import Path
 
-from machine import contention, cpu_flags, cpu_model, gemm_peak, reset_hwm, vm_hwm_kb
+from machine import cpu_flags, cpu_model, gemm_peak
+from train_children import THREADS, run_child
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "sst2" / "train.jsonl"
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "train_throughput.json"
-VARIANTS = ("mtlm", "hf", "hf_grouped", "mtlm_nogroup")
-DEFAULT_VARIANTS = ("mtlm", "hf", "hf_grouped")
-THREADS = 2
-AIM_SPEEDUP, AIM_MFU = 1.5, 0.30
-
-
-# --------------------------------------------------------------------------------------------- child side
-
-class Probe:
-    """Timestamps of optimizer steps, token counts of training forwards, and peak-RSS readings."""
-
-    def __init__(self, steps: int, warmup: int):
-        self.steps, self.warmup = steps, warmup
-        self.step_end: list[float] = []          # perf_counter after each optimizer.step()
-        self.batches: list[tuple[int, int, int, int]] = []  # (real tokens, padded tokens, rows, sum of
-                                                             #  squared real lengths) per training forward
-        self.hwm_setup_kb = None
-        self.hwm_train_kb = None
-        self.threads_seen = None
-        self.contention = None
-        self.t_first_forward = None
-
-    def on_forward(self, module, args, kwargs):
-        if not module.training:
-            return None
-        mask = kwargs.get("attention_mask")
-        if mask is None:
-            raise RuntimeError("training forward without attention_mask keyword: cannot count tokens")
-        if not self.batches:                     # first training step: setup is over
-            import torch
-            self.threads_seen = torch.get_num_threads()
-            self.t_first_forward = time.perf_counter()
-            self.hwm_setup_kb = vm_hwm_kb()
-            reset_hwm()
-        lengths = mask.sum(1)
-        self.batches.append((int(lengths.sum()), int(mask.numel()), int(mask.shape[0]),
-                             int((lengths * lengths).sum())))
-        return None
-
-    def on_optimizer_step(self, optimizer, args, kwargs):
-        self.step_end.append(time.perf_counter())
-        if len(self.step_end) == self.steps:
-            self.hwm_train_kb = vm_hwm_kb()
-            self.contention = contention()
-
-    def window(self) -> dict:
-        s, w = self.steps, self.warmup
-        if len(self.step_end) != s or len(self.batches) != s:
-            raise RuntimeError(f"expected {s} optimizer steps and {s} training forwards, saw "
-                               f"{len(self.step_end)} and {len(self.batches)} (grad_accum must be 1)")
-        used = self.batches[w:]
-        return {"seconds": self.step_end[-1] - self.step_end[w - 1], "steps": s - w,
-                "real_tokens": sum(b[0] for b in used), "padded_tokens": sum(b[1] for b in used),
-                "samples": sum(b[2] for b in used), "batches": used,
-                "step_seconds": [b - a for a, b in zip(self.step_end[w - 1:], self.step_end[w:])]}
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    with path.open(encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def child_mtlm(args, probe: Probe, tmp: Path) -> dict:
-    import yaml
-    import mtlm.train as mt
-    from mtlm.recipe import load_recipe
-
-    recipe = {
-        "name": "bench-throughput", "backbone": "minilm-l6", "pooling": "mean", "max_length": args.max_length,
-        "output_dir": str(tmp / "run"),
-        # split: {} -> no dev/test carved out: the whole train file is used, as by the Trainer variants,
-        # and the single end-of-run evaluation has nothing to score (it is outside the window anyway).
-        "tasks": {"sst2": {"type": "classification", "data": {"train": str(args.data), "split": {}},
-                           "columns": {"text": "text", "label": "label"}}},
-        "train": {"batch_size": args.batch_size, "max_steps": args.steps, "lr": 5e-5, "weight_decay": 0.01,
-                  "warmup_ratio": 0.06, "dropout": 0.1, "grad_accum": 1, "max_grad_norm": 1.0,
-                  "mixed_precision": "no", "eval_every": 10 ** 9, "early_stopping_patience": None,
-                  "group_by_length": args.variant != "mtlm_nogroup", "seed": args.seed},
-    }
-    (tmp / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
-    if not hasattr(mt, "build_model"):
-        raise RuntimeError("mtlm.train no longer calls build_model: update the benchmark's token probe")
-    original = mt.build_model
-
-    def build_and_probe(*a, **k):
-        model = original(*a, **k)
-        model.register_forward_pre_hook(probe.on_forward, with_kwargs=True)
-        return model
-
-    mt.build_model = build_and_probe
-    run_dir = mt.fit(load_recipe(tmp / "recipe.yaml"), progress=False, overwrite=True)
-    extra = {}
-    metrics = Path(run_dir) / "metrics.json"
-    if metrics.is_file():   # mtlm's own figure: all steps from loop start, incl. warm-up steps
-        hist = json.loads(metrics.read_text()).get("eval", [])
-        if hist and "train_tokens_per_s" in hist[-1]:
-            extra["self_reported_tokens_per_s"] = hist[-1]["train_tokens_per_s"]
-    return extra
-
-
-def child_hf(args, probe: Probe, tmp: Path) -> dict:
-    import transformers
-    from datasets import Dataset
-    from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding,
-                              Trainer, TrainingArguments)
-    from mtlm.model import resolve_backbone
-
-    transformers.logging.set_verbosity_error()
-    path = resolve_backbone("minilm-l6")
-    rows = read_jsonl(args.data)
-    names = sorted({str(r["label"]) for r in rows})
-    label2id = {n: i for i, n in enumerate(names)}
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    ds = Dataset.from_dict({"text": [r["text"] for r in rows], "label": [label2id[str(r["label"])] for r in rows]})
-    ds = ds.map(lambda b: tokenizer(b["text"], truncation=True, max_length=args.max_length),
-                batched=True, remove_columns=["text"])
-    model = AutoModelForSequenceClassification.from_pretrained(
-        path, num_labels=len(names), id2label=dict(enumerate(names)), label2id=label2id)
-    model.register_forward_pre_hook(probe.on_forward, with_kwargs=True)
-    targs = TrainingArguments(
-        output_dir=str(tmp / "hf"), per_device_train_batch_size=args.batch_size, max_steps=args.steps,
-        learning_rate=5e-5, weight_decay=0.01, warmup_steps=0.06, lr_scheduler_type="linear",
-        max_grad_norm=1.0, logging_steps=10, save_strategy="no", eval_strategy="no", report_to="none",
-        disable_tqdm=True, use_cpu=True, seed=args.seed, dataloader_num_workers=0,
-        train_sampling_strategy="group_by_length" if args.variant == "hf_grouped" else "random")
-
-    trainer = Trainer(model=model, args=targs, train_dataset=ds, processing_class=tokenizer,
-                      data_collator=DataCollatorWithPadding(tokenizer))
-    trainer.train()
-    return {"optimizer": str(targs.optim)}
-
-
-def run_child(args) -> None:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    t_start = time.perf_counter()
-    import torch
-    from torch.optim.optimizer import register_optimizer_step_post_hook
-
-    torch.set_num_threads(THREADS)
-    probe = Probe(args.steps, args.warmup_steps)
-    register_optimizer_step_post_hook(probe.on_optimizer_step)
-    # The probe before the run is taken by the parent in its own process: freeing its large matrices here
-    # would raise glibc's mmap threshold and change this process's memory behaviour.
-    gemm_before = json.loads(Path(args.gemm_before).read_text())
-    with tempfile.TemporaryDirectory(prefix="mtlm-bench-") as tmp:
-        extra = (child_mtlm if args.variant.startswith("mtlm") else child_hf)(args, probe, Path(tmp))
-        hwm_total_kb = max(probe.hwm_setup_kb or 0, vm_hwm_kb())
-    win = probe.window()
-    gemm_after = gemm_peak()
-    # The window lies between the two probes: MFU is taken against their mean; a large drift between them
-    # (or a high CPU pressure) means other work shared the CPU during this run.
-    gemm = {"median_gflops": (gemm_before["median_gflops"] + gemm_after["median_gflops"]) / 2,
-            "before": gemm_before, "after": gemm_after,
-            "drift": gemm_after["median_gflops"] / gemm_before["median_gflops"]}
-    out = {"variant": args.variant, "seed": args.seed, "torch": torch.__version__,
-           "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-           "threads": probe.threads_seen, "setup_seconds": probe.t_first_forward - t_start,
-           "window": win, "gemm": gemm, "contention": probe.contention,
-           "rss_mb": {"setup": probe.hwm_setup_kb / 1024, "train": probe.hwm_train_kb / 1024,
-                      "total": hwm_total_kb / 1024},
-           **extra}
-    Path(args.child_out).write_text(json.dumps(out), encoding="utf-8")
+DEFAULT_DEV = ROOT.parent / "shared" / "data" / "sst2" / "dev.jsonl"
+VARIANTS = ("hf_grouped", "hf", "mtlm", "mtlm_packed", "mtlm_compile", "mtlm_nogroup")
+DEFAULT_VARIANTS = ("hf_grouped", "hf", "mtlm", "mtlm_packed")
+BASELINE = "hf_grouped"
+AIM_SPEEDUP_BF16, AIM_SPEEDUP_FP32, AIM_MFU = 1.5, 1.2, 0.30   # vs hf_grouped: native bf16 / AVX2 machines
 
 
 # -------------------------------------------------------------------------------------------- parent side
@@ -278,6 +127,8 @@ def main(argv=None) -> int:
     p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
                    help=f"comma list from {', '.join(VARIANTS)} (default {','.join(DEFAULT_VARIANTS)})")
     p.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    p.add_argument("--dev", type=lambda v: Path(v) if v else None, default=DEFAULT_DEV,
+                   help="dev file scored after training ('' to skip)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     p.add_argument("--child-out", help=argparse.SUPPRESS)
@@ -319,7 +170,7 @@ def main(argv=None) -> int:
     t_all = time.perf_counter()
     print(f"{len(variants)} variants x {args.repeats} repeats, {args.steps} steps "
           f"({args.warmup_steps} warm-up steps left out), batch {args.batch_size}, max_length {args.max_length}, "
-          f"fp32, {THREADS} threads", flush=True)
+          f"Trainer fp32, mtlm mixed_precision auto, {THREADS} threads; baseline {BASELINE}", flush=True)
     with tempfile.TemporaryDirectory(prefix="mtlm-bench-out-") as tmp:
         for r in range(args.repeats):
             order = variants[r % len(variants):] + variants[:r % len(variants)]
@@ -336,7 +187,7 @@ def main(argv=None) -> int:
                        "--gemm-before", str(before),
                        "--steps", str(args.steps), "--warmup-steps", str(args.warmup_steps),
                        "--batch-size", str(args.batch_size), "--max-length", str(args.max_length),
-                       "--seed", str(args.seed + r), "--data", str(args.data)]
+                       "--seed", str(args.seed + r), "--data", str(args.data), "--dev", str(args.dev or "")]
                 proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
                 if proc.returncode != 0 or not out.is_file():
                     sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
@@ -371,17 +222,32 @@ def main(argv=None) -> int:
     for a in [v for v in variants if v.startswith("mtlm")]:
         for b in [v for v in variants if v.startswith("hf")]:
             ratios[f"{a}/{b}"] = {k: paired(a, b, k) for k in ratio_keys}
+    for v, rs in runs.items():
+        accs = [x["dev_accuracy"] for x in rs if x.get("dev_accuracy") is not None]
+        if accs:
+            medians[v]["dev_accuracy"] = median(accs)
+            medians[v]["dev_accuracy_per_round"] = accs
+        medians[v]["mixed_precision"] = sorted({str(x.get("mixed_precision")) for x in rs})
 
     aims = {}
-    if "mtlm" in runs and "hf" in runs:
-        sp = ratios["mtlm/hf"]["tokens_per_s"]["median"]
-        mfu = medians["mtlm"]["mfu"]
-        mem = ratios["mtlm/hf"]["peak_rss_mb"]["median"]
-        aims = {
-            "tokens_per_s_vs_trainer": {"aim": f">= {AIM_SPEEDUP}x", "value": sp, "met": sp >= AIM_SPEEDUP},
-            "mfu_real_tokens": {"aim": f">= {AIM_MFU:.0%}", "value": mfu, "met": mfu >= AIM_MFU},
-            "peak_rss_vs_trainer": {"aim": "<= 1.0x", "value": mem, "met": mem <= 1.0},
+    bf16 = any("bf16" in m.get("mixed_precision", []) for m in medians.values())
+    aim_speedup = AIM_SPEEDUP_BF16 if bf16 else AIM_SPEEDUP_FP32
+    for a in [v for v in variants if v.startswith("mtlm")]:
+        if BASELINE not in runs:
+            break
+        sp = ratios[f"{a}/{BASELINE}"]["tokens_per_s"]["median"]
+        mem = ratios[f"{a}/{BASELINE}"]["peak_rss_mb"]["median"]
+        aims[a] = {
+            "tokens_per_s_vs_hf_grouped": {"aim": f">= {aim_speedup}x ({'bf16' if bf16 else 'fp32, AVX2'})",
+                                           "value": sp, "met": sp >= aim_speedup},
+            "peak_rss_vs_hf_grouped": {"aim": "<= 1.0x", "value": mem, "met": mem <= 1.0},
+            "mfu_real_tokens": {"aim": f">= {AIM_MFU:.0%}", "value": medians[a]["mfu"],
+                                "met": medians[a]["mfu"] >= AIM_MFU},
         }
+        if "dev_accuracy" in medians[a] and "dev_accuracy" in medians[BASELINE]:
+            d = medians[a]["dev_accuracy"] - medians[BASELINE]["dev_accuracy"]
+            aims[a]["dev_accuracy_minus_hf_grouped"] = {"aim": "within noise (|d| <= 0.02)", "value": d,
+                                                        "met": abs(d) <= 0.02}
     # Runs that shared the CPU: high CPU pressure at the end of the window, or the machine's GEMM speed
     # changed a lot between the probes before and after the run.
     busy = [[v, x["round"]] for v, rs in runs.items() for x in rs
@@ -391,7 +257,8 @@ def main(argv=None) -> int:
         "benchmark": "train_throughput",
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "config": {"data": str(args.data), "backbone": "minilm-l6", "batch_size": args.batch_size,
-                   "max_length": args.max_length, "precision": "fp32", "steps": args.steps,
+                   "max_length": args.max_length, "precision": "Trainer fp32; mtlm mixed_precision auto",
+                   "steps": args.steps, "baseline": BASELINE, "dev": str(args.dev) if args.dev else None,
                    "warmup_steps_excluded": args.warmup_steps, "repeats": args.repeats, "seed": args.seed,
                    "variants": variants, "threads": THREADS,
                    "model": dims,
@@ -426,9 +293,17 @@ def main(argv=None) -> int:
     for name, rr in ratios.items():
         print(f"{name:<20} tokens/s x{rr['tokens_per_s']['median']:.2f}  samples/s x{rr['samples_per_s']['median']:.2f}"
               f"  peak RSS x{rr['peak_rss_mb']['median']:.2f}  train RSS x{rr['train_rss_mb']['median']:.2f}")
-    for name, a in aims.items():
-        val = f"{a['value']:.1%}" if name.startswith("mfu") else f"{a['value']:.2f}x"
-        print(f"aim {name:<26} {a['aim']:>8}: {val:>7}  {'MET' if a['met'] else 'NOT met'}")
+    for v, m in medians.items():
+        if "dev_accuracy" in m:
+            print(f"{v:<13} dev accuracy {m['dev_accuracy']:.3f} after {args.steps * args.batch_size} examples "
+                  f"(per round {', '.join(f'{x:.3f}' for x in m['dev_accuracy_per_round'])}); "
+                  f"precision {', '.join(m['mixed_precision'])}")
+    for v, va in aims.items():
+        for name, a in va.items():
+            val = f"{a['value']:.1%}" if name.startswith("mfu") else (
+                f"{a['value']:+.3f}" if name.startswith("dev") else f"{a['value']:.2f}x")
+            print(f"aim {v:<13} {name:<30} {a['aim']:>26}: {val:>7}  {'MET' if a['met'] else 'NOT met'}")
+    print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     if busy:
         print(f"WARNING: {len(busy)} of {sum(len(rs) for rs in runs.values())} runs shared the CPU with other work "
               f"(CPU pressure > 20% or GEMM drift outside 0.8-1.25): numbers are unreliable; rerun on a quiet machine.")

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from mtlm.config import RecipeError, TrainConfig
 from mtlm.data import PreparedData, Source
+from mtlm.packing import pack_inputs
 from mtlm.tasks.base import pad_inputs
 
 
@@ -78,18 +79,27 @@ def source_dataset(source: Source, features: dict[str, list[dict]]) -> SourceDat
     return SourceDataset(list(source.tasks), inputs, label_index, {t: features[t] for t in source.tasks})
 
 
-def collate_source(tasks: dict, items: list[dict], pad_token_id: int) -> tuple[dict[str, Tensor], dict[str, tuple]]:
+def collate_source(tasks: dict, items: list[dict], pad_token_id: int, capacity: int | None = None
+                   ) -> tuple[dict[str, Tensor], dict[str, tuple]]:
     """One micro-batch of `SourceDataset` items -> (inputs, targets).
 
     inputs: input_ids, attention_mask[, token_type_ids], each (rows, seq_len), padded to the longest
-    (a feature with "sequences", as multiple choice makes, adds one row per sequence). targets: {task:
-    (rows, labels)} for each task some item is labelled for, in the source's task order: rows is None when
-    every item carries the task's label, else a (n_task,) long tensor of the items that do; labels are the
-    task's `collate_labels` for those items. Raises ValueError on an empty list."""
+    (a feature with "sequences", as multiple choice makes, adds one row per sequence). With `capacity`
+    (train.packing) the items are packed into rows of at most that many tokens (`mtlm.packing.pack_inputs`:
+    adds position_ids and example_ids; the model returns one logits row per item, as unpacked). targets:
+    {task: (rows, labels)} for each task some item is labelled for, in the source's task order: rows is
+    None when every item carries the task's label, else a (n_task,) long tensor of the items that do;
+    labels are the task's `collate_labels` for those items, padded to the longest item. Raises ValueError
+    on an empty list."""
     if not items:
         raise ValueError("collate_source: an empty micro-batch (every process must get rows of every batch)")
-    inputs = pad_inputs([it["inputs"] for it in items], pad_token_id)
-    seq_len = inputs["input_ids"].shape[1]
+    features = [it["inputs"] for it in items]
+    if capacity is None:
+        inputs = pad_inputs(features, pad_token_id)
+        seq_len = inputs["input_ids"].shape[1]
+    else:
+        inputs = pack_inputs(features, pad_token_id, capacity)
+        seq_len = max(len(f["input_ids"]) for f in features)
     targets = {}
     names = dict.fromkeys(t for it in items for t in it["labels"])
     for name in (n for n in tasks if n in names):
@@ -174,14 +184,14 @@ class SourceBatches:
     LengthGroupedBatchSampler and `collate_source`. `next()` -> (inputs, targets) on the CPU."""
 
     def __init__(self, dataset: SourceDataset, tasks: dict, batch_size: int, seed: int, group_by_length: bool,
-                 num_replicas: int, rank: int, pad_token_id: int):
+                 num_replicas: int, rank: int, pad_token_id: int, capacity: int | None = None):
         self.dataset = dataset
         self.sampler = LengthGroupedBatchSampler(dataset.lengths(), batch_size, seed, group_by_length,
                                                  num_replicas, rank)
         # num_workers=0: no prefetching, so the sampler's position is the batches consumed (resume). Its own
         # generator: making an iterator draws a seed, which must not move the global RNG (dropout masks)
         self.loader = DataLoader(dataset, batch_sampler=self.sampler, num_workers=0,
-                                 collate_fn=partial(collate_source, tasks, pad_token_id=pad_token_id),
+                                 collate_fn=partial(collate_source, tasks, pad_token_id=pad_token_id, capacity=capacity),
                                  generator=torch.Generator().manual_seed(seed))
         self._iter = None
 
@@ -201,11 +211,13 @@ class SourceBatches:
 
 
 def train_batches(data: PreparedData, tasks: dict, features: dict[str, list[dict]], cfg: TrainConfig,
-                  num_replicas: int, rank: int, pad_token_id: int) -> dict[str, SourceBatches]:
+                  num_replicas: int, rank: int, pad_token_id: int, max_length: int | None = None
+                  ) -> dict[str, SourceBatches]:
     """{source name: its SourceBatches} in source order, from each task's train features; source i is
-    seeded with cfg.seed * 1000 + i."""
+    seeded with cfg.seed * 1000 + i. With cfg.packing, micro-batches are packed into rows of max_length."""
     return {name: SourceBatches(source_dataset(source, features), tasks, cfg.batch_size, cfg.seed * 1000 + i,
-                                cfg.group_by_length, num_replicas, rank, pad_token_id)
+                                cfg.group_by_length, num_replicas, rank, pad_token_id,
+                                max_length if cfg.packing else None)
             for i, (name, source) in enumerate(data.sources.items())}
 
 

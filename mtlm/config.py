@@ -120,7 +120,9 @@ class TrainConfig(_Strict):
     dropout: float = Field(0.1, ge=0, lt=1)      # heads and backbone hidden dropout
     grad_accum: int = Field(1, gt=0)             # micro-batches per optimizer step, per process
     max_grad_norm: float | None = Field(1.0, gt=0)
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    # auto: bf16 autocast where the GPU / CPU computes bf16 natively (AVX512-BF16, AMX), else fp32
+    # (mtlm.precision); bf16 on a CPU without it falls back to fp32 with a warning; fp16 needs a GPU
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     sampling: Literal["proportional", "temperature", "round_robin", "annealed"] = "proportional"
     temperature: float = Field(2.0, gt=0)        # temperature sampling: p_i proportional to n_i^(1/T)
     weighting: WeightingConfig = Field(default_factory=WeightingConfig)  # static | uncertainty | dwa | ...
@@ -130,6 +132,10 @@ class TrainConfig(_Strict):
     # weighting needs every task in every step (gradnorm, pcgrad, cagrad, famo), else sampled
     step_mode: Literal["auto", "sampled", "all_tasks"] = "auto"
     group_by_length: bool = True                 # length-grouped micro-batches (less padding)
+    # several examples of one source per backbone row (rows of max_length tokens, attention within each
+    # example; batch_size still counts examples): mtlm.packing. Not for extractive QA / multiple choice
+    packing: bool = False
+    compile: bool = False                        # torch.compile(dynamic=True) on the backbone (mtlm.compiled)
     eval_every: int = Field(200, gt=0)           # optimizer steps between evaluations on dev
     checkpoint_every: int | None = Field(None, gt=0)  # defaults to eval_every
     keep_checkpoints: int = Field(1, gt=0)       # resumable checkpoints kept on disk

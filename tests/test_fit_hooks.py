@@ -122,15 +122,15 @@ def test_keep_checkpoints_rotation(make_recipe):
 
 
 def test_bf16_through_fit_is_close_to_fp32(make_recipe, monkeypatch):
-    """bf16 autocast on the CPU (forced on: this CPU may lack native bf16, see make_accelerator) trains
+    """bf16 autocast on the CPU (forced on: this CPU may lack native bf16, see mtlm.precision) trains
     to nearly the same model as fp32, and differently (so bf16 was in effect)."""
     import mtlm.train
     from accelerate.state import AcceleratorState
-    monkeypatch.setattr(mtlm.train, "cpu_has_bf16", lambda: True)
+    monkeypatch.setattr(mtlm.train, "native_bf16", lambda: True)
     # Accelerate keeps one process-wide state whose mixed precision cannot change: reset it around the
     # bf16 run (one process, nothing distributed to tear down)
     common = dict(tasks=("sentiment", "ner"), max_steps=6, eval_every=6, dropout=0.0, early_stopping_patience=None)
-    fp32 = fit(mtlm.load_recipe(make_recipe(name="fp32", **common)), progress=False)
+    fp32 = fit(mtlm.load_recipe(make_recipe(name="fp32", mixed_precision="no", **common)), progress=False)
     AcceleratorState._reset_state(reset_partial_state=True)
     try:
         bf16 = fit(mtlm.load_recipe(make_recipe(name="bf16", mixed_precision="bf16", **common)), progress=False)

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import yaml
 
+from mtlm.config import RecipeError
 from mtlm.distill.hook import DistillError, Distiller
 from mtlm.distill.layers import LayerError, keep_layers, kept_layers, layer_count
 
@@ -86,7 +87,13 @@ def student_recipe(raw: dict, name: str, backbone: str, files: dict[str, dict[st
     for task, paths in files.items():
         raw["tasks"][task]["data"] = {**paths, "split": {}, "limit": {}}
     raw.setdefault("distill", {})
-    return parse_recipe(raw, work, overrides)
+    # the teacher's outputs are cached per unpacked row: a teacher trained with packing gives a student without
+    raw.setdefault("train", {})["packing"] = False
+    recipe = parse_recipe(raw, work, overrides)
+    if recipe.train.packing:
+        raise RecipeError(["train.packing: distillation reads unpacked rows (the teacher's outputs per row); "
+                           "leave it off for `mtlm distill`"])
+    return recipe
 
 
 def _same_tokenizer(a, b) -> bool:

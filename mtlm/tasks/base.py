@@ -122,13 +122,23 @@ def tokenize_texts(tokenizer, texts: list[str], pairs: list[str] | None, max_len
     return tokenizer(texts, pairs, truncation=True, max_length=max_length)
 
 
+# Rows tokenized per call when encoding a training set: one call over 67k SST-2 rows holds a BatchEncoding
+# whose many small Python objects, once freed, leave ~220 MB of resident memory the allocator keeps (measured:
+# +266 MB RSS in one call, +44 MB in chunks of this size; same features).
+ENCODE_CHUNK = 2048
+
+
 def encode_texts(task: Any, rows: list[dict], tokenizer, max_length: int) -> list[dict]:
-    """Tokenize the text (and text_pair) column of each row. Returns unpadded feature dicts."""
+    """Tokenize the text (and text_pair) column of each row, ENCODE_CHUNK rows per tokenizer call. Returns
+    unpadded feature dicts."""
     text_col, pair_col = text_columns(task)
-    texts = [r[text_col] for r in rows]
-    pairs = [r[pair_col] for r in rows] if pair_col else None
-    enc = tokenize_texts(tokenizer, texts, pairs, max_length)
-    return [compact_inputs(enc, i) for i in range(len(rows))]
+    out = []
+    for start in range(0, len(rows), ENCODE_CHUNK):
+        chunk = rows[start:start + ENCODE_CHUNK]
+        enc = tokenize_texts(tokenizer, [r[text_col] for r in chunk],
+                             [r[pair_col] for r in chunk] if pair_col else None, max_length)
+        out += [compact_inputs(enc, i) for i in range(len(chunk))]
+    return out
 
 
 def model_inputs(enc, i: int) -> dict[str, np.ndarray]:

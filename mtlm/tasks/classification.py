@@ -8,7 +8,6 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 from torch import Tensor, nn
 
 from mtlm.encoded import Encoded
@@ -74,6 +73,7 @@ class Classification(TextTask):
     def metrics(self, predictions: list[Any], references: list[Any]) -> dict[str, float]:
         """accuracy, macro-F1 over EVERY known label (a class absent from both references and predictions
         counts as F1 0, so a split missing a class cannot inflate it; as multilabel's macro-F1), MCC."""
+        from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef   # lazy: ~100 MB resident
         known = range(len(self.labels)) if hasattr(self, "labels") else ()     # unfitted: the labels present
         every = sorted(set(known) | set(references) | set(predictions))
         return {

@@ -10,7 +10,6 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.metrics import accuracy_score, f1_score
 from torch import Tensor, nn
 
 from mtlm.encoded import Encoded
@@ -88,6 +87,7 @@ class MultiLabel(TextTask):
         return [f["label"] for f in features]
 
     def metrics(self, predictions: list[Any], references: list[Any]) -> dict[str, float]:
+        from sklearn.metrics import accuracy_score, f1_score   # lazy: ~100 MB resident, not before evaluation
         pred = (np.asarray(predictions) >= np.asarray(self.thresholds)).astype(int)
         gold = np.asarray(references).astype(int)
         return {
@@ -98,6 +98,7 @@ class MultiLabel(TextTask):
 
     def tune_thresholds(self, predictions: list[Any], references: list[Any]) -> None:
         """Per label, the threshold in 0.05..0.95 that maximises that label's F1 on these (dev) rows."""
+        from sklearn.metrics import f1_score
         probs, gold = np.asarray(predictions), np.asarray(references).astype(int)
         grid = np.arange(0.05, 0.96, 0.05)
         for j in range(len(self.labels)):

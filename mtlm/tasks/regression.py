@@ -11,7 +11,6 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.stats import pearsonr, spearmanr
 from torch import Tensor, nn
 
 from mtlm.encoded import Encoded
@@ -83,6 +82,7 @@ class Regression(TextTask):
         return [f["label"] * self.std + self.mean for f in features]
 
     def metrics(self, predictions: list[Any], references: list[Any]) -> dict[str, float]:
+        from scipy.stats import pearsonr, spearmanr   # lazy: not resident before evaluation
         p, r = np.asarray(predictions), np.asarray(references)
         constant = p.std() == 0 or r.std() == 0   # correlation undefined: report 0 rather than NaN
         return {

@@ -22,12 +22,10 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 import torch.nn.functional as F
-from seqeval.metrics import f1_score, precision_score, recall_score
-from seqeval.metrics.sequence_labeling import get_entities
 from torch import Tensor, nn
 
 from mtlm.encoded import Encoded
-from mtlm.tasks.base import LinearHead, compact_inputs, model_inputs
+from mtlm.tasks.base import ENCODE_CHUNK, LinearHead, compact_inputs, model_inputs
 
 IGNORE = -100
 _TAG = re.compile(r"^(O|[BIES](-.+)?)$")     # O, B-TYPE, ..., or an untyped B / I / E / S
@@ -144,6 +142,11 @@ class TokenClassification:
         return LinearHead(hidden_size, len(self.labels), dropout)
 
     def encode(self, rows: list[dict], tokenizer, max_length: int) -> list[dict]:
+        """Rows -> features, ENCODE_CHUNK rows per tokenizer call (resident memory: see ENCODE_CHUNK)."""
+        return [f for start in range(0, len(rows), ENCODE_CHUNK)
+                for f in self._encode_chunk(rows[start:start + ENCODE_CHUNK], tokenizer, max_length)]
+
+    def _encode_chunk(self, rows: list[dict], tokenizer, max_length: int) -> list[dict]:
         words = [self._words(r) for r in rows]
         enc = encode_words(tokenizer, words, max_length)
         features = []
@@ -176,6 +179,7 @@ class TokenClassification:
         return [f["label"] for f in features]
 
     def metrics(self, predictions: list[Any], references: list[Any]) -> dict[str, float]:
+        from seqeval.metrics import f1_score, precision_score, recall_score   # lazy: it loads sklearn (~100 MB)
         pred = [[self.labels[i] for i in p] for p in predictions]
         gold = [[self.labels[i] for i in g] for g in references]
         return {"f1": float(f1_score(gold, pred, zero_division=0)),
@@ -206,6 +210,7 @@ class TokenClassification:
         exclusive; text: that slice). score: the mean tag probability of its words."""
         probs = logits.float().softmax(-1)
         out = []
+        from seqeval.metrics.sequence_labeling import get_entities
         for i, encoded in enumerate(inputs):
             meta = encoded.meta
             first = first_subtokens(meta["word_ids"])
