@@ -23,6 +23,7 @@ from mtlm.checkpoint import find_bundle, load_bundle
 from mtlm.config import Recipe, RecipeError, recipe_changes
 from mtlm.evaluate import by_task, evaluate_bundle
 from mtlm.model import count_parameters
+from mtlm.precision import as_trained
 from mtlm.sources import Rows
 from mtlm.tasks import default_metric
 from mtlm.transfer_check import DEFAULT_THRESHOLD, format_warnings, task_steps, warnings
@@ -44,7 +45,7 @@ def trained_recipe_changes(recipe: Recipe) -> list[str] | None:
         stored = yaml.safe_load(Recipe.model_validate(stored or {}).to_yaml())
     except ValidationError:
         pass
-    return [c for c in recipe_changes(stored or {}, yaml.safe_load(recipe.to_yaml()))
+    return [c for c in recipe_changes(as_trained(stored or {}), as_trained(yaml.safe_load(recipe.to_yaml())))
             if c.split(":", 1)[0] not in NOT_MODEL]
 
 

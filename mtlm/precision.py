@@ -56,3 +56,17 @@ def resolve_precision(requested: str, cuda: bool, bf16_native: bool) -> Precisio
     why = (f"{device} has no native bf16 ({'GPU older than Ampere' if cuda else 'AVX512-BF16 / AMX'}): "
            f"emulated bf16 would run several times slower than fp32")
     return Precision(requested, "no", f"fp32: {why}")
+
+
+def as_trained(raw: dict) -> dict:
+    """A recipe dict (yaml of `Recipe.to_yaml()`) with `train.mixed_precision` replaced by the mode training
+    uses on this machine ("auto" -> "no" or "bf16"; "bf16" without native bf16 -> "no"), for comparing a
+    stored recipe with today's: a run trained before `auto` existed (stored "no") and the same recipe now
+    (default "auto") are the same training on a machine where auto means fp32. A copy; other keys unchanged;
+    a setting that does not resolve here (fp16 on CPU) is left as written."""
+    train = raw.get("train")
+    if not isinstance(train, dict) or train.get("mixed_precision") not in ("auto", "bf16", "no"):
+        return raw
+    import torch
+    mode = resolve_precision(train["mixed_precision"], torch.cuda.is_available(), native_bf16()).mode
+    return {**raw, "train": {**train, "mixed_precision": mode}}

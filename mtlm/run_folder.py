@@ -10,6 +10,7 @@ import yaml
 from pydantic import ValidationError
 
 from mtlm.config import Recipe, RecipeError, recipe_changes
+from mtlm.precision import as_trained
 
 
 # Settings a resumed run may change: they are read anew at every step or evaluation. max_steps / epochs
@@ -33,7 +34,7 @@ def check_resumable(saved: dict, recipe: Recipe, ckpt: Path) -> list[str]:
     if sorted(saved.get("tasks") or {}) != sorted(now["tasks"]):
         raise RecipeError([f"tasks: the checkpoint {ckpt} was trained with tasks {sorted(saved.get('tasks') or {})}, "
                            f"the recipe has {sorted(now['tasks'])}; --resume needs the same tasks (or use --overwrite)"])
-    changes = recipe_changes(saved, now)
+    changes = recipe_changes(as_trained(saved), as_trained(now))
     fixed = [c for c in changes if c.split(":", 1)[0] not in RESUMABLE]
     if fixed:
         raise RecipeError([f"{c} (--resume needs the run's value: the checkpoint's optimizer, schedule and data order "

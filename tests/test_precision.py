@@ -69,3 +69,30 @@ def test_auto_bf16_real_loss_curve_close_to_fp32(tmp_path):
     assert len(logs["no"]) == len(logs["auto"]) >= 4
     for a, b in zip(logs["no"], logs["auto"]):
         assert b == pytest.approx(a, rel=0.05)
+
+
+def test_a_stored_recipe_compares_by_the_precision_it_trains_with(monkeypatch):
+    """A run stored with "no" (before `auto`) and today's "auto" are one training where auto means fp32."""
+    import mtlm.precision as P
+    monkeypatch.setattr(P, "native_bf16", lambda: False)
+    assert P.as_trained({"train": {"mixed_precision": "auto", "lr": 1}}) == {"train": {"mixed_precision": "no", "lr": 1}}
+    assert P.as_trained({"train": {"mixed_precision": "bf16"}})["train"]["mixed_precision"] == "no"
+    monkeypatch.setattr(P, "native_bf16", lambda: True)
+    assert P.as_trained({"train": {"mixed_precision": "auto"}})["train"]["mixed_precision"] == "bf16"
+    assert P.as_trained({"train": {"mixed_precision": "no"}})["train"]["mixed_precision"] == "no"
+    assert P.as_trained({"train": {"mixed_precision": "fp16"}}) == {"train": {"mixed_precision": "fp16"}}
+    assert P.as_trained({"name": "x"}) == {"name": "x"}
+
+
+def test_resuming_a_run_stored_before_auto_is_not_refused(make_recipe, monkeypatch, tmp_path):
+    import yaml
+
+    import mtlm.precision as P
+    from mtlm.recipe import load_recipe
+    from mtlm.run_folder import check_resumable
+    monkeypatch.setattr(P, "native_bf16", lambda: False)
+    recipe = load_recipe(make_recipe())
+    saved = yaml.safe_load(recipe.to_yaml())
+    saved["train"]["mixed_precision"] = "no"
+    assert recipe.train.mixed_precision == "auto"
+    assert check_resumable(saved, recipe, tmp_path) == []
