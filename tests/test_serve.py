@@ -361,6 +361,8 @@ def test_bad_inputs_get_the_stated_4xx(bundle):
 
 
 def test_ready_only_after_load_and_warm_up_and_503_while_draining(predictor):
+    import gc
+    gc.unfreeze()
     loaded = threading.Event()
     gate = Gate(predictor, closed=True)
 
@@ -383,6 +385,7 @@ def test_ready_only_after_load_and_warm_up_and_503_while_draining(predictor):
                 gate.open()
                 await wait_until(lambda: app.state.service.ready)
                 assert (await client.get("/ready")).status_code == 200
+                assert gc.get_freeze_count() > 0          # the loaded model is out of the collector's way
                 m = (await client.get("/metrics")).text
                 assert metric(m, "mtlm_batch_size_count") == 2 and metric(m, "mtlm_ready") == 1
 
@@ -394,6 +397,7 @@ def test_ready_only_after_load_and_warm_up_and_503_while_draining(predictor):
                 assert (await client.get("/health")).status_code == 200
 
     asyncio.run(main())
+    gc.unfreeze()
 
 
 def test_failed_load_is_reported_not_raised():
