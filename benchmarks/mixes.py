@@ -22,7 +22,8 @@ Measured on the shared 2-core CPU at load average 6-9 (others' jobs): 15 min (mi
 mix and seed; a quiet machine needs about a third of that. A larger budget: --steps 900 --batch-size 32.
 
 Variants (`--variant NAME='key=value ...'`, dotted recipe overrides as `mtlm train` takes them) change the
-multi-task run only. The single-task models are trained once per mix and seed from the default recipe (its
+multi-task run only; `--both NAME='...'` is a candidate default: the overrides apply to the multi-task run and
+to its single-task models, trained anew at that recipe's own step budgets (runs/mixes/<mix>/s<seed>/<NAME>). The single-task models are trained once per mix and seed from the default recipe (its
 step budgets) and reused by every variant, so every variant is compared with the same K single-task models.
 A variant that changes sampling changes its own per-task steps: they are recorded ("steps_multi").
 
@@ -139,18 +140,27 @@ def stored_baseline(recipe, split: str) -> dict | None:
     return None
 
 
-def run_one(mix: str, seed: int, variant: str, overrides: list[str], args) -> dict:
-    """One multi-task run (a variant) against the mix's single-task models for that seed."""
+def run_one(mix: str, seed: int, variant: str, overrides: list[str], args, both: bool = False) -> dict:
+    """One multi-task run (a variant) against the mix's single-task models for that seed; both: the
+    overrides are a candidate default, so the single-task models are trained with them too (at that recipe's
+    own step budgets: `mtlm.baseline.run_baseline` of the variant's recipe)."""
     from mtlm.baseline import run_baseline, step_budgets, train_sizes
     from mtlm.evaluate import by_task, evaluate_bundle
     from mtlm.tasks import default_metric
 
     t0 = time.perf_counter()
-    base = make_recipe(mix, seed, "default", [], args)
-    base_result = stored_baseline(base, args.split) if variant != "default" else None
-    if base_result is None:
-        base_result = run_baseline(base, split=args.split, progress=False)   # reuses what is trained already
-    if variant == "default":
+    if both:
+        recipe = make_recipe(mix, seed, variant, overrides, args)
+        result = run_baseline(recipe, split=args.split, progress=False)       # reuses what is trained already
+        steps = {r["task"]: r["steps_single"] for r in result["tasks"]}
+    else:
+        base = make_recipe(mix, seed, "default", [], args)
+        base_result = stored_baseline(base, args.split) if variant != "default" else None
+        if base_result is None:
+            base_result = run_baseline(base, split=args.split, progress=False)   # reuses what is trained already
+    if both:
+        pass                                                       # result, recipe and steps are set above
+    elif variant == "default":
         result, recipe = base_result, base
         steps = {r["task"]: r["steps_single"] for r in result["tasks"]}
     else:
@@ -170,7 +180,8 @@ def run_one(mix: str, seed: int, variant: str, overrides: list[str], args) -> di
             rows.append({**{k: r[k] for k in ("task", "metric", "lower_is_better", "single_task", "steps_single")},
                          "multi_task": mt.get(r["task"], {}).get(m)})
         result = {"tasks": rows, **average_rows(rows), "multi_task_metrics": mt}
-    return {"mix": mix, "seed": seed, "variant": variant, "overrides": overrides, "split": args.split,
+    return {"mix": mix, "seed": seed, "variant": variant, "overrides": overrides, "both_sides": both,
+            "split": args.split,
             "tasks": [{**r, "steps_multi": steps.get(r["task"])} for r in result["tasks"]],
             "average": result["average"], "relative_gain": result.get("relative_gain"),
             "multi_run": multi_run_facts(recipe, args.split), "wall_s": round(time.perf_counter() - t0, 1),
@@ -218,7 +229,8 @@ def table(summary: dict) -> str:
             tasks = "; ".join(f"{n} {p['metric']} {p['multi_task']:.3f} / {p['single_task']:.3f} "
                               f"({p['delta']:+.3f})" for n, p in s["per_task"].items() if p["seeds"])
             a = s["average"]
-            lines.append(f"| {mix} | {variant} | {tasks} | {a['multi_task']:.3f} / {a['single_task']:.3f} "
+            lines.append(f"| {mix} | {variant} (seed{'s' if len(s['seeds']) > 1 else ''} "
+                         f"{','.join(map(str, s['seeds']))}) | {tasks} | {a['multi_task']:.3f} / {a['single_task']:.3f} "
                          f"({a['delta']:+.3f}) | {'yes' if s['holds_on_mean'] else 'no'}"
                          f"{'' if s['holds_every_seed'] == s['holds_on_mean'] else ' (not every seed)'} |")
     return "\n".join(lines)
@@ -239,6 +251,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", default="0,1")
     p.add_argument("--variant", action="append", default=[], metavar="NAME='key=value ...'",
                    help="recipe overrides for the multi-task run only (repeatable); 'default' always runs")
+    p.add_argument("--both", action="append", default=[], metavar="NAME='key=value ...'",
+                   help="a candidate default: recipe overrides for the multi-task run AND its single-task models "
+                        "(trained anew at that recipe's step budgets; repeatable)")
     p.add_argument("--only-variants", action="store_true", help="skip the default variant's table row "
                    "(it is still trained or reused: the single-task side comes from it)")
     p.add_argument("--steps", type=int, default=BUDGET["steps"])
@@ -264,6 +279,12 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:
         raise SystemExit(f"--seeds {args.seeds!r}: expected comma-separated integers") from None
     variants = parse_variants(args.variant)
+    both = parse_variants(args.both)
+    both.pop("default")
+    clash = sorted(set(both) & set(variants))
+    if clash:
+        raise SystemExit(f"--both and --variant name {clash} twice")
+    variants.update(both)
     for name, overrides in variants.items():   # a bad override fails now, not after an hour of training
         make_recipe(mixes[0], seeds[0], name, overrides, args)
 
@@ -281,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
                 if name == "default" and args.only_variants and len(variants) > 1:
                     continue            # each variant's run_one trains or reuses the default run and singles
                 print(f"== {mix} seed {seed} variant {name} {' '.join(overrides)}", flush=True)
-                run = {**run_one(mix, seed, name, overrides, args), "contention": contention()}
+                run = {**run_one(mix, seed, name, overrides, args, both=name in both), "contention": contention()}
                 result["runs"] = [r for r in result["runs"]
                                   if (r["mix"], r["seed"], r["variant"]) != (mix, seed, name)] + [run]
                 result["summary"] = summarize(result["runs"])
