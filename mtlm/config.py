@@ -183,7 +183,7 @@ class DistillConfig(_Strict):
 class Recipe(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     backbone: str = "minilm-l6"                  # short name (mtlm.model.BACKBONES), local HF folder, or hub id
-    pooling: Literal["mean", "cls"] = "mean"
+    pooling: Literal["mean", "cls", "last"] = "mean"   # last: the last real token (decoders); cls: encoders only
     max_length: int = Field(128, gt=8)           # tokens per input after truncation
     output_dir: str | None = None                # default runs/<name>
     tasks: dict[str, TaskConfig]

@@ -1,7 +1,7 @@
 """MultiTaskModel: one shared Hugging Face backbone and an `nn.ModuleDict` of heads keyed by task name.
 
 One backbone pass produces token states (batch, seq_len, hidden) and a pooled vector (batch, hidden)
-(mean over attention_mask, or the first token); each requested head reads the one it needs. A task with
+(mean over attention_mask, the first token, or the last real token: `mtlm.backbones.pool`); each requested head reads the one it needs. A task with
 private layers (`tasks.<name>.private_layers`, `mtlm.private_layers`) reads the states of its own copy of the
 top layers instead, run on the shared lower layers' output (computed once)."""
 
@@ -13,6 +13,7 @@ from pathlib import Path
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer
 
+from mtlm.backbones import GGUF_BACKBONES, BackboneError, gguf_backbone, pool, prepare_tokenizer
 from mtlm.packing import block_diagonal_mask, unpack_states
 from mtlm.private_layers import check_split, private_copies, split_states
 
@@ -22,14 +23,13 @@ BACKBONES = {
 }
 
 
-class BackboneError(Exception):
-    """The backbone could not be found or loaded; the message says how to get it."""
-
-
 def resolve_backbone(name: str) -> str:
-    """A short name, local folder or hub id -> something `from_pretrained` accepts.
+    """A short name, local folder or hub id -> something `from_pretrained` accepts. A GGUF short name
+    (`mtlm.backbones.GGUF_BACKBONES`, e.g. smollm2-135m) is converted once to a cached safetensors folder.
 
     Raises BackboneError when a short name's package is not installed."""
+    if name in GGUF_BACKBONES:
+        return str(gguf_backbone(name))
     if name in BACKBONES:
         module, folder, pip_spec = BACKBONES[name]
         spec = importlib.util.find_spec(module)
@@ -40,7 +40,8 @@ def resolve_backbone(name: str) -> str:
 
 
 def load_backbone(name: str, dropout: float | None = None) -> tuple[nn.Module, object]:
-    """Load a pretrained encoder (no task head) and its tokenizer. Raises BackboneError."""
+    """Load a pretrained encoder or decoder (its base model: no LM or task head) and its tokenizer, given a
+    pad token and right padding (`mtlm.backbones.prepare_tokenizer`). Raises BackboneError."""
     path = resolve_backbone(name)
     try:
         config = AutoConfig.from_pretrained(path)
@@ -55,15 +56,7 @@ def load_backbone(name: str, dropout: float | None = None) -> tuple[nn.Module, o
             backbone = AutoModel.from_pretrained(path, config=config)
     except (OSError, ValueError) as e:   # ValueError: a folder without a recognisable model config
         raise BackboneError(f"cannot load backbone '{name}' ({path}): {str(e).splitlines()[0]}") from None
-    return backbone, tokenizer
-
-
-def pool(hidden: Tensor, attention_mask: Tensor, mode: str) -> Tensor:
-    """(batch, seq_len, hidden) -> (batch, hidden): masked mean over real tokens, or the first ([CLS]) token."""
-    if mode == "cls":
-        return hidden[:, 0]
-    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+    return backbone, prepare_tokenizer(tokenizer, backbone.config)
 
 
 class MultiTaskModel(nn.Module):
