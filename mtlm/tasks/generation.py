@@ -103,6 +103,8 @@ def normalize_answer(text: str) -> str:
 
 
 class Generation(NothingToFit):
+    # the roles a recipe's columns may name; with a template, the instance's roles are template + target
+    roles: ClassVar[dict[str, bool]] = {"prompt": True, "target": True}
     default_columns: ClassVar[dict[str, str]] = {"prompt": "prompt", "target": "target"}
     metric_names: ClassVar[tuple[str, ...]] = ("rouge_l", "exact_match", "bleu", "perplexity")
     class_role: ClassVar[str | None] = None
@@ -127,8 +129,8 @@ class Generation(NothingToFit):
                             f"(options: {', '.join(sorted(GENERATE_OPTIONS))})")
         if problems:
             raise RecipeError(problems)
-        self.roles = {"template": True, "target": True} if cfg.template is not None else \
-            {"prompt": True, "target": True}
+        if cfg.template is not None:
+            self.roles = {"template": True, "target": True}
 
     def columns(self) -> dict[str, Any]:
         target = self.cfg.columns.get("target", "target")
