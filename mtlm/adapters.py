@@ -20,6 +20,7 @@ Bundles store the adapters' weights in `adapters.safetensors` (keys as in the ba
 from __future__ import annotations
 
 import contextlib
+import threading
 from pathlib import Path
 
 import torch
@@ -31,6 +32,9 @@ from mtlm.private_layers import check_split, repeat_rows, stack_for
 
 FILE = "adapters.safetensors"
 SHARED = "shared"
+# adapter_rows' hooks live on the shared LoRA modules: one block at a time (the server's batcher thread and a
+# streaming generation thread would otherwise see each other's row names)
+_ROWS_LOCK = threading.RLock()
 
 
 class Adapters:
@@ -101,17 +105,19 @@ def _lora_layers(backbone: nn.Module) -> list[nn.Module]:
 def adapter_rows(backbone: nn.Module, names: list[str]):
     """Within the block, every LoRA layer of `backbone` applies adapter names[i] to batch row i (PEFT's
     mixed-batch forward: `adapter_names` passed to each LoRA layer by a forward pre-hook, as
-    `LoraModel._enable_peft_forward_hooks` does). Works in training too (the update is an indexed add)."""
+    `LoraModel._enable_peft_forward_hooks` does). Works in training too (the update is an indexed add).
+    Blocks of different threads run one after the other (the hooks are shared state)."""
     def hook(module, args, kwargs):
         kwargs["adapter_names"] = names
         return args, kwargs
 
-    handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in _lora_layers(backbone)]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
+    with _ROWS_LOCK:
+        handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in _lora_layers(backbone)]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
 
 
 def adapter_states(backbone: nn.Module, spec: Adapters, names: list[str], input_ids: Tensor,

@@ -86,7 +86,7 @@ def _statuses(path: str, method: str) -> dict[int, bool]:
     """The error statuses of one route -> whether the answer carries Retry-After."""
     if method == "post":
         out = {400: False, 413: False, 422: False, 429: True, 500: False, 503: True, 504: False}
-        if path.startswith("/v1/tasks/"):
+        if path.startswith("/v1/tasks/") or path == "/v1/generate":
             out[404] = False
         return out
     if path == "/v1/tasks":

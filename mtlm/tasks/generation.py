@@ -210,9 +210,10 @@ class Generation(NothingToFit):
     # --- decoding: needs the model, not one pass's logits (mtlm.evaluate.task_outputs calls it) ---
 
     @torch.inference_mode()
-    def generate(self, model, prompts: list[np.ndarray], pad_token_id: int, eos_token_id: int) -> list[str]:
+    def generate(self, model, prompts: list[np.ndarray], pad_token_id: int, eos_token_id: int, **extra) -> list[str]:
         """Greedy (or `generate`-option) continuations of token-id prompts, at most max_new_tokens each,
-        through this task's adapter when the model has adapters. Returns the decoded texts, stripped."""
+        through this task's adapter when the model has adapters. `extra`: more `generate` arguments
+        (a streamer, max_new_tokens, max_time: the server's). Returns the decoded texts, stripped."""
         from mtlm.adapters import adapter_rows
 
         lm = causal_lm(model.backbone)
@@ -222,13 +223,13 @@ class Generation(NothingToFit):
         for i, p in enumerate(prompts):          # left padding: every prompt ends where generation starts
             ids[i, width - len(p):] = torch.as_tensor(np.asarray(p, dtype=np.int64))
             mask[i, width - len(p):] = 1
-        options = {"do_sample": False, **self.cfg.generate}
+        options = {"do_sample": False, "max_new_tokens": self.cfg.max_new_tokens, **self.cfg.generate, **extra}
         beams = int(options.get("num_beams", 1))
         rows = [model.adapters.of[self.name]] * (len(prompts) * beams) if model.adapters is not None else None
         device = next(model.parameters()).device
         with adapter_rows(model.backbone, rows) if rows else contextlib.nullcontext():
             out = lm.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                              max_new_tokens=self.cfg.max_new_tokens, pad_token_id=pad_token_id,
+                              pad_token_id=pad_token_id,
                               eos_token_id=eos_token_id, **options)
         return [self._tokenizer_decode(seq[width:]) for seq in out]
 
