@@ -95,7 +95,7 @@ def write_data(folder: Path, train_rows: int, test_rows: int, seed: int) -> dict
     sq = {}
     for split in ("train", "dev", "test"):
         rows = [r for r in map(answer_sentence, read_jsonl(DATA / "squad" / f"{split}.jsonl")) if r]
-        rows = [r for r in rows if len(r["context"].split()) <= 45]
+        rows = [r for r in rows if len(r["context"].split()) + len(r["question"].split()) <= 55]  # < 96 tokens
         rng.shuffle(rows)
         sq[split] = rows[:{"train": train_rows, "dev": 16, "test": test_rows}[split]]
     out["squad_gen"] = {s: dump("squad_gen", s, r) for s, r in sq.items()}
