@@ -10,7 +10,7 @@ Tasks (rows read from ../shared/data, written to a temporary folder, never into 
 - agnews: AG News topic, 4 classes (train.jsonl / dev.jsonl / test.jsonl), accuracy;
 - squad_gen: SQuAD answers as generation: "Context: <the sentence holding the answer>\\nQuestion: <q>
   \\nAnswer:" -> the answer text (the context is cut to that one sentence to keep prompts within
-  max_length 96 on a CPU), exact match and ROUGE-L.
+  max_length 128 on a CPU), exact match and ROUGE-L.
 
 Multi-task: `backbone: smollm2-135m`, pooling last, `adapters: {r: 16, alpha: 32, target_modules: [q_proj,
 k_proj, v_proj, o_proj], layers: top:<K>}` (the lower layers frozen and run without a backward), `--steps`
@@ -95,7 +95,7 @@ def write_data(folder: Path, train_rows: int, test_rows: int, seed: int) -> dict
     sq = {}
     for split in ("train", "dev", "test"):
         rows = [r for r in map(answer_sentence, read_jsonl(DATA / "squad" / f"{split}.jsonl")) if r]
-        rows = [r for r in rows if len(r["context"].split()) + len(r["question"].split()) <= 55]  # < 96 tokens
+        rows = [r for r in rows if len(r["context"].split()) + len(r["question"].split()) <= 55]  # < 128 tokens
         rng.shuffle(rows)
         sq[split] = rows[:{"train": train_rows, "dev": 16, "test": test_rows}[split]]
     out["squad_gen"] = {s: dump("squad_gen", s, r) for s, r in sq.items()}
@@ -104,7 +104,7 @@ def write_data(folder: Path, train_rows: int, test_rows: int, seed: int) -> dict
 
 def recipe(files: dict, folder: Path, steps: int, top: int) -> dict:
     return {
-        "name": "llm_bench", "backbone": "smollm2-135m", "pooling": "last", "max_length": 96,
+        "name": "llm_bench", "backbone": "smollm2-135m", "pooling": "last", "max_length": 128,
         "output_dir": str(folder / "run"),
         "adapters": {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
                      "layers": f"top:{top}"},
