@@ -7,7 +7,9 @@ A bundle is a folder::
     heads.safetensors   every head's weights, keys "<task>.<param>"
     private_layers.safetensors   only when a task has private_layers > 0: its copies of the backbone's top
                         layers, keys "<task>.<index>.<param>" (`mtlm.private_layers`)
-    tasks.json          format version, pooling, max_length, and per task: type, config, fitted state
+    adapters.safetensors   only with `adapters:` (LoRA): the adapters' weights (`mtlm.adapters`); backbone/
+                        then holds the plain pretrained layout
+    tasks.json          format version, pooling, adapters (their config, when any), max_length, and per task: type, config, fitted state
                         (label names, thresholds, target stats), input fields, selection metric
     recipe.yaml         the recipe the model was trained from
 
@@ -37,7 +39,8 @@ from safetensors import safe_open
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from mtlm.config import Recipe, RecipeError, TaskConfig
+from mtlm.adapters import FILE as ADAPTER_FILE, adapter_state, add_adapters, load_adapters, plain_backbone_state
+from mtlm.config import AdapterConfig, Recipe, RecipeError, TaskConfig
 from mtlm.model import MultiTaskModel, with_private_layers
 from mtlm.private_layers import FILE as PRIVATE_FILE, load_private, private_state
 from mtlm.tasks import build_task, default_metric
@@ -84,7 +87,12 @@ def save_bundle(model: MultiTaskModel, tokenizer, tasks: dict, recipe: Recipe, p
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "backbone").mkdir(parents=True)
-    model.backbone.save_pretrained(tmp / "backbone", safe_serialization=True)
+    if model.adapters is None:
+        model.backbone.save_pretrained(tmp / "backbone", safe_serialization=True)
+    else:   # the pretrained layout in backbone/, the LoRA weights beside it
+        model.backbone.save_pretrained(tmp / "backbone", safe_serialization=True,
+                                       state_dict=plain_backbone_state(model.backbone))
+        save_file(adapter_state(model.backbone), tmp / ADAPTER_FILE)
     tokenizer.save_pretrained(tmp / "backbone")
     heads = {f"{name}.{k}": v.detach().cpu().contiguous() for name, head in model.heads.items()
              for k, v in head.state_dict().items()}
@@ -96,6 +104,7 @@ def save_bundle(model: MultiTaskModel, tokenizer, tasks: dict, recipe: Recipe, p
         "name": recipe.name,
         "pooling": model.pooling,
         "max_length": recipe.max_length,
+        **({"adapters": model.adapters.cfg.model_dump(mode="json")} if model.adapters is not None else {}),
         "tasks": {name: {"type": t.cfg.type, "config": t.cfg.model_dump(mode="json"),
                          "input_fields": list(t.input_fields()), "head_input": t.head_input,
                          "metric": default_metric(t), "state": t.state()}
@@ -238,9 +247,14 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> tuple[M
     try:
         private = with_private_layers(backbone, tasks)
         load_private(private, path)
+        adapters = None
+        if meta.get("adapters") is not None:
+            adapters = add_adapters(backbone, AdapterConfig.model_validate(meta["adapters"]), list(tasks))
+            load_adapters(backbone, path)
     except (RecipeError, ValueError) as e:
         raise BundleError(f"{path}: {e}") from None
-    model = MultiTaskModel(backbone, heads, {n: t.head_input for n, t in tasks.items()}, meta["pooling"], private)
+    model = MultiTaskModel(backbone, heads, {n: t.head_input for n, t in tasks.items()}, meta["pooling"], private,
+                           adapters)
     bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:     # a diverged run or a damaged file: every answer of these tensors' tasks would be NaN
         raise BundleError(f"{path}: weights hold NaN or infinite values: {', '.join(bad[:5])}"

@@ -63,6 +63,9 @@ class TaskConfig(_Strict):
     n_best: int = Field(20, gt=0)                # extractive_qa: start and end candidates searched per window
     allow_no_answer: bool = False                # extractive_qa: rows may have no answer (SQuAD v2)
     no_answer_threshold: float = 0.0             # extractive_qa: answer nothing when p(null) - p(best span) > this
+    template: str | None = None                  # generation: prompt as a format string over columns ("Q: {question}")
+    max_new_tokens: int = Field(32, gt=0)        # generation: longest generated continuation, in tokens
+    generate: dict[str, Any] = Field(default_factory=dict)  # generation: decoding options (num_beams, do_sample, ...)
 
 
 class WeightingConfig(BaseModel):
@@ -180,14 +183,43 @@ class DistillConfig(_Strict):
     layer_choice: Literal["alternate", "top"] = "alternate"  # layers:N students: which teacher layers to keep
 
 
+class AdapterConfig(_Strict):
+    """`adapters:` LoRA adapters on the backbone (Hu et al. 2022, through PEFT; `mtlm.adapters`). The backbone's
+    own weights are frozen unless `train_backbone`; the heads always train."""
+
+    type: Literal["lora"] = "lora"
+    r: int = Field(8, gt=0)                      # rank of each low-rank update B @ A
+    alpha: float = Field(16.0, gt=0)             # the update is scaled by alpha / r
+    dropout: float = Field(0.05, ge=0, lt=1)     # dropout on the adapter's input
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"])  # module names (last part)
+    per_task: bool = False                       # one adapter per task (else one shared adapter)
+    layers: str = "all"                          # all | top:K: adapters only in the top K layers (lower ones shared)
+    train_backbone: bool = False                 # also train the backbone's own weights
+
+    @field_validator("layers")
+    @classmethod
+    def _layers(cls, v: str) -> str:
+        if v == "all":
+            return v
+        head, _, k = v.partition(":")
+        if head != "top" or not k.isdigit() or int(k) < 1:
+            raise ValueError(f"must be 'all' or 'top:K' with K >= 1 (got {v!r})")
+        return v
+
+    def top_layers(self, total: int) -> int:
+        """How many of the backbone's `total` layers (from the top) carry adapters."""
+        return total if self.layers == "all" else min(total, int(self.layers.split(":")[1]))
+
+
 class Recipe(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     backbone: str = "minilm-l6"                  # short name (mtlm.model.BACKBONES), local HF folder, or hub id
-    pooling: Literal["mean", "cls"] = "mean"
+    pooling: Literal["mean", "cls", "last"] = "mean"   # last: the last real token (decoders); cls: encoders only
     max_length: int = Field(128, gt=8)           # tokens per input after truncation
     output_dir: str | None = None                # default runs/<name>
     tasks: dict[str, TaskConfig]
     train: TrainConfig = Field(default_factory=TrainConfig)
+    adapters: AdapterConfig | None = None        # LoRA on the backbone (mtlm.adapters); None = full fine-tuning
     distill: DistillConfig | None = None         # read by `mtlm distill` only
 
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)

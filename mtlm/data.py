@@ -32,11 +32,11 @@ from torch import Tensor
 from mtlm.config import Recipe, RecipeError
 from mtlm.sources import DataError, Rows, read_source
 from mtlm.splits import split_rows, subsample
-from mtlm.tasks.base import pad_inputs
+from mtlm.tasks.base import RowProblems, pad_inputs
 
 SPLITS = ("train", "dev", "test")
 MAX_ROW_ERRORS = 10        # bad rows listed per file before "... and N more"
-INPUT_ROLES = ("text", "text_pair", "tokens", "question", "context", "choices")
+INPUT_ROLES = ("text", "text_pair", "tokens", "question", "context", "choices", "prompt", "template")
 
 
 @dataclass
@@ -290,9 +290,22 @@ def prepare_rows(recipe: Recipe, tasks: dict) -> PreparedData:
 
 def encode_rows(tasks: dict, rows: dict[str, dict[str, Rows]], tokenizer, max_length: int
                 ) -> dict[str, dict[str, list[dict]]]:
-    """task -> split -> unpadded feature dicts (see mtlm.tasks.base)."""
-    return {name: {split: tasks[name].encode(r.records, tokenizer, max_length) for split, r in splits.items()}
-            for name, splits in rows.items()}
+    """task -> split -> unpadded feature dicts (see mtlm.tasks.base). Raises RecipeError naming the file, line
+    and field of every row a task cannot encode (`mtlm.tasks.base.RowProblems`)."""
+    out: dict[str, dict[str, list[dict]]] = {}
+    problems: list[str] = []
+    for name, splits in rows.items():
+        for split, r in splits.items():
+            try:
+                out.setdefault(name, {})[split] = tasks[name].encode(r.records, tokenizer, max_length)
+            except RowProblems as e:
+                bad: dict[int, list[tuple[str, str]]] = {}
+                for i, col, msg in e.problems:
+                    bad.setdefault(i, []).append((col, msg))
+                report_bad_rows(r, sorted(bad.items()), problems, f"tasks.{name}")
+    if problems:
+        raise RecipeError(problems, header="data that cannot be encoded")
+    return out
 
 
 def collate(task, features: list[dict], pad_token_id: int) -> dict[str, Tensor]:

@@ -48,6 +48,12 @@ def task_outputs(model, task, features: list[dict], batch_size: int, pad_token_i
     for local in length_sorted_batches([lengths[i] for i in mine], batch_size):
         idx = [mine[j] for j in local]
         chunk = [features[i] for i in idx]
+        if hasattr(task, "run_batch"):     # generation: predictions need decoding, not one pass's logits
+            for i, p in zip(idx, task.run_batch(model, chunk, pad_token_id, device)):
+                preds[i] = p
+            if bar is not None:
+                bar.update(1)
+            continue
         batch = {k: v.to(device) for k, v in collate(task, chunk, pad_token_id).items() if k != "labels"}
         ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
         with ctx:

@@ -1,7 +1,7 @@
 """MultiTaskModel: one shared Hugging Face backbone and an `nn.ModuleDict` of heads keyed by task name.
 
 One backbone pass produces token states (batch, seq_len, hidden) and a pooled vector (batch, hidden)
-(mean over attention_mask, or the first token); each requested head reads the one it needs. A task with
+(mean over attention_mask, the first token, or the last real token: `mtlm.backbones.pool`); each requested head reads the one it needs. A task with
 private layers (`tasks.<name>.private_layers`, `mtlm.private_layers`) reads the states of its own copy of the
 top layers instead, run on the shared lower layers' output (computed once)."""
 
@@ -13,6 +13,9 @@ from pathlib import Path
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer
 
+from mtlm.adapters import Adapters, add_adapters, adapter_states
+from mtlm.backbones import GGUF_BACKBONES, BackboneError, gguf_backbone, pool, prepare_tokenizer
+from mtlm.config import AdapterConfig, RecipeError
 from mtlm.packing import block_diagonal_mask, unpack_states
 from mtlm.private_layers import check_split, private_copies, split_states
 
@@ -22,14 +25,13 @@ BACKBONES = {
 }
 
 
-class BackboneError(Exception):
-    """The backbone could not be found or loaded; the message says how to get it."""
-
-
 def resolve_backbone(name: str) -> str:
-    """A short name, local folder or hub id -> something `from_pretrained` accepts.
+    """A short name, local folder or hub id -> something `from_pretrained` accepts. A GGUF short name
+    (`mtlm.backbones.GGUF_BACKBONES`, e.g. smollm2-135m) is converted once to a cached safetensors folder.
 
     Raises BackboneError when a short name's package is not installed."""
+    if name in GGUF_BACKBONES:
+        return str(gguf_backbone(name))
     if name in BACKBONES:
         module, folder, pip_spec = BACKBONES[name]
         spec = importlib.util.find_spec(module)
@@ -40,7 +42,8 @@ def resolve_backbone(name: str) -> str:
 
 
 def load_backbone(name: str, dropout: float | None = None) -> tuple[nn.Module, object]:
-    """Load a pretrained encoder (no task head) and its tokenizer. Raises BackboneError."""
+    """Load a pretrained encoder or decoder (its base model: no LM or task head) and its tokenizer, given a
+    pad token and right padding (`mtlm.backbones.prepare_tokenizer`). Raises BackboneError."""
     path = resolve_backbone(name)
     try:
         config = AutoConfig.from_pretrained(path)
@@ -55,15 +58,7 @@ def load_backbone(name: str, dropout: float | None = None) -> tuple[nn.Module, o
             backbone = AutoModel.from_pretrained(path, config=config)
     except (OSError, ValueError) as e:   # ValueError: a folder without a recognisable model config
         raise BackboneError(f"cannot load backbone '{name}' ({path}): {str(e).splitlines()[0]}") from None
-    return backbone, tokenizer
-
-
-def pool(hidden: Tensor, attention_mask: Tensor, mode: str) -> Tensor:
-    """(batch, seq_len, hidden) -> (batch, hidden): masked mean over real tokens, or the first ([CLS]) token."""
-    if mode == "cls":
-        return hidden[:, 0]
-    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+    return backbone, prepare_tokenizer(tokenizer, backbone.config)
 
 
 class MultiTaskModel(nn.Module):
@@ -78,11 +73,15 @@ class MultiTaskModel(nn.Module):
     (batch, seq_len) int64."""
 
     def __init__(self, backbone: nn.Module, heads: nn.ModuleDict, head_inputs: dict[str, str], pooling: str,
-                 private: nn.ModuleDict | None = None):
+                 private: nn.ModuleDict | None = None, adapters: Adapters | None = None):
         super().__init__()
         self.backbone, self.heads = backbone, heads
         self.head_inputs, self.pooling = dict(head_inputs), pooling
         self.private = private if private is not None else nn.ModuleDict()
+        self.adapters = adapters      # LoRA adapters injected into the backbone (mtlm.adapters), or None
+        for head in heads.values():   # generation heads are the backbone's own (tied) LM head
+            if hasattr(head, "tie"):
+                head.tie(backbone)
 
     @property
     def hidden_size(self) -> int:
@@ -111,14 +110,22 @@ class MultiTaskModel(nn.Module):
                     ) -> dict[str, tuple[Tensor, Tensor]]:
         """{task: (its token states (batch, seq_len, hidden), pooled (batch, hidden))} for `names`: one
         backbone pass when none of them has private layers, else the shared lower layers once and each
-        task's private top layers (`mtlm.private_layers.split_states`; not with packed rows)."""
+        task's private top layers (`mtlm.private_layers.split_states`; not with packed rows); with LoRA
+        adapters, each task through its adapter (`mtlm.adapters.adapter_states`: one batched pass of the
+        adapted layers; not with packed rows)."""
+        if self.adapters is not None:
+            if example_ids is not None:
+                raise ValueError("packed rows (example_ids) cannot run through LoRA adapters (train.packing)")
+            hidden = adapter_states(self.backbone, self.adapters, names, input_ids, attention_mask, token_type_ids)
+            pooled: dict[int, Tensor] = {}
+            return {n: (h, pooled.setdefault(id(h), pool(h, attention_mask, self.pooling))) for n, h in hidden.items()}
         if not any(n in self.private for n in names):
             states = self.encode(input_ids, attention_mask, token_type_ids, position_ids, example_ids)
             return {n: states for n in names}
         if example_ids is not None:
             raise ValueError("packed rows (example_ids) cannot run through private layers")
         hidden = split_states(self.backbone, self.private, names, input_ids, attention_mask, token_type_ids)
-        pooled: dict[int, Tensor] = {}       # tasks reading the same states share one pooling
+        pooled = {}                          # tasks reading the same states share one pooling
         return {n: (h, pooled.setdefault(id(h), pool(h, attention_mask, self.pooling))) for n, h in hidden.items()}
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor | None = None,
@@ -159,14 +166,23 @@ class InferenceGraph(nn.Module):
         return tuple(out[n] for n in self.names)
 
 
-def build_model(backbone: nn.Module, tasks: dict, pooling: str, dropout: float) -> MultiTaskModel:
+def build_model(backbone: nn.Module, tasks: dict, pooling: str, dropout: float,
+                adapters: AdapterConfig | None = None) -> MultiTaskModel:
     """A MultiTaskModel with one freshly initialised head per (fitted) task, and for each task with
-    `private_layers: K > 0` a copy of the backbone's top K layers (`mtlm.private_layers`). Raises RecipeError
-    for a bad private_layers value or a backbone that cannot run in pieces."""
+    `private_layers: K > 0` a copy of the backbone's top K layers (`mtlm.private_layers`), or LoRA adapters
+    injected into the backbone (`adapters`, `mtlm.adapters.add_adapters`). Raises RecipeError for a bad
+    private_layers value, a backbone that cannot run in pieces, bad adapter options, or both private
+    layers and adapters."""
     hidden = backbone.config.hidden_size
     heads = nn.ModuleDict({name: t.make_head(hidden, dropout) for name, t in tasks.items()})
     private = with_private_layers(backbone, tasks)
-    return MultiTaskModel(backbone, heads, {n: t.head_input for n, t in tasks.items()}, pooling, private)
+    spec = None
+    if adapters is not None:
+        if len(private):
+            raise RecipeError([f"adapters: not with private_layers (tasks {', '.join(private)}): give each task "
+                               f"its own adapter with adapters.per_task and layers: top:K instead"])
+        spec = add_adapters(backbone, adapters, list(tasks))
+    return MultiTaskModel(backbone, heads, {n: t.head_input for n, t in tasks.items()}, pooling, private, spec)
 
 
 def with_private_layers(backbone: nn.Module, tasks: dict) -> nn.ModuleDict:

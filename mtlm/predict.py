@@ -41,19 +41,20 @@ class Abandoned(RuntimeError):
     input's deadline has passed, so nobody waits for the result)."""
 
 
-def normalize_input(item: Any, index: int) -> dict:
+def normalize_input(item: Any, index: int, generation_fields: frozenset[str] = frozenset()) -> dict:
     """A str or a dict of input fields -> dict. Raises InputError naming the input index and field.
 
     Fields: text, text_pair, question, context (strings), choices (a list of 2 or more non-empty strings).
     Strings must be valid Unicode text: a lone surrogate (JSON "\\ud800") is an InputError naming it.
     An input needs a text, or a question and a context; a field that is present must not be blank. Which
-    fields each task needs is checked by `Predictor.plan`."""
+    fields each task needs is checked by `Predictor.plan`. generation_fields: the fields generation tasks read
+    (their `prompt`, or their template's columns: allowed too, and an input carrying one needs nothing else)."""
     if isinstance(item, str):
         item = {"text": item}
     if not isinstance(item, dict):
         raise InputError(f"inputs[{index}]: expected a string or an object with 'text', got {type(item).__name__}")
     for key, value in item.items():
-        if key not in FIELDS:
+        if key not in FIELDS and key not in generation_fields:
             raise InputError(f"inputs[{index}].{key}: unknown field (expected {', '.join(FIELDS)})")
         if key == "choices":
             if not isinstance(value, list) or not all(isinstance(c, str) and c.strip() for c in value):
@@ -73,9 +74,11 @@ def normalize_input(item: Any, index: int) -> dict:
     if "context" in item and "question" not in item and "choices" in item:
         raise InputError(f"inputs[{index}].context: a multiple-choice input gives its context as 'text' "
                          "(with 'choices'); 'context' goes with a 'question' for extractive QA")
-    qa = [k for k in ("question", "context") if k in item]
+    qa = [k for k in ("question", "context") if k in item and k not in generation_fields]
+    generation = [k for k in item if k in generation_fields]
     blank = [k for k, v in item.items() if isinstance(v, str) and not v.strip()]
-    for key in blank + [k for k in (("question", "context") if qa else ("text",)) if k not in item]:
+    needed = ("question", "context") if qa else () if generation else ("text",)
+    for key in blank + [k for k in needed if k not in item]:
         raise InputError(f"inputs[{index}].{key}: missing or empty")
     return item
 
@@ -101,7 +104,7 @@ def check_fields(items: list[dict], groups: dict[Fields, list[str]]) -> None:
     """Every input has every field that the tasks of each field group read. Raises InputError naming the
     inputs (first five) and the tasks, e.g. "inputs[0, 2]: task(s) paraphrase need 'text_pair'"."""
     for fields, group in groups.items():
-        for field in fields:
+        for field in (f for f in fields if not f.startswith("#")):
             missing = [i for i, it in enumerate(items) if not _carries(it, field)]
             if missing:
                 raise InputError(f"inputs{missing[:5]}: task(s) {', '.join(group)} need '{field}'")
@@ -127,7 +130,8 @@ class Predictor:
     Results: classification {"label", "score", "scores"}; multilabel {"labels", "scores"}; regression
     {"value"}; token_classification {"entities": [{"entity", "text", "start", "end", "score"}]} with character
     offsets into the text; extractive_qa {"answer", "start", "end", "score", "no_answer"} with character
-    offsets into the context; multiple_choice {"label": the best choice, "index", "score", "scores"}. A result
+    offsets into the context; multiple_choice {"label": the best choice, "index", "score", "scores"};
+    generation {"text"} (the prompt's continuation, `mtlm.tasks.generation`). A result
     carries "truncated": true when the input exceeded max_length tokens (for QA: the question was cut; a
     long context is read window by window, never cut)."""
 
@@ -162,9 +166,15 @@ class Predictor:
     def groups(self, names: list[str]) -> dict[Fields, list[str]]:
         """Requested tasks grouped by the input fields they read (one backbone pass per group)."""
         out: dict[Fields, list[str]] = {}
-        for n in names:
-            out.setdefault(tuple(self.tasks[n].input_fields()), []).append(n)
+        for n in names:     # a generation task decodes on its own: its group is marked "#<task>"
+            mark = ("#" + n,) if hasattr(self.tasks[n], "decode_with") else ()
+            out.setdefault(tuple(self.tasks[n].input_fields()) + mark, []).append(n)
         return out
+
+    @property
+    def generation_fields(self) -> frozenset[str]:
+        """Input fields that generation tasks read (`normalize_input`)."""
+        return frozenset(f for t in self.tasks.values() if hasattr(t, "decode_with") for f in t.input_fields())
 
     def plan(self, items: list[dict], tasks: list[str] | None) -> Plan:
         """The tasks each input gets. Explicit `tasks`: all of them for every input (an input missing a
@@ -195,6 +205,8 @@ class Predictor:
         backbone pass per group): a task with a per-token head when the group has one (a word tagger must
         read the words it was trained on; with a WordPiece tokenizer, as MiniLM/BERT, its input ids equal the
         plain text encoding that the pooled text tasks were trained on), else the group's first task."""
+        if fields and fields[-1].startswith("#"):
+            return self.tasks[fields[-1][1:]]
         readers = [t for t in self.tasks.values() if tuple(t.input_fields()) == fields]
         return next((t for t in readers if t.head_input == "tokens"), readers[0])
 
@@ -228,9 +240,13 @@ class Predictor:
         row_tasks: the tasks each input asked for (default: all of `names`); a head's outputs are decoded
         only for the inputs that asked for it (the server mixes requests for different task subsets).
         should_stop: see `forward` (raises Abandoned)."""
-        inputs = ModelInputs.from_dict(pad_inputs([s for e in encoded for s in e.sequences],
-                                                  self.tokenizer.pad_token_id))
-        outputs = self.forward(inputs, names, should_stop)
+        generated = [n for n in names if hasattr(self.tasks[n], "decode_with")]
+        heads = [n for n in names if n not in generated]
+        outputs = {}
+        if heads:
+            inputs = ModelInputs.from_dict(pad_inputs([s for e in encoded for s in e.sequences],
+                                                      self.tokenizer.pad_token_id))
+            outputs = self.forward(inputs, heads, should_stop)
         first = [0]
         for e in encoded:
             first.append(first[-1] + e.rows)
@@ -239,10 +255,15 @@ class Predictor:
             asked = [i for i in range(len(encoded)) if row_tasks is None or n in row_tasks[i]]
             if not asked:
                 continue
-            head = outputs[n]
-            if len(asked) < len(encoded):
-                head = head[[r for i in asked for r in range(first[i], first[i + 1])]]
-            for i, result in zip(asked, self.tasks[n].decode(head.float(), [encoded[i] for i in asked])):
+            if n in generated:      # decoding runs the model token by token (`Generation.decode_with`)
+                results = self.tasks[n].decode_with(self.model, [encoded[i] for i in asked],
+                                                    self.tokenizer.pad_token_id)
+            else:
+                head = outputs[n]
+                if len(asked) < len(encoded):
+                    head = head[[r for i in asked for r in range(first[i], first[i + 1])]]
+                results = self.tasks[n].decode(head.float(), [encoded[i] for i in asked])
+            for i, result in zip(asked, results):
                 if encoded[i].truncated:
                     result["truncated"] = True
                 out[i][n] = result
@@ -258,7 +279,7 @@ class Predictor:
             tasks = [tasks]
         if not inputs:
             raise InputError("no inputs to predict")
-        items = [normalize_input(x, i) for i, x in enumerate(inputs)]
+        items = [normalize_input(x, i, self.generation_fields) for i, x in enumerate(inputs)]
         plan = self.plan(items, tasks)
         results: list[dict[str, dict]] = [{} for _ in items]
         for fields, group in plan.groups.items():

@@ -10,8 +10,8 @@ per task with K > 0, K extra layer passes (out of L for the shared pass).
 The backbone is run in pieces through a `Stack`: how to find its list of layers, prepare the hidden states
 and the attention mask the layers take, and call one layer. `EncoderStack` covers the BERT family in
 transformers 5 (`backbone.embeddings`, `backbone.encoder.layer`, `create_bidirectional_mask`, as
-`BertModel.forward` does); a decoder backbone adds its own Stack (causal mask, rotary position embeddings,
-final norm). Every split run is checked once against the backbone's own forward (`check_split`), so an
+`BertModel.forward` does); `DecoderStack` the Llama family (causal mask, rotary position embeddings, final
+norm, applied by `finish` after the last layer). Every split run is checked once against the backbone's own forward (`check_split`), so an
 architecture a Stack does not actually reproduce is refused rather than served wrong.
 
 Bundles store the copies in `private_layers.safetensors`, keys "<task>.<layer index within the copy>.<param>"
@@ -59,7 +59,58 @@ class EncoderStack:
         return out[0] if isinstance(out, tuple) else out
 
 
-STACKS = (EncoderStack,)
+    @staticmethod
+    def finish(backbone: nn.Module, hidden: Tensor) -> Tensor:
+        return hidden
+
+
+class DecoderStack:
+    """A Llama-family decoder (Llama, SmolLM2, Qwen2, Mistral in transformers 5) run layer by layer, as
+    `LlamaModel.forward` runs it without a cache: embed_tokens -> `create_causal_mask` and the rotary
+    position embeddings of positions 0..seq_len-1 (right padding) -> each `layer(hidden, attention_mask=,
+    position_embeddings=, position_ids=)` -> the final `norm`."""
+
+    @staticmethod
+    def layers(backbone: nn.Module) -> nn.ModuleList | None:
+        layers = getattr(backbone, "layers", None)
+        ok = isinstance(layers, nn.ModuleList) and len(layers) > 0 and all(
+            hasattr(backbone, a) for a in ("embed_tokens", "rotary_emb", "norm"))
+        return layers if ok else None
+
+    @staticmethod
+    def embed(backbone: nn.Module, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor | None
+              ) -> tuple[Tensor, tuple]:
+        """(embeddings (batch, seq_len, hidden), (causal mask, (cos, sin), position_ids)) for every layer."""
+        from transformers.masking_utils import create_causal_mask
+        hidden = backbone.embed_tokens(input_ids)
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
+        mask = create_causal_mask(config=backbone.config, inputs_embeds=hidden, attention_mask=attention_mask,
+                                  cache=None, position_ids=positions)
+        return hidden, (mask, backbone.rotary_emb(hidden, position_ids=positions), positions)
+
+    @staticmethod
+    def layer(layer: nn.Module, hidden: Tensor, context: tuple) -> Tensor:
+        mask, rotary, positions = context
+        out = layer(hidden, attention_mask=mask, position_embeddings=rotary, position_ids=positions)
+        return out[0] if isinstance(out, tuple) else out
+
+    @staticmethod
+    def finish(backbone: nn.Module, hidden: Tensor) -> Tensor:
+        return backbone.norm(hidden)
+
+
+STACKS = (EncoderStack, DecoderStack)
+
+
+def repeat_rows(context, times: int, batch: int):
+    """A layer context (tensor, tuple of tensors, or None) for `times` copies of a batch of `batch` rows
+    stacked along dim 0: tensors whose first dim is `batch` (> 1) are repeated, others (None, batch 1,
+    broadcast shapes) kept."""
+    if isinstance(context, tuple):
+        return tuple(repeat_rows(c, times, batch) for c in context)
+    if isinstance(context, Tensor) and context.dim() > 0 and context.shape[0] == batch and batch > 1:
+        return context.repeat(times, *([1] * (context.dim() - 1)))
+    return context
 
 
 def stack_for(backbone: nn.Module):
@@ -83,7 +134,7 @@ def private_copies(backbone: nn.Module, depths: dict[str, int]) -> nn.ModuleDict
             problems.append(f"{key}: must be an integer >= 0 (got {k!r})")
         elif stack is None:
             problems.append(f"{key}: the backbone ({type(backbone).__name__}) has no list of layers this version "
-                            f"can run in pieces (supported: BERT-family encoders); set it to 0")
+                            f"can run in pieces (supported: BERT-family encoders, Llama-family decoders); set it to 0")
         elif k > len(stack.layers(backbone)):
             problems.append(f"{key}: {k} is more than the backbone's {len(stack.layers(backbone))} layers")
     if problems:
@@ -112,12 +163,12 @@ def split_states(backbone: nn.Module, private: nn.ModuleDict, names: list[str], 
     for i in range(max(start.values())):
         hidden = stack.layer(layers[i], hidden, mask)
         at[i + 1] = hidden
-    out = {}
+    out, finished = {}, {}
     for n in names:
         h = at[start[n]]
         for layer in (private[n] if n in private else ()):
             h = stack.layer(layer, h, mask)
-        out[n] = h
+        out[n] = finished.setdefault(id(h), stack.finish(backbone, h)) if n not in private else stack.finish(backbone, h)
     return out
 
 

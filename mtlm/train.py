@@ -30,6 +30,7 @@ from accelerate.utils import set_seed
 from transformers import get_scheduler
 
 from mtlm.adversarial import adversarial_hooks
+from mtlm.backbones import check_pooling, no_decay
 from mtlm.batches import TaskSampler, collate_source, masked_losses, steps_for_epochs, train_batches
 from mtlm.callbacks import BestBundle, Checkpoints, EarlyStopping
 from mtlm.checkpoint import latest_checkpoint
@@ -51,7 +52,6 @@ from mtlm.tracking import tracking_callbacks
 from mtlm.weighting import build_weighting, resolve_step_mode
 
 log = logging.getLogger("mtlm")
-NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -69,7 +69,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float, head_lrs: dict[str
     groups: dict[tuple, list] = {(None, True): [], (None, False): []}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            groups.setdefault((owner.get(id(p)), not any(name.endswith(s) for s in NO_DECAY)), []).append(p)
+            groups.setdefault((owner.get(id(p)), not no_decay(name)), []).append(p)
     out = [{"params": groups[(None, True)], "weight_decay": weight_decay},
            {"params": groups[(None, False)], "weight_decay": 0.0}]
     for task, lr in head_lrs.items():
@@ -177,6 +177,7 @@ def build(recipe: Recipe, resume: bool = False, overwrite: bool = False, model_f
 
     # --- data: encode, join, batch, sample (one block) ---
     backbone, tokenizer = load_backbone(recipe.backbone, dropout=cfg.dropout)
+    check_pooling(recipe.pooling, backbone.config)
     features = encode_rows(tasks, data.rows, tokenizer, recipe.max_length)
     world = accelerator.num_processes
     # source -> this process's micro-batches of it (a source: a task alone, or a joint group), from a DataLoader
@@ -200,7 +201,7 @@ def build(recipe: Recipe, resume: bool = False, overwrite: bool = False, model_f
     dev = {n: f.get("dev", []) for n, f in features.items()}
     # --- end of the data block ---
 
-    model = build_model(backbone, tasks, recipe.pooling, cfg.dropout)
+    model = build_model(backbone, tasks, recipe.pooling, cfg.dropout, recipe.adapters)
     if model_fn is not None:
         model = model_fn(model)
     if cfg.compile:                  # compiled and checked on two train items of the first source

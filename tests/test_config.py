@@ -180,7 +180,8 @@ def test_invalid_recipe_registry_problems_in_one_error():
     problems = problems_of(raw)
     assert problems == [
         "tasks.sentiment.type: unknown task type 'classifcation' "
-        "(known: classification, multilabel, regression, token_classification, extractive_qa, multiple_choice)",
+        "(known: classification, multilabel, regression, token_classification, extractive_qa, multiple_choice, "
+        "generation)",
         "tasks.nli.columns.hypothesis: unknown role for classification (roles: text, text_pair, label)",
         "tasks.emotions.columns.label: unknown role for multilabel (roles: text, text_pair, labels)",
         "tasks.stars.metric: 'accuracy' is not a regression metric (choose from: pearson, spearman, mse)",

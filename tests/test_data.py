@@ -484,7 +484,8 @@ def test_task_types_declare_what_the_data_path_asks():
         assert all(hasattr(cls, n) for n in declared), name
     assert {n: (c.class_role, c.joinable) for n, c in TASK_TYPES.items()} == {
         "classification": ("label", True), "multilabel": (None, True), "regression": (None, True),
-        "token_classification": (None, True), "extractive_qa": (None, False), "multiple_choice": (None, False)}
+        "token_classification": (None, True), "extractive_qa": (None, False), "multiple_choice": (None, False),
+        "generation": (None, False)}
 
 
 def test_baseline_average_leaves_error_metrics_out_and_flips_their_gain():

@@ -203,8 +203,9 @@ def test_default_metrics_are_the_first_listed():
     assert default_metric(make_task("regression", metric="mse")) == "mse"
     assert default_metric(make_task("extractive_qa")) == "f1"
     assert default_metric(make_task("multiple_choice")) == "accuracy"
+    assert default_metric(make_task("generation")) == "rouge_l"
     assert set(TASK_TYPES) == {"classification", "multilabel", "regression", "token_classification",
-                               "extractive_qa", "multiple_choice"}
+                               "extractive_qa", "multiple_choice", "generation"}
 
 
 # ---------------------------------------------------------------- label maps, state, heads

@@ -48,6 +48,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mtlm.serve.auth import APIKeys, www_authenticate
 from mtlm.serve.batcher import QueueFull, Stopped, TooLarge
+from mtlm.serve.generate import add_generate_route
 from mtlm.serve.openapi import install_openapi
 from mtlm.serve.playground import install_playground
 from mtlm.serve.schemas import (ErrorResponse, PredictRequest, PredictResponse, ServeSettings,
@@ -408,6 +409,8 @@ def create_app(source: str | Path | Callable[[], Predictor], settings: ServeSett
                           request.state.request_id)
         return await answer(service, settings, request.state.request_id, request.state.arrival, body.inputs,
                             [task], body.timeout_ms)
+
+    add_generate_route(app, service, settings, _error)
 
     @app.get("/v1/tasks", response_model=TasksResponse, responses={503: {"model": ErrorResponse}})
     async def tasks(request: Request):

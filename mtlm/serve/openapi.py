@@ -86,7 +86,7 @@ def _statuses(path: str, method: str) -> dict[int, bool]:
     """The error statuses of one route -> whether the answer carries Retry-After."""
     if method == "post":
         out = {400: False, 413: False, 422: False, 429: True, 500: False, 503: True, 504: False}
-        if path.startswith("/v1/tasks/"):
+        if path.startswith("/v1/tasks/") or path == "/v1/generate":
             out[404] = False
         return out
     if path == "/v1/tasks":
@@ -292,6 +292,13 @@ def build_document(base: dict, settings: ServeSettings, api_keys: APIKeys | None
             op["requestBody"] = _body(task_request(fields, settings, floors))
             _ok(op, _predict_response([t]))
             paths[f"/v1/tasks/{t['name']}/predict"] = {"post": op}
+        generation = [t["name"] for t in tasks if t["type"] == "generation"]
+        if not generation:                  # /v1/generate answers 404 / 422 to everything: not offered
+            paths.pop("/v1/generate", None)
+        elif "/v1/generate" in paths:
+            schema = _generate_body(doc, paths["/v1/generate"]["post"])
+            if schema is not None:
+                schema["properties"]["task"] = {"enum": generation}
     for path, ops in paths.items():
         for method, op in ops.items():
             responses = op.setdefault("responses", {})
@@ -321,6 +328,15 @@ def build_document(base: dict, settings: ServeSettings, api_keys: APIKeys | None
         doc["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer",
                                                            "description": "an API key of this server"}}
     return doc
+
+
+def _generate_body(doc: dict, op: dict) -> dict | None:
+    """The GenerateRequest schema object that /v1/generate's request body refers to (resolved), or None."""
+    schema = op.get("requestBody", {}).get("content", {}).get("application/json", {}).get("schema", {})
+    ref = schema.get("$ref", "")
+    if ref.startswith("#/components/schemas/"):
+        schema = doc.get("components", {}).get("schemas", {}).get(ref.rsplit("/", 1)[1])
+    return schema if isinstance(schema, dict) and "properties" in schema else None
 
 
 def _health() -> dict:

@@ -44,6 +44,7 @@ class ServeSettings(BaseModel):
                                                     "(default: one input alone, measured at warm-up)")
     max_timeout_ms: float = Field(600_000, gt=0,
                                   description="the largest timeout_ms a request may ask for")
+    max_streams: int = Field(2, gt=0, description="/v1/generate streams running at once; one more -> 429")
     torch_threads: int | None = Field(None, gt=0,
                                       description="torch intra-op threads per process (default: torch's, or cores / workers)")
     playground: bool = Field(True, description="the browser playground at / (--no-playground turns it off)")

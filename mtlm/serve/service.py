@@ -212,7 +212,7 @@ class Service:
         for i, x in enumerate(inputs):
             if hasattr(x, "model_dump"):
                 x = x.model_dump(exclude_none=True)
-            item = normalize_input(x, i)
+            item = normalize_input(x, i, self.predictor.generation_fields)
             if len(item.get("choices", ())) > self.settings.max_choices:
                 raise InputError(f"inputs[{i}].choices: {len(item['choices'])} choices, at most "
                                  f"{self.settings.max_choices} per input")

@@ -2,6 +2,7 @@
 
 from mtlm.tasks.classification import Classification
 from mtlm.tasks.extractive_qa import ExtractiveQA
+from mtlm.tasks.generation import Generation
 from mtlm.tasks.multilabel import MultiLabel
 from mtlm.tasks.multiple_choice import MultipleChoice
 from mtlm.tasks.regression import Regression
@@ -14,6 +15,7 @@ TASK_TYPES = {
     "token_classification": TokenClassification,
     "extractive_qa": ExtractiveQA,
     "multiple_choice": MultipleChoice,
+    "generation": Generation,
 }
 
 

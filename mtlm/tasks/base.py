@@ -81,6 +81,15 @@ class TaskType(Protocol):
     def decode(self, logits: Tensor, inputs: list[Encoded]) -> list[dict]: ...  # one result per input
 
 
+class RowProblems(Exception):
+    """Rows a task type cannot encode (found only with the tokenizer, e.g. a prompt longer than max_length):
+    ``problems`` holds (row index, column, problem); `mtlm.data.encode_rows` names the file and line."""
+
+    def __init__(self, problems: list[tuple[int, str, str]]):
+        self.problems = problems
+        super().__init__(f"{len(problems)} row(s) cannot be encoded")
+
+
 class LinearHead(nn.Module):
     """dropout -> linear. Input (batch, hidden) for pooled heads or (batch, seq_len, hidden) for token heads;
     output (..., num_outputs) logits."""

@@ -149,8 +149,28 @@ def encode_windows(tokenizer, questions: list[str], contexts: list[str], max_len
             for w, k in enumerate(enc["overflow_to_sample_mapping"]):
                 offsets = np.asarray(enc["offset_mapping"][w], dtype=np.int32).reshape(-1, 2)
                 offsets[np.asarray([s != 1 for s in enc.sequence_ids(w)])] = -1
+                trim_spaces(offsets, contexts[chunk[k]])
                 per_example[chunk[k]].append({**compact_inputs(enc, w), "example": chunk[k], "offsets": offsets})
     return [w for windows in per_example for w in windows], cut
+
+
+_SPACES = np.array([c for c in range(0x3000 + 1) if chr(c).isspace()], dtype=np.uint32)
+
+
+def trim_spaces(offsets: np.ndarray, context: str) -> np.ndarray:
+    """Move each context token's start past the whitespace it begins with, in place: byte-level BPE tokens
+    (GPT-2, Llama 3, SmolLM2) carry the space before a word ("Ġparis" covers " paris"), so without this an
+    answer span would start with a space. offsets: (length, 2), -1 outside the context. Returns offsets."""
+    ctx = np.nonzero((offsets[:, 0] >= 0) & (offsets[:, 0] < len(context)))[0]
+    if not len(ctx):
+        return offsets
+    chars = np.frombuffer(context.encode("utf-32-le"), dtype=np.uint32)    # one code point per character
+    for t in ctx[np.isin(chars[offsets[ctx, 0]], _SPACES)]:     # WordPiece offsets never start on a space
+        start, end = int(offsets[t, 0]), int(offsets[t, 1])
+        while start < end - 1 and context[start].isspace():
+            start += 1
+        offsets[t, 0] = start
+    return offsets
 
 
 def span_tokens(offsets: np.ndarray, start_char: int, end_char: int) -> tuple[int, int]:

@@ -1,0 +1,184 @@
+"""LoRA adapters on the backbone (`adapters:` in a recipe), through PEFT (Hu et al. 2022, "LoRA").
+
+`add_adapters` injects one adapter ("shared") or one per task (`per_task: true`, adapter name = task name)
+into the backbone's `target_modules` (`inject_adapter_in_model`), in every layer or only the top K
+(`layers: top:K`), and freezes the backbone's own weights (unless `train_backbone`).
+
+`adapter_states` runs the backbone for several tasks at once. With one adapter it is one plain pass. With
+one adapter per task, each task needs its own states: the input rows are repeated once per adapter and the
+adapted layers run on all copies in ONE batched pass, each row through its own adapter (PEFT's
+`adapter_names` mixed batches, `adapter_rows`). Layers below the adapted ones are identical for every task,
+so with `layers: top:K` they run once on the plain rows and only the top K layers run per adapter
+(AdapterDrop-style sharing, Rueckle et al. 2021), using the layer-by-layer `Stack`s of
+`mtlm.private_layers`.
+
+Bundles store the adapters' weights in `adapters.safetensors` (keys as in the backbone's state_dict, e.g.
+"layers.29.self_attn.q_proj.lora_A.sst2.weight"); the backbone folder keeps the plain pretrained layout
+(`plain_backbone_state`) so `from_pretrained` still reads it; tasks.json holds the adapter config.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from mtlm.backbones import backbone_layers
+from mtlm.config import AdapterConfig, RecipeError
+from mtlm.private_layers import check_split, repeat_rows, stack_for
+
+FILE = "adapters.safetensors"
+SHARED = "shared"
+# adapter_rows' hooks live on the shared LoRA modules: one block at a time (the server's batcher thread and a
+# streaming generation thread would otherwise see each other's row names)
+_ROWS_LOCK = threading.RLock()
+
+
+class Adapters:
+    """The adapters of one model: config, {task: adapter name}, and how many top layers carry them."""
+
+    def __init__(self, cfg: AdapterConfig, tasks: list[str], total_layers: int):
+        self.cfg = cfg
+        self.of = {t: (t if cfg.per_task else SHARED) for t in tasks}
+        self.top = cfg.top_layers(total_layers)
+        self.total = total_layers
+
+    def names(self) -> list[str]:
+        return list(dict.fromkeys(self.of.values()))
+
+
+def _targets(backbone: nn.Module, cfg: AdapterConfig, first: int) -> list[str]:
+    """Full names of the backbone modules to adapt: a Linear whose last name part is in target_modules,
+    inside layers first..L-1. Raises RecipeError naming adapters.target_modules when none match."""
+    layers = backbone_layers(backbone)
+    prefix = next(name for name, module in backbone.named_modules() if module is layers)
+    wanted = set(cfg.target_modules)
+    out, seen = [], set()
+    for name, module in backbone.named_modules():
+        last = name.rsplit(".", 1)[-1]
+        if isinstance(module, nn.Linear):
+            seen.add(last)
+        if last in wanted and isinstance(module, nn.Linear) and name.startswith(prefix + "."):
+            if int(name[len(prefix) + 1:].split(".", 1)[0]) >= first:
+                out.append(name)
+    missing = sorted(wanted - seen)
+    if missing or not out:
+        raise RecipeError([f"adapters.target_modules: {', '.join(missing or sorted(wanted))} not a linear layer of "
+                           f"the backbone ({type(backbone).__name__}; its linear layers: {', '.join(sorted(seen))})"])
+    return out
+
+
+def add_adapters(backbone: nn.Module, cfg: AdapterConfig, tasks: list[str]) -> Adapters:
+    """Inject LoRA adapters into `backbone` in place (PEFT `inject_adapter_in_model`), freeze its own weights
+    unless cfg.train_backbone, and return the `Adapters` description. Raises RecipeError for a backbone
+    without a layer list, target modules it does not have, or per-task top:K on a backbone the layer-by-layer
+    Stack does not reproduce."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    layers = backbone_layers(backbone)
+    if layers is None:
+        raise RecipeError([f"adapters: the backbone ({type(backbone).__name__}) has no list of layers"])
+    spec = Adapters(cfg, tasks, len(layers))
+    targets = _targets(backbone, cfg, spec.total - spec.top)
+    if len(spec.names()) > 1:
+        if stack_for(backbone) is None:
+            raise RecipeError([f"adapters.per_task: the backbone ({type(backbone).__name__}) cannot run layer by "
+                               f"layer here; use per_task: false"])
+        check_split(backbone)
+    lora = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets, bias="none")
+    for name in spec.names():
+        inject_adapter_in_model(lora, backbone, adapter_name=name)
+    for pname, p in backbone.named_parameters():
+        p.requires_grad = "lora_" in pname or cfg.train_backbone
+    return spec
+
+
+def _lora_layers(backbone: nn.Module) -> list[nn.Module]:
+    from peft.tuners.lora import LoraLayer
+    return [m for m in backbone.modules() if isinstance(m, LoraLayer)]
+
+
+@contextlib.contextmanager
+def adapter_rows(backbone: nn.Module, names: list[str]):
+    """Within the block, every LoRA layer of `backbone` applies adapter names[i] to batch row i (PEFT's
+    mixed-batch forward: `adapter_names` passed to each LoRA layer by a forward pre-hook, as
+    `LoraModel._enable_peft_forward_hooks` does). Works in training too (the update is an indexed add).
+    Blocks of different threads run one after the other (the hooks are shared state)."""
+    def hook(module, args, kwargs):
+        kwargs["adapter_names"] = names
+        return args, kwargs
+
+    with _ROWS_LOCK:
+        handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in _lora_layers(backbone)]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+
+def adapter_states(backbone: nn.Module, spec: Adapters, names: list[str], input_ids: Tensor,
+                   attention_mask: Tensor, token_type_ids: Tensor | None) -> dict[str, Tensor]:
+    """{task: final token states (batch, seq_len, hidden)} for the tasks `names`, each through its adapter:
+    the unadapted lower layers once on the `batch` rows, the adapted top layers once on
+    (number of distinct adapters x batch) rows, each block of rows through its own adapter."""
+    adapters = list(dict.fromkeys(spec.of[n] for n in names))
+    batch = input_ids.shape[0]
+    if len(adapters) == 1 and spec.top == spec.total:      # one adapter everywhere: the plain forward
+        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if token_type_ids is not None:
+            kwargs["token_type_ids"] = token_type_ids
+        with adapter_rows(backbone, adapters * batch):
+            hidden = backbone(**kwargs).last_hidden_state
+        return {n: hidden for n in names}
+    stack = stack_for(backbone)
+    layers = stack.layers(backbone)
+    hidden, context = stack.embed(backbone, input_ids, attention_mask, token_type_ids)
+    for layer in layers[:spec.total - spec.top]:           # no adapter below: shared by every task
+        hidden = stack.layer(layer, hidden, context)
+    rows = hidden.repeat(len(adapters), 1, 1) if len(adapters) > 1 else hidden
+    context = repeat_rows(context, len(adapters), batch)
+    with adapter_rows(backbone, [a for a in adapters for _ in range(batch)]):
+        for layer in layers[spec.total - spec.top:]:
+            rows = stack.layer(layer, rows, context)
+    rows = stack.finish(backbone, rows)
+    per_adapter = dict(zip(adapters, rows.split(batch)))
+    return {n: per_adapter[spec.of[n]] for n in names}
+
+
+def plain_backbone_state(backbone: nn.Module) -> dict[str, Tensor]:
+    """The backbone's state_dict in its pretrained layout: adapter tensors dropped, PEFT's "base_layer."
+    unwrapped (what `save_pretrained(state_dict=...)` writes so `from_pretrained` reads it back)."""
+    return {k.replace(".base_layer.", "."): v for k, v in backbone.state_dict().items() if "lora_" not in k}
+
+
+def adapter_state(backbone: nn.Module) -> dict[str, Tensor]:
+    """The adapters' weights for `FILE`: {backbone state_dict key: tensor on the CPU}."""
+    return {k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items() if "lora_" in k}
+
+
+def load_adapters(backbone: nn.Module, bundle: Path) -> None:
+    """Load bundle/`FILE` into the injected adapters strictly. Raises ValueError naming the file and the
+    tensors missing, unexpected or of the wrong shape (the caller turns it into a BundleError)."""
+    from safetensors.torch import load_file
+
+    file = Path(bundle) / FILE
+    try:
+        weights = load_file(file)
+    except Exception as e:      # absent, truncated or not safetensors
+        raise ValueError(f"{file}: cannot read the adapters tasks.json lists: {str(e).splitlines()[0]}") from None
+    want = adapter_state(backbone)
+    missing, extra = sorted(set(want) - set(weights)), sorted(set(weights) - set(want))
+    wrong = [f"{k} {tuple(weights[k].shape)} (expected {tuple(want[k].shape)})" for k in want
+             if k in weights and weights[k].shape != want[k].shape]
+    if missing or extra or wrong:
+        raise ValueError(f"{file} does not match tasks.json's adapters: " + "; ".join(
+            ([f"missing {', '.join(missing[:3])}"] if missing else []) + wrong[:3]
+            + ([f"unexpected {', '.join(extra[:3])}"] if extra else [])))
+    with torch.no_grad():
+        params = dict(backbone.named_parameters())
+        for k, v in weights.items():
+            params[k].copy_(v)
