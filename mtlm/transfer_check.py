@@ -44,13 +44,15 @@ def options_for(task: str, recipe, task_steps: dict | None = None) -> list[str]:
     cfg, train = recipe.tasks[task], recipe.train
     out = []
     if cfg.head_lr is None and train.head_lr is None:
-        out.append(f"tasks.{task}.head_lr={10 * train.lr:g} (10x train.lr for its head) and/or "
-                   f"train.head_warmup_steps={max(1, (train.max_steps or 1000) // 10)} (heads trained alone first)")
+        out.append(f"tasks.{task}.head_lr={10 * train.lr:g} (10x train.lr for its head: closed the gap of a span / "
+                   f"token task on benchmarks/mixes.py) and/or train.head_warmup_steps="
+                   f"{max(1, (train.max_steps or 1000) // 10)} (heads trained alone first)")
+    if train.sampling in ("proportional", "round_robin") or (train.sampling == "temperature" and train.temperature < 3):
+        out.append("train.sampling=temperature train.temperature=3 (a small task gets a larger share of the batches: "
+                   "closed the gap of a small pair task on benchmarks/mixes.py, where a faster head did not)")
     if cfg.private_layers < 2:
         out.append(f"tasks.{task}.private_layers={cfg.private_layers + 1} (its own copy of the backbone's top "
                    f"layer(s); serving cost: benchmarks/results/private_layers.json)")
-    if train.sampling in ("proportional", "round_robin") or (train.sampling == "temperature" and train.temperature < 3):
-        out.append("train.sampling=temperature train.temperature=3 (a small task gets a larger share of the batches)")
     if task_steps and task_steps.get("dev_best_step") not in (None, task_steps.get("selected_step")):
         out.append(f"its own best dev step was {task_steps['dev_best_step']}, not the kept step "
                    f"{task_steps['selected_step']}: the selection averages over tasks")
