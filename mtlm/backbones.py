@@ -66,6 +66,15 @@ def check_pooling(pooling: str, config) -> None:
                            f"from itself alone under causal attention; use last (the last real token) or mean"])
 
 
+def check_generation(task_types: dict[str, str], config) -> None:
+    """Raises RecipeError naming every `generation` task when the backbone is an encoder (it has no next-token
+    output layer and its tokenizer no end-of-sequence token to stop on)."""
+    gen = sorted(n for n, t in task_types.items() if t == "generation")
+    if gen and not is_decoder_config(config):
+        raise RecipeError([f"tasks.{n}: type generation needs a decoder backbone (e.g. smollm2-135m or a local "
+                           f"causal-LM folder); {config.model_type} is an encoder" for n in gen])
+
+
 def pool(hidden: Tensor, attention_mask: Tensor, mode: str) -> Tensor:
     """(batch, seq_len, hidden) -> (batch, hidden): `mean` over real tokens, `cls` (the first token) or
     `last` (the last real token: the highest position whose attention_mask is 1, so right or left padding

@@ -30,7 +30,7 @@ from accelerate.utils import set_seed
 from transformers import get_scheduler
 
 from mtlm.adversarial import adversarial_hooks
-from mtlm.backbones import check_pooling, no_decay
+from mtlm.backbones import check_generation, check_pooling, no_decay
 from mtlm.batches import TaskSampler, collate_source, masked_losses, steps_for_epochs, train_batches
 from mtlm.callbacks import BestBundle, Checkpoints, EarlyStopping
 from mtlm.checkpoint import latest_checkpoint
@@ -178,6 +178,7 @@ def build(recipe: Recipe, resume: bool = False, overwrite: bool = False, model_f
     # --- data: encode, join, batch, sample (one block) ---
     backbone, tokenizer = load_backbone(recipe.backbone, dropout=cfg.dropout)
     check_pooling(recipe.pooling, backbone.config)
+    check_generation({n: t.cfg.type for n, t in tasks.items()}, backbone.config)
     features = encode_rows(tasks, data.rows, tokenizer, recipe.max_length)
     world = accelerator.num_processes
     # source -> this process's micro-batches of it (a source: a task alone, or a joint group), from a DataLoader

@@ -128,3 +128,14 @@ def test_generation_and_a_head_train_in_one_recipe_and_round_trip(tmp_path, tiny
     out = predictor.predict([{"text": "the movie was great fun", "question": "film story plot"}])
     assert out[0]["sentiment"]["label"] in ("positive", "negative")
     assert isinstance(out[0]["reply"]["text"], str)
+
+
+def test_generation_on_an_encoder_backbone_is_a_recipe_error(tiny_backbone, tiny_llama):
+    """An encoder has no next-token output layer nor an end-of-sequence token: a clear error, not a traceback."""
+    from mtlm.backbones import check_generation
+    encoder, _ = load_backbone(tiny_backbone)
+    with pytest.raises(RecipeError, match="tasks.reply: type generation needs a decoder backbone"):
+        check_generation({"reply": "generation", "topic": "classification"}, encoder.config)
+    check_generation({"topic": "classification"}, encoder.config)            # encoders keep every other type
+    decoder, _ = load_backbone(tiny_llama)
+    check_generation({"reply": "generation"}, decoder.config)
