@@ -39,7 +39,9 @@ def main() -> None:
     p.add_argument("--also", action="append", default=[], metavar="NAME=OVERRIDE[,OVERRIDE...]",
                    help="one more distilled student with these overrides, e.g. bam=distill.alpha=1,distill.anneal=true "
                         "(its run: <teacher>-<student>-NAME)")
-    p.add_argument("--output", help="results JSON (default: benchmarks/results/distill_<teacher>_<student>.json)")
+    p.add_argument("--tag", default="", help="suffix for the students' run folders and the results file, so a "
+                   "second setting (e.g. more steps) does not reuse the first one's students")
+    p.add_argument("--output", help="results JSON (default: benchmarks/results/distill_<teacher>_<student><tag>.json)")
     args = p.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -47,7 +49,7 @@ def main() -> None:
     from mtlm.distill.run import compare_runs, distill_run
 
     teacher = Path(args.teacher).resolve()
-    slug = args.student.replace(":", "")
+    slug = args.student.replace(":", "") + args.tag
     runs = {"distilled": teacher.with_name(f"{teacher.name}-{slug}-kd"),
             "no_teacher": teacher.with_name(f"{teacher.name}-{slug}-plain")}
     variants = [("distilled", []), ("no_teacher", ["distill.alpha=0"])]
