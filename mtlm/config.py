@@ -119,7 +119,9 @@ class FsdpConfig(_Strict):
 # what train.fsdp cannot shard (each reason says why)
 FSDP_REFUSED_WEIGHTINGS = {"gradnorm": "its gradient norms are taken w.r.t. one backbone weight, which FSDP shards",
                            "pcgrad": "it combines the backbone's per-task gradients, which FSDP shards",
-                           "cagrad": "it combines the backbone's per-task gradients, which FSDP shards"}
+                           "cagrad": "it combines the backbone's per-task gradients, which FSDP shards",
+                           "uncertainty": "its log-variances share the model's AdamW, whose state FSDP keys by "
+                                          "the model's (sharded) parameters"}
 
 
 class TrainConfig(_Strict):
@@ -194,8 +196,7 @@ class TrainConfig(_Strict):
         if self.fsdp is not None:
             if self.weighting.name in FSDP_REFUSED_WEIGHTINGS:
                 raise ValueError(f"fsdp: not with weighting {self.weighting.name} "
-                                 f"({FSDP_REFUSED_WEIGHTINGS[self.weighting.name]}); use static, uncertainty, dwa "
-                                 f"or famo")
+                                 f"({FSDP_REFUSED_WEIGHTINGS[self.weighting.name]}); use static, dwa or famo")
             if self.adversarial.method != "none":
                 raise ValueError(f"fsdp: not with adversarial.method {self.adversarial.method} (it perturbs the "
                                  f"word-embedding weights or states outside the sharded forward)")
