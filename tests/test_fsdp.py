@@ -9,13 +9,16 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 import mtlm
 from mtlm.config import RecipeError
+from mtlm.recipe import parse_recipe
 
 FIT_SCRIPT = r"""
 import json, sys
@@ -143,3 +146,96 @@ def test_a_stopped_sharded_run_resumes_with_the_losses_of_an_uninterrupted_one(m
     a, b = _bundle(tmp_path / "runs" / "full"), _bundle(tmp_path / "runs" / "cut")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_fsdp_settings_parse_and_what_fsdp_cannot_shard_is_refused_by_name(make_recipe):
+    """`fsdp: true` = the defaults, `false` = off, a dict sets options; weightings that need the backbone's
+    per-task gradients or share its optimizer, adversarial training, compile, adapters, private layers and
+    generation tasks are refused with the reason."""
+    from mtlm.config import FsdpConfig
+    load = mtlm.load_recipe
+    assert load(make_recipe(name="a", fsdp=True)).train.fsdp == FsdpConfig()
+    assert load(make_recipe(name="b", fsdp=False)).train.fsdp is None
+    cfg = load(make_recipe(name="c", fsdp={"reshard_after_forward": False, "min_num_params": 1000})).train.fsdp
+    assert (cfg.reshard_after_forward, cfg.min_num_params, cfg.cpu_offload) == (False, 1000, False)
+    with pytest.raises(RecipeError, match=r"train.fsdp.shard: unknown key"):
+        load(make_recipe(name="d", fsdp={"shard": 1}))
+    for train, why in [({"weighting": "pcgrad"}, "not with weighting pcgrad .it combines the backbone's per-task gradients"),
+                       ({"weighting": "gradnorm"}, "not with weighting gradnorm"),
+                       ({"weighting": "uncertainty"}, "not with weighting uncertainty .its log-variances"),
+                       ({"adversarial": {"method": "fgm"}}, "not with adversarial.method fgm"),
+                       ({"compile": True}, "not with compile")]:
+        with pytest.raises(RecipeError, match=why):
+            load(make_recipe(name="e", fsdp=True, **train))
+    for extra, why in [({"adapters": {"r": 4}}, "train.fsdp: not with adapters"),
+                       ({"tasks": {"sentiment": {"private_layers": 1}}}, r"not with private_layers \(tasks sentiment")]:
+        raw = yaml.safe_load(make_recipe(name="f", tasks=("sentiment",), fsdp=True).read_text())
+        for key, value in extra.items():
+            raw[key] = value if key != "tasks" else {"sentiment": {**raw["tasks"]["sentiment"], **value["sentiment"]}}
+        with pytest.raises(RecipeError, match=why):
+            parse_recipe(raw, Path("."))
+    raw = yaml.safe_load(make_recipe(name="g", tasks=("sentiment",), fsdp=True).read_text())
+    raw["tasks"]["sentiment"]["type"] = "generation"
+    with pytest.raises(RecipeError, match=r"not with generation tasks \(sentiment"):
+        parse_recipe(raw, Path("."))
+
+
+def test_fsdp_in_one_process_is_refused_without_leaking_the_fsdp_switch(make_recipe, monkeypatch):
+    """train.fsdp without several processes: a clear error before any model loads, and Accelerate's
+    ACCELERATE_USE_FSDP (which an Accelerator given a plugin exports) is not left set for later runs."""
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    with pytest.raises(RecipeError, match="train.fsdp: sharded training needs several processes"):
+        mtlm.fit(mtlm.load_recipe(make_recipe(tasks=("sentiment",), name="one", fsdp=True)), progress=False)
+    assert "ACCELERATE_USE_FSDP" not in os.environ
+
+
+def test_an_fsdp1_launch_is_refused_and_an_fsdp2_launch_needs_several_processes(make_recipe, monkeypatch):
+    """`accelerate launch --use_fsdp` exports ACCELERATE_USE_FSDP and FSDP_VERSION (1 unless --fsdp_version 2):
+    FSDP1 is refused with what to pass instead; FSDP2 is taken, and one process is refused."""
+    recipe = mtlm.load_recipe(make_recipe(tasks=("sentiment",), name="launch"))
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.delenv("FSDP_VERSION", raising=False)
+    with pytest.raises(RecipeError, match="FSDP version 1 .* mtlm shards with FSDP2 only; pass --fsdp_version 2"):
+        mtlm.fit(recipe, progress=False)
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    with pytest.raises(RecipeError, match="sharded training needs several processes"):
+        mtlm.fit(recipe, progress=False)
+
+
+class _Ranks:
+    """Just what `task_outputs` reads of an Accelerator: 2 processes, this one `rank`."""
+
+    def __init__(self, rank: int):
+        self.num_processes, self.process_index = 2, rank
+
+
+def test_the_split_evaluation_runs_as_many_forwards_on_every_rank(make_recipe, monkeypatch):
+    """5 dev features, batch 2, 2 ranks: shards of 3 and 2 features, 2 and 1 batches; a sharded model's forward
+    is a collective, so rank 1 runs a second forward too (and drops its predictions). Before the fix rank 1
+    ran 1 forward while rank 0 ran 2: FSDP's all-gathers would hang."""
+    import accelerate.utils
+
+    from mtlm.data import encode_rows, prepare_rows
+    from mtlm.evaluate import task_outputs
+    from mtlm.model import build_model, load_backbone
+    from mtlm.tasks import build_task
+
+    recipe = mtlm.load_recipe(make_recipe(tasks=("sentiment",), name="ev"))
+    tasks = {n: build_task(n, t) for n, t in recipe.tasks.items()}
+    data = prepare_rows(recipe, tasks)
+    backbone, tok = load_backbone(recipe.backbone, dropout=0.0)
+    dev = encode_rows(tasks, data.rows, tok, recipe.max_length)["sentiment"]["dev"][:5]
+    model = build_model(backbone, tasks, recipe.pooling, 0.0)
+    whole, _ = task_outputs(model, tasks["sentiment"], dev, 2, tok.pad_token_id, torch.device("cpu"))
+    gathered = []
+    monkeypatch.setattr(accelerate.utils, "gather_object", lambda done: gathered.extend(done) or list(gathered))
+    forwards = []
+    model.register_forward_hook(lambda m, a, kw, out: forwards.append(kw["input_ids"].shape[0]), with_kwargs=True)
+    counts = []
+    for rank in (0, 1):
+        before = len(forwards)
+        preds, _ = task_outputs(model, tasks["sentiment"], dev, 2, tok.pad_token_id, torch.device("cpu"),
+                                accelerator=_Ranks(rank))
+        counts.append(len(forwards) - before)
+    assert counts == [2, 2] and forwards == [2, 1, 2, 1]     # rank 1's second batch: one repeated feature
+    assert len(gathered) == 5 and preds == whole                    # the repeat's predictions were dropped
