@@ -60,12 +60,19 @@ fit(mtlm.load_recipe(recipe_path), progress=False, resume=mode == "resume",
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 
 
-def run_script(tmp_path, recipe, out: str, mode: str = "full", processes: int = 2) -> list[dict]:
+# FSDP asked of the launcher instead of the recipe (no train.fsdp): what a config file with
+# distributed_type: FSDP and fsdp_version: 2 exports too
+USE_FSDP = ["--use_fsdp", "--fsdp_version", "2", "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP",
+            "--fsdp_state_dict_type", "SHARDED_STATE_DICT"]
+
+
+def run_script(tmp_path, recipe, out: str, mode: str = "full", processes: int = 2,
+               launch_flags: tuple = ("--multi_gpu",)) -> list[dict]:
     """FIT_SCRIPT under `accelerate launch` with `processes` CPU processes (or plain python for 1) ->
     each rank's record."""
     script = tmp_path / "fit_script.py"
     script.write_text(FIT_SCRIPT)
-    launch = ["accelerate", "launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
+    launch = ["accelerate", "launch", *launch_flags, "--num_processes", str(processes), "--num_machines", "1",
               "--mixed_precision", "no", "--dynamo_backend", "no"] if processes > 1 else [sys.executable]
     proc = subprocess.run([*launch, str(script), str(recipe), str(tmp_path / out), mode], env=ENV,
                           capture_output=True, text=True, timeout=400)
@@ -97,15 +104,18 @@ def test_two_sharded_processes_match_one_process(make_recipe, tmp_path, mode):
     """Batch 8 on each of 2 FSDP processes = batch 16 on one process: the same per-step losses (1e-4), the
     same trained bundle (gathered from the shards: rtol 1e-3) and dev metrics (the split evaluation runs as
     many sharded forwards on both ranks); every parameter and AdamW moment is sharded in half on each rank.
-    sampled: accumulation over 2 micro-batches (sync at the last); all_tasks: one backward over both tasks'
-    forwards, reduce-scattered by FSDP (not averaged by hand), with FAMO's weights."""
+    sampled: accumulation over 2 micro-batches (sync at the last), FSDP asked of the launcher (`--use_fsdp
+    --fsdp_version 2`); all_tasks: one backward over both tasks' forwards, reduce-scattered by FSDP (not
+    averaged by hand), with FAMO's weights, FSDP asked by the recipe (`train.fsdp: true`)."""
     train = dict(tasks=("sentiment", "paraphrase"), max_steps=6, eval_every=3, dropout=0.0,
                  early_stopping_patience=None, eval_batch_size=16)
     train.update({"grad_accum": 2} if mode == "sampled" else {"step_mode": "all_tasks", "weighting": "famo"})
     one = make_recipe(name="one", batch_size=16, **train)
-    two = make_recipe(name="two", batch_size=8, fsdp=True, **train)
     (r1,) = run_script(tmp_path, one, "one", processes=1)
-    ranks = run_script(tmp_path, two, "two")
+    if mode == "sampled":      # FSDP from the launcher's flags
+        ranks = run_script(tmp_path, make_recipe(name="two", batch_size=8, **train), "two", launch_flags=USE_FSDP)
+    else:                      # FSDP from the recipe
+        ranks = run_script(tmp_path, make_recipe(name="two", batch_size=8, fsdp=True, **train), "two")
     for rank in ranks:
         assert_sharded(rank)
         assert rank["losses"].keys() == r1["losses"].keys() and len(r1["losses"]) == 6
