@@ -12,6 +12,8 @@ log, keep the best bundle (scale-free selection, `mtlm.selection`) and stop earl
 steps the whole state (callbacks' included) is checkpointed for `--resume`. Heads may have their own peak
 lr (`train.head_lr`, `tasks.<name>.head_lr`: `param_groups`), and during the first `train.head_warmup_steps`
 steps only the heads are updated (every other parameter's gradient is dropped before the optimizer step).
+With `train.fsdp` the model is sharded across the processes (FSDP2 through Accelerate, `mtlm.sharding`):
+FSDP syncs the gradients, and the bundle is gathered from the shards.
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import time
 from pathlib import Path
 
@@ -46,8 +47,8 @@ from mtlm.model import build_model, load_backbone
 from mtlm.packing import check_packable
 from mtlm.precision import Precision, native_bf16, resolve_precision
 from mtlm.progress import progress as progress_bar
-from mtlm.sharding import enable_on_cpu, fsdp_plugin, is_sharded
 from mtlm.run_folder import check_resumable, clear_run
+from mtlm.sharding import enable_on_cpu, fsdp_plugin, is_sharded
 from mtlm.tasks import build_task
 from mtlm.tracking import tracking_callbacks
 from mtlm.weighting import build_weighting, resolve_step_mode
@@ -322,7 +323,8 @@ def fit(recipe: Recipe, resume: bool = False, progress: bool = True, stop_after:
                 weighting.backward(losses, accelerator, scale=1.0 / cfg.grad_accum)
             for name, loss in losses.items():
                 step_losses.setdefault(name, []).append(float(loss.detach()))
-        if run.step_mode == "all_tasks" and not sharded:   # pcgrad/cagrad average the backbone's per-task gradients themselves
+        # all_tasks (not sharded): pcgrad/cagrad average the backbone's per-task gradients themselves
+        if run.step_mode == "all_tasks" and not sharded:
             average_gradients(accelerator, head_params if weighting.combines_shared_gradients else all_params)
         weighting.step(accelerator)    # update weights / combine per-task gradients (same on every process)
         if state["step"] < cfg.head_warmup_steps:   # head warm-up: every parameter but the heads' stays as is
