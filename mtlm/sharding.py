@@ -16,6 +16,7 @@ What it changes, and where:
   round; the split dev evaluation runs as many forward passes on every process, `mtlm.evaluate`); gradients
   are reduce-scattered by FSDP at the step's last backward (`accelerator.no_sync` before it), never averaged
   by hand.
+- after an evaluation (forwards without backward) `reshard` frees the gathered root unit.
 - the bundle: `full_state_dict` gathers the parameters (a collective: every process calls it) onto the main
   process's CPU, which writes them (`mtlm.checkpoint.save_bundle(state_dict=...)`).
 - checkpoints: `accelerator.save_state` writes each process's shard (torch.distributed.checkpoint, one
@@ -80,6 +81,18 @@ def enable_on_cpu(accelerator: Accelerator, plugin: FullyShardedDataParallelPlug
 def is_sharded(accelerator: Accelerator) -> bool:
     """Whether the run trains with FSDP (Accelerate's distributed type FSDP)."""
     return accelerator.distributed_type == DistributedType.FSDP
+
+
+def reshard(model: torch.nn.Module) -> None:
+    """Free the gathered weights a forward without backward leaves (an evaluation): FSDP2 keeps the root
+    unit's parameters gathered after its forward, expecting the backward, so until the next training step they
+    would take the whole root unit's memory and `model.parameters()` would be full tensors, not shards. A
+    no-op for a model that is not sharded."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 def full_state_dict(accelerator: Accelerator, model: torch.nn.Module) -> dict[str, torch.Tensor] | None:

@@ -48,7 +48,7 @@ from mtlm.packing import check_packable
 from mtlm.precision import Precision, native_bf16, resolve_precision
 from mtlm.progress import progress as progress_bar
 from mtlm.run_folder import check_resumable, clear_run
-from mtlm.sharding import enable_on_cpu, fsdp_plugin, is_sharded
+from mtlm.sharding import enable_on_cpu, fsdp_plugin, is_sharded, reshard
 from mtlm.tasks import build_task
 from mtlm.tracking import tracking_callbacks
 from mtlm.weighting import build_weighting, resolve_step_mode
@@ -353,6 +353,8 @@ def fit(recipe: Recipe, resume: bool = False, progress: bool = True, stop_after:
             # each process runs its shard of the dev set; the predictions are gathered (same metrics everywhere)
             metrics = evaluate(run.unwrapped, run.tasks, run.dev, cfg.eval_batch_size, run.tokenizer.pad_token_id,
                                accelerator.device, autocast_dtype, accelerator=accelerator)
+            if sharded:
+                reshard(run.model)           # the root unit stays gathered after a forward without backward
             state["history"].append({"step": step, **metrics, "train_tokens_per_s": tokens_seen / elapsed,
                                      "train_s": elapsed})
             run.improved = False

@@ -31,7 +31,7 @@ recipe_path, out, mode = sys.argv[1], sys.argv[2], sys.argv[3]
 
 
 class Record(Callback):
-    '''Per-step global losses; after the first step of this call, each parameter's full shape, its local
+    '''Per-step global losses; after the last step of this call, each parameter's full shape, its local
     shape on this process (a DTensor's shard) and its AdamW moment's local shape (None before its first
     gradient: the head of a task not sampled yet).'''
 
@@ -40,7 +40,7 @@ class Record(Callback):
 
     def on_step_end(self, run, step, losses, weights):
         self.losses[step] = losses
-        if self.shards is None:
+        if step == run.max_steps or run.stop is not None:
             state = run.optimizer.optimizer.state
             local = lambda t: list((t.to_local() if isinstance(t, DTensor) else t).shape)
             self.shards = {n: {"full": list(p.shape), "local": local(p), "dtensor": isinstance(p, DTensor),
@@ -104,12 +104,14 @@ def test_two_sharded_processes_match_one_process(make_recipe, tmp_path, mode):
     """Batch 8 on each of 2 FSDP processes = batch 16 on one process: the same per-step losses (1e-4), the
     same trained bundle (gathered from the shards: rtol 1e-3) and dev metrics (the split evaluation runs as
     many sharded forwards on both ranks); every parameter and AdamW moment is sharded in half on each rank.
-    sampled: accumulation over 2 micro-batches (sync at the last), FSDP asked of the launcher (`--use_fsdp
-    --fsdp_version 2`); all_tasks: one backward over both tasks' forwards, reduce-scattered by FSDP (not
-    averaged by hand), with FAMO's weights, FSDP asked by the recipe (`train.fsdp: true`)."""
+    sampled: accumulation over 2 micro-batches (sync at the last) and 2 head warm-up steps (the sharded
+    backbone's gradients dropped), FSDP asked of the launcher (`--use_fsdp --fsdp_version 2`); all_tasks: one
+    backward over both tasks' forwards, reduce-scattered by FSDP (not averaged by hand), with FAMO's weights
+    and packed rows, FSDP asked by the recipe (`train.fsdp: true`)."""
     train = dict(tasks=("sentiment", "paraphrase"), max_steps=6, eval_every=3, dropout=0.0,
                  early_stopping_patience=None, eval_batch_size=16)
-    train.update({"grad_accum": 2} if mode == "sampled" else {"step_mode": "all_tasks", "weighting": "famo"})
+    train.update({"grad_accum": 2, "head_warmup_steps": 2} if mode == "sampled" else
+                 {"step_mode": "all_tasks", "weighting": "famo", "packing": True})
     one = make_recipe(name="one", batch_size=16, **train)
     (r1,) = run_script(tmp_path, one, "one", processes=1)
     if mode == "sampled":      # FSDP from the launcher's flags
