@@ -42,12 +42,15 @@ def requested_by_launcher() -> bool:
     return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
 
 
-def fsdp_plugin(cfg: FsdpConfig | None) -> FullyShardedDataParallelPlugin | None:
+def fsdp_plugin(cfg: FsdpConfig | None, cuda: bool) -> FullyShardedDataParallelPlugin | None:
     """The FSDP2 plugin of a run: from the recipe's `train.fsdp` when set, else from the launcher's FSDP_*
-    variables when it asked for FSDP, else None (no sharding).
+    variables when it asked for FSDP, else None (no sharding). cuda: whether the run trains on GPUs.
 
     Raises RecipeError when the launcher asks for FSDP1 (`--fsdp_version 1`, Accelerate's default): the loop
-    is written for FSDP2's per-parameter sharding, and FSDP1 does not run on CPU (sync_module_states fails)."""
+    is written for FSDP2's per-parameter sharding, and FSDP1 does not run on CPU (sync_module_states fails);
+    and for cpu_offload without a GPU (the shards are in CPU memory already)."""
+    if cfg is not None and cfg.cpu_offload and not cuda:
+        raise RecipeError(["train.fsdp.cpu_offload: no GPU, the shards are in CPU memory already: drop it"])
     if cfg is not None:
         wrap = ({"auto_wrap_policy": "size_based_wrap", "min_num_params": cfg.min_num_params}
                 if cfg.min_num_params else {"auto_wrap_policy": "transformer_based_wrap"})

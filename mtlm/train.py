@@ -95,8 +95,8 @@ def make_accelerator(recipe: Recipe) -> tuple[Accelerator, Precision]:
     # Ask for the CPU explicitly when there is no GPU: under torchrun/accelerate launch without it,
     # every rank would train alone (see shared/ENGINES.md). Heads of tasks absent from a micro-batch get
     # no gradient, so DDP must look for unused parameters.
-    plugin = fsdp_plugin(recipe.train.fsdp)
     cuda = torch.cuda.is_available()
+    plugin = fsdp_plugin(recipe.train.fsdp, cuda)
     precision = resolve_precision(recipe.train.mixed_precision, cuda, native_bf16())
     if recipe.train.mixed_precision == "bf16" and precision.mode != "bf16":
         log.warning("train.mixed_precision: %s; training in fp32", precision.reason)

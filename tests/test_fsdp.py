@@ -192,6 +192,26 @@ def test_fsdp_settings_parse_and_what_fsdp_cannot_shard_is_refused_by_name(make_
         parse_recipe(raw, Path("."))
 
 
+def test_the_fsdp_plugin_follows_the_recipe():
+    """train.fsdp -> Accelerate's FSDP2 plugin: one unit per backbone layer by default, size-based units with
+    min_num_params, sharded checkpoints; cpu_offload without a GPU is refused."""
+    from torch.distributed.fsdp.wrap import size_based_auto_wrap_policy, transformer_auto_wrap_policy
+
+    from mtlm.config import FsdpConfig
+    from mtlm.sharding import fsdp_plugin
+
+    plugin = fsdp_plugin(FsdpConfig(), cuda=False)
+    assert (plugin.fsdp_version, plugin.reshard_after_forward) == (2, True)
+    assert plugin.auto_wrap_policy is transformer_auto_wrap_policy
+    assert "SHARDED_STATE_DICT" in str(plugin.state_dict_type)
+    plugin = fsdp_plugin(FsdpConfig(min_num_params=1000, reshard_after_forward=False), cuda=False)
+    assert (plugin.auto_wrap_policy, plugin.min_num_params) == (size_based_auto_wrap_policy, 1000)
+    assert plugin.reshard_after_forward is False
+    with pytest.raises(RecipeError, match="cpu_offload: no GPU"):
+        fsdp_plugin(FsdpConfig(cpu_offload=True), cuda=False)
+    assert fsdp_plugin(None, cuda=False) is None
+
+
 def test_fsdp_in_one_process_is_refused_without_leaking_the_fsdp_switch(make_recipe, monkeypatch):
     """train.fsdp without several processes: a clear error before any model loads, and Accelerate's
     ACCELERATE_USE_FSDP (which an Accelerator given a plugin exports) is not left set for later runs."""
