@@ -75,7 +75,7 @@ def run_script(tmp_path, recipe, out: str, mode: str = "full", processes: int = 
     launch = ["accelerate", "launch", *launch_flags, "--num_processes", str(processes), "--num_machines", "1",
               "--mixed_precision", "no", "--dynamo_backend", "no"] if processes > 1 else [sys.executable]
     proc = subprocess.run([*launch, str(script), str(recipe), str(tmp_path / out), mode], env=ENV,
-                          capture_output=True, text=True, timeout=400)
+                          capture_output=True, text=True, timeout=600)
     rank0 = [line for line in proc.stderr.splitlines() if line.startswith("[rank0]")]   # its traceback
     assert proc.returncode == 0, "\n".join(rank0[-40:]) or (proc.stdout + proc.stderr)[-4000:]
     return [json.loads((tmp_path / f"{out}.{r}.json").read_text()) for r in range(processes)]
