@@ -30,6 +30,7 @@ import torch
 
 from mtlm.checkpoint import save_bundle, save_checkpoint
 from mtlm.selection import Selection
+from mtlm.sharding import full_state_dict
 
 if TYPE_CHECKING:
     from mtlm.hooks import Run
@@ -110,8 +111,10 @@ class BestBundle(Callback):
         run.best_step = self.selection.best_step
         if score is not None:
             run.state["history"][-1]["score"] = score
-        if run.improved and run.is_main:
-            save_bundle(run.unwrapped, run.tokenizer, run.tasks, run.recipe, run.run_dir / "model")
+        if run.improved:
+            state = full_state_dict(run.accelerator, run.model)   # sharded (train.fsdp): gathered, by every process
+            if run.is_main:
+                save_bundle(run.unwrapped, run.tokenizer, run.tasks, run.recipe, run.run_dir / "model", state)
         run.say(f"step {step}: " + "  ".join(f"{k}={v:.4f}" for k, v in metrics.items())
                 + (f"  score={score:.4f}" if score is not None else "")
                 + ("  (best)" if run.improved and score is not None else ""))

@@ -79,24 +79,32 @@ def _recover(path: Path) -> None:
         old.rename(path)
 
 
-def save_bundle(model: MultiTaskModel, tokenizer, tasks: dict, recipe: Recipe, path: Path) -> Path:
+def save_bundle(model: MultiTaskModel, tokenizer, tasks: dict, recipe: Recipe, path: Path,
+                state_dict: dict[str, torch.Tensor] | None = None) -> Path:
     """Write the inference bundle for `model` at `path`, replacing any bundle there (see the module
-    docstring for what a crash at any point leaves). Returns `path`."""
+    docstring for what a crash at any point leaves). Returns `path`.
+
+    state_dict: the model's full tensors keyed as `model.state_dict()`, written instead of the module's own:
+    a sharded model's (train.fsdp), gathered by `mtlm.sharding.full_state_dict` (no adapters or private
+    layers then: the recipe refuses them with FSDP). Raises ValueError when it lacks a backbone or head tensor."""
     path = Path(path)
     _recover(path)
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "backbone").mkdir(parents=True)
-    if model.adapters is None:
+    if state_dict is not None:
+        _save_gathered(model, state_dict, tmp)
+    elif model.adapters is None:
         model.backbone.save_pretrained(tmp / "backbone", safe_serialization=True)
     else:   # the pretrained layout in backbone/, the LoRA weights beside it
         model.backbone.save_pretrained(tmp / "backbone", safe_serialization=True,
                                        state_dict=plain_backbone_state(model.backbone))
         save_file(adapter_state(model.backbone), tmp / ADAPTER_FILE)
     tokenizer.save_pretrained(tmp / "backbone")
-    heads = {f"{name}.{k}": v.detach().cpu().contiguous() for name, head in model.heads.items()
-             for k, v in head.state_dict().items()}
-    save_file(heads, tmp / "heads.safetensors")
+    if state_dict is None:
+        heads = {f"{name}.{k}": v.detach().cpu().contiguous() for name, head in model.heads.items()
+                 for k, v in head.state_dict().items()}
+        save_file(heads, tmp / "heads.safetensors")
     if len(model.private):
         save_file(private_state(model.private), tmp / PRIVATE_FILE)
     meta = {
@@ -119,6 +127,22 @@ def save_bundle(model: MultiTaskModel, tokenizer, tasks: dict, recipe: Recipe, p
     tmp.rename(path)
     shutil.rmtree(old, ignore_errors=True)
     return path
+
+
+def _save_gathered(model: MultiTaskModel, state_dict: dict[str, torch.Tensor], tmp: Path) -> None:
+    """backbone/ and heads.safetensors from a full state dict ("backbone.<k>", "heads.<task>.<k>")."""
+    parts: dict[str, dict[str, torch.Tensor]] = {"backbone": {}, "heads": {}}
+    for key, value in state_dict.items():
+        part, _, rest = key.partition(".")
+        if part in parts:
+            parts[part][rest] = value.detach().cpu().contiguous()
+    wanted = [f"heads.{n}.{k}" for n, head in model.heads.items() for k in head.state_dict()]
+    missing = [k for k in wanted if k.partition(".")[2] not in parts["heads"]] + \
+        ([] if parts["backbone"] else ["backbone.*"])
+    if missing:
+        raise ValueError(f"save_bundle: the state dict lacks {', '.join(missing[:5])}")
+    model.backbone.save_pretrained(tmp / "backbone", safe_serialization=True, state_dict=parts["backbone"])
+    save_file(parts["heads"], tmp / "heads.safetensors")
 
 
 def find_bundle(path: str | Path) -> Path:

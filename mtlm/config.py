@@ -105,6 +105,25 @@ class AdversarialConfig(_Strict):
         return self
 
 
+class FsdpConfig(_Strict):
+    """`train.fsdp`: shard parameters, gradients and optimizer state across the processes (FSDP2 through
+    Accelerate, `mtlm.sharding`), for backbones that do not fit one device. `true` = these defaults."""
+
+    reshard_after_forward: bool = True           # free a unit's gathered weights after its forward (gathered
+    #                                            again for backward: least memory); false keeps them to backward
+    min_num_params: int | None = Field(None, gt=0)  # size-based units (modules of at least this many
+    #                                            parameters); None = one unit per backbone layer
+    cpu_offload: bool = False                    # keep the shards (and the optimizer step) in CPU memory (GPUs)
+
+
+# what train.fsdp cannot shard (each reason says why)
+FSDP_REFUSED_WEIGHTINGS = {"gradnorm": "its gradient norms are taken w.r.t. one backbone weight, which FSDP shards",
+                           "pcgrad": "it combines the backbone's per-task gradients, which FSDP shards",
+                           "cagrad": "it combines the backbone's per-task gradients, which FSDP shards",
+                           "uncertainty": "its log-variances share the model's AdamW, whose state FSDP keys by "
+                                          "the model's (sharded) parameters"}
+
+
 class TrainConfig(_Strict):
     batch_size: int = Field(32, gt=0)            # micro-batch size per process
     eval_batch_size: int = Field(64, gt=0)
@@ -139,6 +158,9 @@ class TrainConfig(_Strict):
     # example; batch_size still counts examples): mtlm.packing. Not for extractive QA / multiple choice
     packing: bool = False
     compile: bool = False                        # torch.compile(dynamic=True) on the backbone (mtlm.compiled)
+    # false | true | {reshard_after_forward, min_num_params, cpu_offload}: sharded training (FSDP2,
+    # mtlm.sharding); needs several processes (accelerate launch --multi_gpu --num_processes N)
+    fsdp: FsdpConfig | None = None
     eval_every: int = Field(200, gt=0)           # optimizer steps between evaluations on dev
     checkpoint_every: int | None = Field(None, gt=0)  # defaults to eval_every
     keep_checkpoints: int = Field(1, gt=0)       # resumable checkpoints kept on disk
@@ -155,6 +177,11 @@ class TrainConfig(_Strict):
     def _yaml_no(cls, v: Any) -> Any:
         return "no" if v is False else v      # YAML 1.1 reads an unquoted `no` as false
 
+    @field_validator("fsdp", mode="before")
+    @classmethod
+    def _fsdp_bool(cls, v: Any) -> Any:
+        return {} if v is True else None if v is False else v   # `fsdp: true` = the defaults; false = off
+
     @field_validator("weighting", mode="before")
     @classmethod
     def _weighting_name(cls, v: Any) -> Any:
@@ -166,6 +193,15 @@ class TrainConfig(_Strict):
             self.max_steps = 1000
         if self.max_steps is not None and self.epochs is not None:
             raise ValueError("give max_steps or epochs, not both")
+        if self.fsdp is not None:
+            if self.weighting.name in FSDP_REFUSED_WEIGHTINGS:
+                raise ValueError(f"fsdp: not with weighting {self.weighting.name} "
+                                 f"({FSDP_REFUSED_WEIGHTINGS[self.weighting.name]}); use static, dwa or famo")
+            if self.adversarial.method != "none":
+                raise ValueError(f"fsdp: not with adversarial.method {self.adversarial.method} (it perturbs the "
+                                 f"word-embedding weights or states outside the sharded forward)")
+            if self.compile:
+                raise ValueError("fsdp: not with compile (torch.compile of a backbone FSDP then shards is untested)")
         if self.max_steps is not None and self.head_warmup_steps >= self.max_steps:
             raise ValueError(f"head_warmup_steps ({self.head_warmup_steps}) must be less than max_steps "
                              f"({self.max_steps}): the backbone would never train")
@@ -231,6 +267,18 @@ class Recipe(_Strict):
         bad = [t for t in self.tasks if not t.replace("_", "").replace("-", "").isalnum()]
         if bad:
             raise ValueError(f"task names must be letters, digits, '_' or '-': {bad}")
+        if self.train.fsdp is not None:      # what runs backbone pieces outside the sharded model's forward
+            if self.adapters is not None:
+                raise ValueError("train.fsdp: not with adapters (LoRA runs the backbone's layers one by one, "
+                                 "outside the sharded forward)")
+            private = [n for n, t in self.tasks.items() if t.private_layers]
+            if private:
+                raise ValueError(f"train.fsdp: not with private_layers (tasks {', '.join(private)}: their layers "
+                                 f"run on the backbone's pieces, outside the sharded forward)")
+            generation = [n for n, t in self.tasks.items() if t.type == "generation"]
+            if generation:
+                raise ValueError(f"train.fsdp: not with generation tasks ({', '.join(generation)}: decoding "
+                                 f"calls the backbone's generate, outside the sharded forward)")
         return self
 
     @property

@@ -36,31 +36,41 @@ def task_outputs(model, task, features: list[dict], batch_size: int, pad_token_i
     accelerator: with several processes, each runs the forward passes of its shard of the features (every
     world-th feature in length order, so shards have alike lengths), and the per-feature predictions are
     gathered (`accelerate.utils.gather_object`) so that every process postprocesses and scores the whole
-    split, as one process would. Every process must call it with the same features (a collective)."""
+    split, as one process would. Every process must call it with the same features (a collective), and each
+    runs as many forward passes (a sharded model's forward is a collective too)."""
     model.eval()
     preds: list[Any] = [None] * len(features)
     lengths = [f["length"] for f in features]
     world = accelerator.num_processes if accelerator is not None else 1
     mine = list(range(len(features)))
+    shards = [mine]
     if world > 1:
-        mine = sorted(mine, key=lambda i: -lengths[i])[accelerator.process_index::world]
+        shards = [sorted(mine, key=lambda i: -lengths[i])[r::world] for r in range(world)]
+        mine = shards[accelerator.process_index]
+    batches = [[mine[j] for j in b] for b in length_sorted_batches([lengths[i] for i in mine], batch_size)]
+    real = len(batches)
+    # every process runs as many forward passes (a sharded model's forward, train.fsdp, is a collective): one
+    # with fewer batches runs a one-feature batch again and drops its predictions
+    extra = max(-(-len(s) // batch_size) for s in shards) - real
+    batches += [[shards[0][0]]] * extra if extra > 0 else []
     done: list[tuple[int, Any]] = []
-    for local in length_sorted_batches([lengths[i] for i in mine], batch_size):
-        idx = [mine[j] for j in local]
+    for n, idx in enumerate(batches):
         chunk = [features[i] for i in idx]
         if hasattr(task, "run_batch"):     # generation: predictions need decoding, not one pass's logits
-            for i, p in zip(idx, task.run_batch(model, chunk, pad_token_id, device)):
-                preds[i] = p
-            if bar is not None:
-                bar.update(1)
+            if n < real:                   # (never sharded: the recipe refuses generation with train.fsdp)
+                for i, p in zip(idx, task.run_batch(model, chunk, pad_token_id, device)):
+                    preds[i] = p
+                if bar is not None:
+                    bar.update(1)
             continue
         batch = {k: v.to(device) for k, v in collate(task, chunk, pad_token_id).items() if k != "labels"}
         ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
         with ctx:
             logits = model(task=task.name, **batch)
-        done += zip(idx, task.predictions(logits.float(), chunk))
-        if bar is not None:
-            bar.update(1)
+        if n < real:
+            done += zip(idx, task.predictions(logits.float(), chunk))
+            if bar is not None:
+                bar.update(1)
     if world > 1:
         from accelerate.utils import gather_object
         done = gather_object(done)

@@ -63,7 +63,8 @@ class Run:
     accelerator: Accelerator
     tasks: dict
     tokenizer: object
-    model: torch.nn.Module                          # as prepared by Accelerate (DDP-wrapped with 2+ processes)
+    model: torch.nn.Module                          # as prepared by Accelerate (DDP-wrapped with 2+ processes,
+    #                                                 or sharded in place with train.fsdp: mtlm.sharding)
     unwrapped: MultiTaskModel
     optimizer: torch.optim.Optimizer
     scheduler: object

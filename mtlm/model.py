@@ -84,6 +84,12 @@ class MultiTaskModel(nn.Module):
                 head.tie(backbone)
 
     @property
+    def _no_split_modules(self) -> list[str] | None:
+        """The backbone's layer classes (transformers' `_no_split_modules`): Accelerate's FSDP wrapping makes
+        each of them one shard unit (`mtlm.sharding`)."""
+        return getattr(self.backbone, "_no_split_modules", None)
+
+    @property
     def hidden_size(self) -> int:
         return self.backbone.config.hidden_size
 

@@ -12,6 +12,8 @@ log, keep the best bundle (scale-free selection, `mtlm.selection`) and stop earl
 steps the whole state (callbacks' included) is checkpointed for `--resume`. Heads may have their own peak
 lr (`train.head_lr`, `tasks.<name>.head_lr`: `param_groups`), and during the first `train.head_warmup_steps`
 steps only the heads are updated (every other parameter's gradient is dropped before the optimizer step).
+With `train.fsdp` the model is sharded across the processes (FSDP2 through Accelerate, `mtlm.sharding`):
+FSDP syncs the gradients, and the bundle is gathered from the shards.
 """
 
 from __future__ import annotations
@@ -19,13 +21,12 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import time
 from pathlib import Path
 
 import torch
 import yaml
-from accelerate import Accelerator, DistributedDataParallelKwargs
+from accelerate import Accelerator, DistributedDataParallelKwargs, PartialState
 from accelerate.utils import set_seed
 from transformers import get_scheduler
 
@@ -47,6 +48,7 @@ from mtlm.packing import check_packable
 from mtlm.precision import Precision, native_bf16, resolve_precision
 from mtlm.progress import progress as progress_bar
 from mtlm.run_folder import check_resumable, clear_run
+from mtlm.sharding import enable_on_cpu, fsdp_plugin, is_sharded, reshard
 from mtlm.tasks import build_task
 from mtlm.tracking import tracking_callbacks
 from mtlm.weighting import build_weighting, resolve_step_mode
@@ -88,23 +90,26 @@ def head_parameters(model: torch.nn.Module) -> set[int]:
 
 def make_accelerator(recipe: Recipe) -> tuple[Accelerator, Precision]:
     """The Accelerator of a run and the precision it trains in (`mtlm.precision`: `auto` picks bf16 where
-    the GPU / CPU has native bf16). Raises RecipeError (fp16 without a GPU; FSDP)."""
+    the GPU / CPU has native bf16); sharded (FSDP2, `mtlm.sharding`) with `train.fsdp` or an FSDP launch.
+    Raises RecipeError (fp16 without a GPU; FSDP1; FSDP with one process)."""
     # Ask for the CPU explicitly when there is no GPU: under torchrun/accelerate launch without it,
     # every rank would train alone (see shared/ENGINES.md). Heads of tasks absent from a micro-batch get
     # no gradient, so DDP must look for unused parameters.
-    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":   # accelerate launch --use_fsdp / config
-        raise RecipeError(["FSDP (accelerate launch --use_fsdp, or an Accelerate config with distributed_type FSDP) "
-                           "is not supported: on CPU Accelerate does not shard (it trains plain DDP, or fails in "
-                           "the FSDP plugin's sync_module_states), and mtlm's loop saves the bundle from the main "
-                           "process's full parameters and averages all_tasks gradients itself, which sharded "
-                           "parameters break. Launch DDP instead (--multi_gpu)"])
     cuda = torch.cuda.is_available()
+    plugin = fsdp_plugin(recipe.train.fsdp, cuda)
     precision = resolve_precision(recipe.train.mixed_precision, cuda, native_bf16())
     if recipe.train.mixed_precision == "bf16" and precision.mode != "bf16":
         log.warning("train.mixed_precision: %s; training in fp32", precision.reason)
+    # checked before the Accelerator exists: given a plugin, it exports ACCELERATE_USE_FSDP to this process
+    if plugin is not None and PartialState(cpu=not cuda).num_processes < 2:
+        raise RecipeError(["train.fsdp: sharded training needs several processes (one process holds every "
+                           "parameter anyway): launch with accelerate launch --multi_gpu --num_processes N "
+                           "(CPU or GPUs), or drop train.fsdp"])
     # Accumulation is done by the loop (it knows which micro-batch ends a step), not by accelerator.accumulate.
-    accelerator = Accelerator(cpu=not cuda, mixed_precision=precision.mode,
+    accelerator = Accelerator(cpu=not cuda, mixed_precision=precision.mode, fsdp_plugin=plugin,
                               kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    if plugin is not None:
+        enable_on_cpu(accelerator, plugin)
     return accelerator, precision
 
 
@@ -279,6 +284,7 @@ def fit(recipe: Recipe, resume: bool = False, progress: bool = True, stop_after:
     if run.checkpoint is not None:
         restore(run, callbacks)
     state, main, max_steps = run.state, run.is_main, run.max_steps
+    sharded = is_sharded(accelerator)      # train.fsdp: parameters, gradients and AdamW moments sharded
     shared_ids = {id(p) for p in run.unwrapped.backbone.parameters()}
     all_params = [p for p in run.unwrapped.parameters() if p.requires_grad]
     head_params = [p for p in all_params if id(p) not in shared_ids]
@@ -299,7 +305,9 @@ def fit(recipe: Recipe, resume: bool = False, progress: bool = True, stop_after:
         for r, round_sources in enumerate(rounds):      # the same sources on every process
             # sampled: DDP all-reduces in the backward of the step's last micro-batch. all_tasks: several
             # forwards feed one backward, which DDP cannot sync; gradients are averaged below instead.
-            sync = run.step_mode == "sampled" and r == len(rounds) - 1
+            # FSDP reduce-scatters in the step's last backward in both modes (a sharded gradient cannot be
+            # averaged by hand).
+            sync = (run.step_mode == "sampled" or sharded) and r == len(rounds) - 1
             with contextlib.nullcontext() if sync else accelerator.no_sync(model):
                 losses = {}
                 for source in round_sources:
@@ -315,7 +323,8 @@ def fit(recipe: Recipe, resume: bool = False, progress: bool = True, stop_after:
                 weighting.backward(losses, accelerator, scale=1.0 / cfg.grad_accum)
             for name, loss in losses.items():
                 step_losses.setdefault(name, []).append(float(loss.detach()))
-        if run.step_mode == "all_tasks":   # pcgrad/cagrad average the backbone's per-task gradients themselves
+        # all_tasks (not sharded): pcgrad/cagrad average the backbone's per-task gradients themselves
+        if run.step_mode == "all_tasks" and not sharded:
             average_gradients(accelerator, head_params if weighting.combines_shared_gradients else all_params)
         weighting.step(accelerator)    # update weights / combine per-task gradients (same on every process)
         if state["step"] < cfg.head_warmup_steps:   # head warm-up: every parameter but the heads' stays as is
@@ -344,6 +353,8 @@ def fit(recipe: Recipe, resume: bool = False, progress: bool = True, stop_after:
             # each process runs its shard of the dev set; the predictions are gathered (same metrics everywhere)
             metrics = evaluate(run.unwrapped, run.tasks, run.dev, cfg.eval_batch_size, run.tokenizer.pad_token_id,
                                accelerator.device, autocast_dtype, accelerator=accelerator)
+            if sharded:
+                reshard(run.model)           # the root unit stays gathered after a forward without backward
             state["history"].append({"step": step, **metrics, "train_tokens_per_s": tokens_seen / elapsed,
                                      "train_s": elapsed})
             run.improved = False

@@ -180,14 +180,3 @@ def test_a_weighting_method_under_two_processes_matches_one(make_recipe, tmp_pat
     assert len(w1) == 2 and max(w1.values()) - min(w1.values()) > 1e-5, w1
     for k, v in w1.items():
         assert log2[k] == pytest.approx(v, abs=1e-4), k
-
-
-def test_fsdp_is_refused_with_the_reason(make_recipe, monkeypatch):
-    """`accelerate launch --use_fsdp` sets ACCELERATE_USE_FSDP; on CPU Accelerate then silently trains
-    unsharded DDP (checked with torch 2.13 / accelerate 1.16), and the loop is not FSDP-ready: a clear error
-    before any model loads, not a run that is not what was asked for."""
-    import mtlm
-    from mtlm.config import RecipeError
-    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    with pytest.raises(RecipeError, match="FSDP .* is not supported: on CPU Accelerate does not shard"):
-        mtlm.fit(mtlm.load_recipe(make_recipe(tasks=("sentiment",), name="fsdp")), progress=False)
