@@ -12,7 +12,7 @@ from pathlib import Path
 
 from machine import contention, gemm_peak, reset_hwm, vm_hwm_kb
 
-THREADS = 2
+THREADS = int(os.environ.get("BENCH_THREADS", "2"))   # the 2 cores; BENCH_THREADS=1 for a smoke run on a shared machine
 
 # --------------------------------------------------------------------------------------------- child side
 
