@@ -105,10 +105,22 @@ def test_packing_refuses_adversarial_and_private_layers(make_recipe):
 
 
 def test_packed_training_runs_and_evaluates(make_recipe):
-    """A packed run trains (losses fall), evaluates unpacked on dev and saves a bundle that predicts."""
+    """A packed run trains (losses fall), evaluates unpacked on dev and saves a bundle that predicts; with
+    random batches (mixed lengths) packed rows reach the model (several examples in some row)."""
+    packed_rows = []
+
+    def watch(model):
+        def hook(module, args, kwargs):
+            if module.training and kwargs.get("example_ids") is not None:
+                packed_rows.append(kwargs["input_ids"].shape[0] < int(kwargs["example_ids"].max()) + 1)
+        model.register_forward_pre_hook(hook, with_kwargs=True)
+        return model
+
     run = mtlm.fit(mtlm.load_recipe(make_recipe(tasks=("sentiment", "ner"), name="packed", packing=True,
-                                                max_steps=20, eval_every=20, mixed_precision="no")),
-                   progress=False)
+                                                group_by_length=False, max_steps=20, eval_every=20,
+                                                mixed_precision="no")),
+                   progress=False, model_fn=watch)
+    assert any(packed_rows)
     metrics = json.loads((run / "metrics.json").read_text())
     last = metrics["eval"][-1]
     assert last["sentiment/accuracy"] > 0.5 and "ner/f1" in last
