@@ -12,7 +12,7 @@ from pathlib import Path
 
 from machine import contention, gemm_peak, reset_hwm, vm_hwm_kb
 
-THREADS = 2
+THREADS = int(os.environ.get("BENCH_THREADS", "2"))   # the 2 cores; BENCH_THREADS=1 for a smoke run on a shared machine
 
 # --------------------------------------------------------------------------------------------- child side
 
@@ -91,8 +91,8 @@ def child_mtlm(args, probe: Probe, tmp: Path) -> dict:
         "train": {"batch_size": args.batch_size, "max_steps": args.steps, "lr": 5e-5, "weight_decay": 0.01,
                   "warmup_ratio": 0.06, "dropout": 0.1, "grad_accum": 1, "max_grad_norm": 1.0,
                   "mixed_precision": "auto", "eval_every": 10 ** 9, "early_stopping_patience": None,
-                  "group_by_length": args.variant != "mtlm_nogroup", "seed": args.seed,
-                  "packing": args.variant == "mtlm_packed", "compile": args.variant == "mtlm_compile"},
+                  "group_by_length": args.variant not in ("mtlm_nogroup", "mtlm_packed_nogroup"), "seed": args.seed,
+                  "packing": args.variant in ("mtlm_packed", "mtlm_packed_nogroup"), "compile": args.variant == "mtlm_compile"},
     }
     (tmp / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
     if not hasattr(mt, "build_model"):

@@ -12,7 +12,9 @@ Variants (each run in its own subprocess, interleaved, order rotated every repea
   mtlm          `mtlm.train.fit` on a 1-task recipe (classification, SST-2 train, batch 32, max_length 128,
                 its defaults: length-grouped batches, dynamic padding, mixed_precision auto = bf16 only where
                 the CPU has native bf16, else fp32; the precision each run used is recorded)
-  mtlm_packed   mtlm with `train.packing: true` (the same 32 examples per step, packed into rows of 128)
+  mtlm_packed   mtlm with `train.packing: true` (the same 32 examples per step, packed where the cost model
+                of `mtlm.packing.choose_rows` says it pays: on length-grouped batches mostly plain rows)
+  mtlm_packed_nogroup (optional) packing instead of length grouping (random batches, packed)
   mtlm_compile  (optional) mtlm with `train.compile: true` (compile time falls before the window)
   mtlm_nogroup  (optional) mtlm with `train.group_by_length=false`: loop against loop.
 After training (outside the window) every variant scores SST-2 dev accuracy: the same examples were seen
@@ -62,7 +64,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "sst2" / "train.jsonl"
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "train_throughput.json"
 DEFAULT_DEV = ROOT.parent / "shared" / "data" / "sst2" / "dev.jsonl"
-VARIANTS = ("hf_grouped", "hf", "mtlm", "mtlm_packed", "mtlm_compile", "mtlm_nogroup")
+VARIANTS = ("hf_grouped", "hf", "mtlm", "mtlm_packed", "mtlm_compile", "mtlm_nogroup", "mtlm_packed_nogroup")
 DEFAULT_VARIANTS = ("hf_grouped", "hf", "mtlm", "mtlm_packed")
 BASELINE = "hf_grouped"
 AIM_SPEEDUP_BF16, AIM_SPEEDUP_FP32, AIM_MFU = 1.5, 1.2, 0.30   # vs hf_grouped: native bf16 / AVX2 machines

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from mtlm.config import RecipeError, TrainConfig
 from mtlm.data import PreparedData, Source
-from mtlm.packing import pack_inputs
+from mtlm.packing import choose_rows, pack_inputs
 from mtlm.tasks.base import pad_inputs
 
 
@@ -85,8 +85,9 @@ def collate_source(tasks: dict, items: list[dict], pad_token_id: int, capacity: 
 
     inputs: input_ids, attention_mask[, token_type_ids], each (rows, seq_len), padded to the longest
     (a feature with "sequences", as multiple choice makes, adds one row per sequence). With `capacity`
-    (train.packing) the items are packed into rows of at most that many tokens (`mtlm.packing.pack_inputs`:
-    adds position_ids and example_ids; the model returns one logits row per item, as unpacked). targets:
+    (train.packing) the items are packed into rows of at most that many tokens, the layout of least estimated
+    cost (`mtlm.packing.choose_rows`, `pack_inputs`: adds position_ids and example_ids; the model returns
+    one logits row per item, as unpacked); when that layout is one item per row, the plain padded rows. targets:
     {task: (rows, labels)} for each task some item is labelled for, in the source's task order: rows is
     None when every item carries the task's label, else a (n_task,) long tensor of the items that do;
     labels are the task's `collate_labels` for those items, padded to the longest item. Raises ValueError
@@ -94,11 +95,12 @@ def collate_source(tasks: dict, items: list[dict], pad_token_id: int, capacity: 
     if not items:
         raise ValueError("collate_source: an empty micro-batch (every process must get rows of every batch)")
     features = [it["inputs"] for it in items]
-    if capacity is None:
+    rows = None if capacity is None else choose_rows([len(f["input_ids"]) for f in features], capacity)
+    if rows is None:
         inputs = pad_inputs(features, pad_token_id)
         seq_len = inputs["input_ids"].shape[1]
     else:
-        inputs = pack_inputs(features, pad_token_id, capacity)
+        inputs = pack_inputs(features, pad_token_id, capacity, rows)
         seq_len = max(len(f["input_ids"]) for f in features)
     targets = {}
     names = dict.fromkeys(t for it in items for t in it["labels"])

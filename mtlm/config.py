@@ -154,8 +154,9 @@ class TrainConfig(_Strict):
     # weighting needs every task in every step (gradnorm, pcgrad, cagrad, famo), else sampled
     step_mode: Literal["auto", "sampled", "all_tasks"] = "auto"
     group_by_length: bool = True                 # length-grouped micro-batches (less padding)
-    # several examples of one source per backbone row (rows of max_length tokens, attention within each
-    # example; batch_size still counts examples): mtlm.packing. Not for extractive QA / multiple choice
+    # several examples of one source per backbone row (rows of up to max_length tokens, the cheapest layout
+    # per micro-batch, plain rows where that is one example per row; attention within each example;
+    # batch_size still counts examples): mtlm.packing. Not for extractive QA / multiple choice
     packing: bool = False
     compile: bool = False                        # torch.compile(dynamic=True) on the backbone (mtlm.compiled)
     # false | true | {reshard_after_forward, min_num_params, cpu_offload}: sharded training (FSDP2,

@@ -1,7 +1,12 @@
 """Sequence packing (`train.packing: true`): several short examples of one source in one backbone row.
 
-A packed micro-batch holds the same `batch_size` examples as an unpacked one, placed first-fit into rows of
-at most `max_length` tokens (fewer rows, little padding). Attention stays within each example: the
+A packed micro-batch holds the same `batch_size` examples as an unpacked one, placed first-fit (longest
+first) into rows of at most `max_length` tokens (fewer rows, little padding). The row length is chosen per
+micro-batch (`choose_rows`): a multiple of the batch's longest example that minimises an estimated cost,
+per token a fixed part plus a part that grows with the row length (attention scores, their softmax and
+dropout: measured on a 2-core AVX2 CPU, a token in a 128-token row costs ~2.1x one in a 19-token row). When
+the cheapest layout puts one example per row (length-grouped batches of similar lengths), the micro-batch is
+the plain padded one: no mask to build, nothing to unpack. Attention stays within each example: the
 backbone gets a block-diagonal 4D additive mask (the form transformers 5 passes through as-is to its eager
 and sdpa attention, on CPU and GPU) and each example's own position ids 0..len-1, so every example's token
 states are those of the example alone. `unpack_states` then scatters them back to the unpacked layout
@@ -60,8 +65,52 @@ def first_fit(lengths: list[int], capacity: int) -> list[int]:
     return rows
 
 
-def pack_inputs(features: list[dict], pad_token_id: int, capacity: int) -> dict[str, Tensor]:
-    """Pack unpadded features (input_ids, token_type_ids?) first-fit into rows of <= capacity tokens.
+# Estimated cost of a token in a row of L tokens, relative to its fixed (linear-layer) part: 1 + L * this.
+# From one SST-2 step of minilm-l6 (benchmarks/train_step_profile.py, 1 thread, AVX2): rows of 128 tokens
+# cost ~2.1x per real token what rows of 19 cost, so 88 * c = 1.1 -> c ~ 1/80.
+ROW_LENGTH_COST = 1 / 80
+
+
+def first_fit_decreasing(lengths: list[int], capacity: int) -> list[int]:
+    """The row of each item (in the items' order) when placed longest first, each into the first row with
+    room (rows of `capacity` tokens): fewer rows than plain first-fit on mixed lengths. Raises ValueError for
+    an item longer than capacity."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    placed = first_fit([lengths[i] for i in order], capacity)
+    rows = [0] * len(lengths)
+    for i, r in zip(order, placed):
+        rows[i] = r
+    return rows
+
+
+def choose_rows(lengths: list[int], max_capacity: int) -> list[int] | None:
+    """The row of each item for the cheapest packing into rows of at most `max_capacity` tokens, or None
+    when the cheapest puts one item per row (then plain padding is the same layout, without the mask).
+
+    Candidate row lengths: k * longest (k = 1, 2, ...) up to max_capacity, and max_capacity itself; each is
+    packed first-fit decreasing and priced rows * L * (1 + L * ROW_LENGTH_COST), L its longest row. Raises
+    ValueError on no items or an item longer than max_capacity."""
+    if not lengths:
+        raise ValueError("choose_rows: no items")
+    longest = max(lengths)
+    if longest > max_capacity:
+        raise ValueError(f"choose_rows: an item of {longest} tokens does not fit rows of {max_capacity}")
+    best, best_cost = None, len(lengths) * longest * (1 + longest * ROW_LENGTH_COST)   # unpacked: one per row
+    for capacity in sorted({*range(2 * longest, max_capacity + 1, longest), max_capacity} - {longest}):
+        rows = first_fit_decreasing(lengths, capacity)
+        used = np.zeros(max(rows) + 1, dtype=np.int64)
+        np.add.at(used, rows, lengths)
+        seq_len = int(used.max())
+        cost = len(used) * seq_len * (1 + seq_len * ROW_LENGTH_COST)
+        if cost < best_cost:
+            best, best_cost = rows, cost
+    return best
+
+
+def pack_inputs(features: list[dict], pad_token_id: int, capacity: int, rows: list[int] | None = None
+                ) -> dict[str, Tensor]:
+    """Pack unpadded features (input_ids, token_type_ids?) first-fit into rows of <= capacity tokens (or
+    into the given `rows`, one row index per feature, e.g. from `choose_rows`).
 
     Returns (rows, seq_len) int64 tensors, seq_len the longest packed row: input_ids (pad_token_id after
     the last example), attention_mask (1 on real tokens: counts tokens, as unpacked), token_type_ids (when
@@ -71,7 +120,7 @@ def pack_inputs(features: list[dict], pad_token_id: int, capacity: int) -> dict[
     if not features:
         raise ValueError("pack_inputs: no features")
     lengths = [len(f["input_ids"]) for f in features]
-    rows = first_fit(lengths, capacity)
+    rows = first_fit(lengths, capacity) if rows is None else rows
     n_rows = max(rows) + 1
     used = np.zeros(n_rows, dtype=np.int64)
     np.add.at(used, rows, lengths)

@@ -44,7 +44,7 @@ from mtlm.evaluate import evaluate
 from mtlm.loss_normalization import InitialLossNormalization
 from mtlm.hooks import LossContext, LossHook, ModelHook, Run   # noqa: F401  (fit's public hook types)
 from mtlm.model import build_model, load_backbone
-from mtlm.packing import check_packable
+from mtlm.packing import check_packable, pack_inputs
 from mtlm.precision import Precision, native_bf16, resolve_precision
 from mtlm.progress import progress as progress_bar
 from mtlm.run_folder import check_resumable, clear_run
@@ -213,7 +213,9 @@ def build(recipe: Recipe, resume: bool = False, overwrite: bool = False, model_f
     if cfg.compile:                  # compiled and checked on two train items of the first source
         first = batches[sources[0]]
         items = [first.dataset[i] for i in range(min(2, len(first.dataset)))]
-        sample, _ = collate_source(tasks, items, tokenizer.pad_token_id, recipe.max_length if cfg.packing else None)
+        sample, _ = collate_source(tasks, items, tokenizer.pad_token_id)
+        if cfg.packing:              # the packed form (4D mask), which collate_source picks when it pays
+            sample = pack_inputs([it["inputs"] for it in items], tokenizer.pad_token_id, recipe.max_length)
         compile_backbone(model, sample)
     weighting = build_weighting(cfg, {n: t.cfg.weight for n, t in tasks.items()}, model, accelerator.device)
     # fused AdamW: one kernel for all parameters (on CPU ~6x faster per step than the per-parameter loop);

@@ -10,7 +10,7 @@ import torch
 import mtlm
 from mtlm.batches import collate_source, masked_losses
 from mtlm.config import RecipeError, TaskConfig
-from mtlm.packing import block_diagonal_mask, first_fit, pack_inputs
+from mtlm.packing import block_diagonal_mask, choose_rows, first_fit, first_fit_decreasing, pack_inputs
 from mtlm.tasks import build_task
 from mtlm.train import build
 
@@ -19,6 +19,33 @@ def test_first_fit_places_items_in_the_first_row_with_room():
     assert first_fit([5, 4, 3, 2, 6], capacity=8) == [0, 1, 0, 1, 2]
     with pytest.raises(ValueError, match="9 tokens"):
         first_fit([9], capacity=8)
+
+
+def test_first_fit_decreasing_places_longest_first_and_keeps_item_order():
+    assert first_fit([4, 4, 6, 6], capacity=10) == [0, 0, 1, 2]
+    assert first_fit_decreasing([4, 4, 6, 6], capacity=10) == [0, 1, 0, 1]     # plain first-fit: 3 rows
+
+
+def test_choose_rows_pads_similar_lengths_and_packs_mixed_ones():
+    """Similar lengths (a length-grouped batch): one item per row is cheapest -> None (plain padding, no
+    mask). Mixed lengths: packed, rows no longer than a multiple of the longest item, far fewer rows."""
+    assert choose_rows([10, 11, 12, 12, 11, 10] * 5, max_capacity=128) is None
+    lengths = [60, 5, 6, 8, 7, 9, 12, 40, 5, 11, 20, 6] * 3
+    rows = choose_rows(lengths, max_capacity=128)
+    used = [sum(n for n, r in zip(lengths, rows) if r == row) for row in range(max(rows) + 1)]
+    assert max(rows) + 1 <= len(lengths) // 3 and max(used) <= 120    # 2 x longest at most
+    assert choose_rows([58, 5], max_capacity=64) == [0, 0]            # both fit one row of <= 64
+    with pytest.raises(ValueError, match="does not fit"):
+        choose_rows([130], max_capacity=128)
+
+
+def test_collate_source_with_packing_keeps_similar_lengths_unpacked(make_recipe):
+    run = build(mtlm.load_recipe(make_recipe(tasks=("sentiment",), name="pack-collate", mixed_precision="no")))
+    ds = run.batches["sentiment"].dataset
+    same = [ds[i] for i in range(len(ds)) if len(ds[i]["inputs"]["input_ids"]) == len(ds[0]["inputs"]["input_ids"])]
+    assert len(same) >= 2
+    inputs, _ = collate_source(run.tasks, same[:8], run.tokenizer.pad_token_id, capacity=128)
+    assert "example_ids" not in inputs and inputs["input_ids"].shape[0] == len(same[:8])
 
 
 def test_pack_inputs_positions_and_example_ids():
@@ -48,7 +75,9 @@ def test_packed_batch_loss_equals_unpacked(make_recipe, tmp_path, task, pooling)
     items = [run.batches[task].dataset[i] for i in range(12)]
     results = []
     for capacity in (None, 32):
-        inputs, targets = collate_source(run.tasks, items, run.tokenizer.pad_token_id, capacity)
+        inputs, targets = collate_source(run.tasks, items, run.tokenizer.pad_token_id)
+        if capacity:       # always packed here (collate_source packs only where its cost model says it pays)
+            inputs = pack_inputs([it["inputs"] for it in items], run.tokenizer.pad_token_id, capacity)
         model.zero_grad()
         loss = masked_losses(run.tasks, model(tasks=list(targets), **inputs), targets)[task]
         loss.backward()
@@ -76,10 +105,22 @@ def test_packing_refuses_adversarial_and_private_layers(make_recipe):
 
 
 def test_packed_training_runs_and_evaluates(make_recipe):
-    """A packed run trains (losses fall), evaluates unpacked on dev and saves a bundle that predicts."""
+    """A packed run trains (losses fall), evaluates unpacked on dev and saves a bundle that predicts; with
+    random batches (mixed lengths) packed rows reach the model (several examples in some row)."""
+    packed_rows = []
+
+    def watch(model):
+        def hook(module, args, kwargs):
+            if module.training and kwargs.get("example_ids") is not None:
+                packed_rows.append(kwargs["input_ids"].shape[0] < int(kwargs["example_ids"].max()) + 1)
+        model.register_forward_pre_hook(hook, with_kwargs=True)
+        return model
+
     run = mtlm.fit(mtlm.load_recipe(make_recipe(tasks=("sentiment", "ner"), name="packed", packing=True,
-                                                max_steps=20, eval_every=20, mixed_precision="no")),
-                   progress=False)
+                                                group_by_length=False, max_steps=20, eval_every=20,
+                                                mixed_precision="no")),
+                   progress=False, model_fn=watch)
+    assert any(packed_rows)
     metrics = json.loads((run / "metrics.json").read_text())
     last = metrics["eval"][-1]
     assert last["sentiment/accuracy"] > 0.5 and "ner/f1" in last
