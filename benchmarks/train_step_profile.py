@@ -12,7 +12,7 @@ Prints median ms per phase and variant and the ops that take the most time (torc
     OMP_NUM_THREADS=1 nice -n 10 python benchmarks/train_step_profile.py      # ~3 min quiet
 Writes benchmarks/results/train_step_profile.json (load average and CPU flags with it): ratios only.
 """
-import json, os, statistics, sys, tempfile, time
+import json, os, statistics, tempfile, time
 from pathlib import Path
 
 import torch
