@@ -281,7 +281,7 @@ class Predictor:
                 continue
             if n in generated:      # decoding runs the model token by token (`Generation.decode_with`)
                 results = self.tasks[n].decode_with(self.model, [encoded[i] for i in asked],
-                                                    self.tokenizer.pad_token_id)
+                                                    self.tokenizer.pad_token_id, should_stop, self.tokenizer)
             else:
                 head = outputs[n]
                 if len(asked) < len(encoded) and routed is None:     # routed: only the asked rows came back
