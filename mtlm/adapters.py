@@ -5,9 +5,10 @@ into the backbone's `target_modules` (`inject_adapter_in_model`), in every layer
 (`layers: top:K`), and freezes the backbone's own weights (unless `train_backbone`).
 
 `adapter_states` runs the backbone for several tasks at once. With one adapter it is one plain pass. With
-one adapter per task, each task needs its own states: the input rows are repeated once per adapter and the
-adapted layers run on all copies in ONE batched pass, each row through its own adapter (PEFT's
-`adapter_names` mixed batches, `adapter_rows`). Layers below the adapted ones are identical for every task,
+one adapter per task, each task needs its own states: each adapter takes the rows its tasks are asked for
+(all rows when every input wants every task; only its own inputs in a server micro-batch of requests for
+different tasks) and the adapted layers run on all of them in ONE batched pass, each row through its own
+adapter (PEFT's `adapter_names` mixed batches, `adapter_rows`). Layers below the adapted ones are identical for every task,
 so with `layers: top:K` they run once on the plain rows and only the top K layers run per adapter
 (AdapterDrop-style sharing, Rueckle et al. 2021), using the layer-by-layer `Stack`s of
 `mtlm.private_layers`.
