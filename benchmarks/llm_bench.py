@@ -1,8 +1,16 @@
 """SmolLM2-135M multi-task (two classification heads + one generation task, one shared LoRA adapter) vs
 zero-shot prompting of the same model, on real data, in a bounded CPU run.
 
-Usage (from the repository root; 15-40 minutes on 2 shared cores, depending on their load):
+Usage (from the repository root; 15-40 minutes per part on 2 shared cores, depending on their load):
     OMP_NUM_THREADS=2 python benchmarks/llm_bench.py [--steps 48] [--train-rows 400] [--test-rows 60] [--top 6]
+    OMP_NUM_THREADS=2 python benchmarks/llm_bench.py --part per_task [same options]   # then the baseline
+
+`--part multitask` (the default): zero-shot and the multi-task run. `--part per_task` (after it, same
+options and --work folder): (b) one LoRA model per task, each trained alone for the same --steps, evaluated
+on the same test rows, and serving speed: texts/s of all three tasks for the same inputs from the
+multi-task bundle (one `Predictor`: one pass for both heads and one batched generate) vs the three
+single-task bundles (one adapter per task, each predicting its own task), CPU seconds of this process,
+interleaved rounds. The `top:K` sharing gain is benchmarks/adapter_serving.py's.
 
 Tasks (rows read from ../shared/data, written to a temporary folder, never into the repository):
 - sst2: SST-2 sentiment (train from train.jsonl; dev rows 0-15 and test rows 16.. of dev.jsonl, the
@@ -20,9 +28,10 @@ label whose first token gets the highest next-token probability after an instruc
 generation by greedy decoding (at most 16 new tokens), scored with the same metrics
 (`mtlm.tasks.generation.Generation.metrics`).
 
-Writes benchmarks/results/llm_bench.json: per task the zero-shot and multi-task metrics and whether
-multi-task wins, training time and tokens/s, the load average before and after (the machine is shared),
-the CPU's flags.
+Writes benchmarks/results/llm_bench.json (the per_task part adds to the multitask part's file): per task the
+zero-shot, multi-task and single-task metrics, whether multi-task beats zero-shot, multi-task minus
+single-task, training time and tokens/s, serving texts/s, the load average before and after (the machine is
+shared), the CPU's flags.
 """
 
 from __future__ import annotations
@@ -171,6 +180,71 @@ def zero_shot(files: dict, batch_size: int = 16) -> dict[str, dict[str, float]]:
     return out
 
 
+MAIN_METRIC = {"sst2": "accuracy", "agnews": "accuracy", "squad_gen": "rouge_l"}
+TASKS = tuple(MAIN_METRIC)
+
+
+def train_and_evaluate(files: dict, folder: Path, steps: int, top: int, tasks: tuple[str, ...], name: str
+                       ) -> dict:
+    """Fit the recipe restricted to `tasks` into folder/<name>, evaluate its bundle on the test rows ->
+    {"metrics": {task: {metric: value}}, "train_s", "eval_s", "train_tokens_per_s", "run": path}."""
+    import mtlm
+    from mtlm.evaluate import evaluate_bundle
+
+    spec = recipe(files, folder, steps, top)
+    spec["name"], spec["output_dir"] = f"llm_bench_{name}", str(folder / name)
+    spec["tasks"] = {t: c for t, c in spec["tasks"].items() if t in tasks}
+    (folder / f"{name}.json").write_text(json.dumps(spec))
+    t0 = time.perf_counter()
+    run = mtlm.fit(mtlm.load_recipe(folder / f"{name}.json"), progress=False, overwrite=True)
+    train_s = time.perf_counter() - t0
+    trained = json.loads((run / "metrics.json").read_text())
+    t0 = time.perf_counter()
+    metrics, _, _ = evaluate_bundle(run, "test", batch_size=16)
+    return {"metrics": {t: {m: metrics[f"{t}/{m}"] for m in ("accuracy", "exact_match", "rouge_l")
+                            if f"{t}/{m}" in metrics} for t in tasks},
+            "train_s": train_s, "eval_s": time.perf_counter() - t0,
+            "train_tokens_per_s": trained["eval"][-1].get("train_tokens_per_s"), "run": str(run)}
+
+
+def serving_inputs(files: dict, n: int) -> list[dict]:
+    """`n` inputs that every task reads: SQuAD test rows as {"text": the context sentence, "context",
+    "question"} (the classification heads read the text, the generation task its template's fields)."""
+    rows = read_jsonl(Path(files["squad_gen"]["test"]))[:n]
+    return [{"text": r["context"], "context": r["context"], "question": r["question"]} for r in rows]
+
+
+def serving_speed(multi_run: str, single_runs: dict[str, str], inputs: list[dict], rounds: int) -> dict:
+    """texts/s (CPU seconds of this process; wall beside) of every task for `inputs`: the multi-task bundle
+    in one `Predictor` (one pass for both heads, one batched generate) vs one single-task LoRA bundle per
+    task, each predicting its own task for the same inputs. Rounds interleaved, medians."""
+    import statistics
+
+    import mtlm
+
+    multi = mtlm.load(multi_run, engine="torch")
+    singles = {t: mtlm.load(r, engine="torch") for t, r in single_runs.items()}
+    cpu = {"multi_task": [], "one_adapter_per_task": []}
+    wall = {"multi_task": [], "one_adapter_per_task": []}
+    multi.predict(inputs[:2])                          # warm-up
+    for p in singles.values():
+        p.predict(inputs[:2])
+    for r in range(rounds):
+        for key in (["multi_task", "one_adapter_per_task"] if r % 2 == 0 else ["one_adapter_per_task", "multi_task"]):
+            w0, c0 = time.perf_counter(), time.process_time()
+            if key == "multi_task":
+                multi.predict(inputs, batch_size=16)
+            else:
+                for p in singles.values():
+                    p.predict(inputs, batch_size=16)
+            cpu[key].append(time.process_time() - c0)
+            wall[key].append(time.perf_counter() - w0)
+    rate = {k: len(inputs) / statistics.median(v) for k, v in cpu.items()}
+    return {"texts_per_s_cpu": rate, "texts_per_s_wall": {k: len(inputs) / statistics.median(v) for k, v in wall.items()},
+            "multi_task_vs_one_adapter_per_task": rate["multi_task"] / rate["one_adapter_per_task"],
+            "inputs": len(inputs), "rounds": rounds, "cpu_seconds": cpu, "wall_seconds": wall}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=48)
@@ -178,53 +252,67 @@ def main() -> None:
     ap.add_argument("--test-rows", type=int, default=60)
     ap.add_argument("--top", type=int, default=6, help="LoRA in the top K of the 30 layers")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--part", choices=["multitask", "per_task", "all"], default="multitask",
+                    help="multitask: zero-shot + the multi-task run; per_task: one LoRA model per task (same "
+                         "--steps each) and serving speed against the multi-task bundle of a previous "
+                         "multitask part in the same --work folder; all: both")
+    ap.add_argument("--serve-inputs", type=int, default=32, help="inputs timed for serving speed (per_task part)")
+    ap.add_argument("--serve-rounds", type=int, default=3)
     ap.add_argument("--skip-zero-shot", action="store_true")
+    ap.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "llm_bench"),
+                    help="data and runs (outside the repository; the per_task part reads the multitask part's)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "llm_bench.json"))
     args = ap.parse_args()
 
     import torch
 
     from machine import cpu_flags, cpu_model
-    import mtlm
-    from mtlm.evaluate import evaluate_bundle
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
-    load_before = os.getloadavg()
-    with tempfile.TemporaryDirectory(prefix="llm_bench_") as tmp:
-        folder = Path(tmp)
-        files = write_data(folder, args.train_rows, args.test_rows, args.seed)
+    out = Path(args.out)
+    result = json.loads(out.read_text()) if out.is_file() and args.part == "per_task" else {}
+    result.update({"load_before": os.getloadavg(), "cpu": cpu_model(), "cpu_flags": cpu_flags(),
+                   "threads": torch.get_num_threads()})
+    result.setdefault("commands", {})[args.part] = ("OMP_NUM_THREADS=2 python benchmarks/llm_bench.py "
+                                                    + " ".join(sys.argv[1:]))
+    folder = Path(args.work)
+    folder.mkdir(parents=True, exist_ok=True)
+    files = write_data(folder, args.train_rows, args.test_rows, args.seed)
+    if args.part in ("multitask", "all"):
         t0 = time.perf_counter()
         zs = {} if args.skip_zero_shot else zero_shot(files)
         zero_shot_s = time.perf_counter() - t0
         print("zero-shot:", json.dumps({k: {m: v for m, v in d.items() if m != "examples"} for k, d in zs.items()}),
               flush=True)
-        (folder / "r.json").write_text(json.dumps(recipe(files, folder, args.steps, args.top)))
-        r = mtlm.load_recipe(folder / "r.json")
-        t0 = time.perf_counter()
-        run = mtlm.fit(r, progress=False)
-        train_s = time.perf_counter() - t0
-        trained = json.loads((run / "metrics.json").read_text())
-        t0 = time.perf_counter()
-        metrics, _, _ = evaluate_bundle(run, "test", batch_size=16)
-        eval_s = time.perf_counter() - t0
-    mt = {task: {m: metrics[f"{task}/{m}"] for m in ("accuracy", "exact_match", "rouge_l") if f"{task}/{m}" in metrics}
-          for task in ("sst2", "agnews", "squad_gen")}
-    main_metric = {"sst2": "accuracy", "agnews": "accuracy", "squad_gen": "rouge_l"}
-    result = {
-        "command": "OMP_NUM_THREADS=2 python benchmarks/llm_bench.py " + " ".join(sys.argv[1:]),
-        "settings": vars(args), "recipe": recipe({t: {} for t in ("sst2", "agnews", "squad_gen")}, Path("."),
-                                                 args.steps, args.top),
-        "zero_shot": zs, "multitask": mt,
-        "beats_zero_shot": {t: (mt[t][m] > zs[t][m]) if t in zs else None for t, m in main_metric.items()},
-        "train_s": train_s, "eval_s": eval_s, "zero_shot_s": zero_shot_s,
-        "train_tokens_per_s": trained["eval"][-1].get("train_tokens_per_s"),
-        "load_before": load_before, "load_after": os.getloadavg(), "cpu": cpu_model(), "cpu_flags": cpu_flags(),
-        "threads": torch.get_num_threads(),
-    }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1))
-    print(json.dumps({k: result[k] for k in ("zero_shot", "multitask", "beats_zero_shot", "train_s", "load_after")},
-                     indent=1))
+        mt = train_and_evaluate(files, folder, args.steps, args.top, TASKS, "multitask")
+        result.update({
+            "settings": vars(args), "recipe": recipe({t: {} for t in TASKS}, Path("."), args.steps, args.top),
+            "zero_shot": zs, "multitask": mt["metrics"], "multitask_run": mt["run"],
+            "beats_zero_shot": {t: (mt["metrics"][t][m] > zs[t][m]) if t in zs else None
+                                for t, m in MAIN_METRIC.items()},
+            "train_s": mt["train_s"], "eval_s": mt["eval_s"], "zero_shot_s": zero_shot_s,
+            "train_tokens_per_s": mt["train_tokens_per_s"],
+        })
+        print(json.dumps({k: result[k] for k in ("zero_shot", "multitask", "beats_zero_shot", "train_s")}, indent=1),
+              flush=True)
+    if args.part in ("per_task", "all"):
+        multi_run = folder / "multitask"
+        if not (multi_run / "model").is_dir():
+            raise SystemExit(f"--part per_task: no multi-task bundle in {multi_run}; run --part multitask with the "
+                             f"same --work first")
+        per = {t: train_and_evaluate(files, folder, args.steps, args.top, (t,), f"single_{t}") for t in TASKS}
+        mt = result.get("multitask", {})
+        result["per_task"] = {t: {**r["metrics"][t], "train_s": r["train_s"],
+                                  "train_tokens_per_s": r["train_tokens_per_s"]} for t, r in per.items()}
+        result["multitask_vs_per_task"] = {t: (mt[t][m] - per[t]["metrics"][t][m]) if t in mt else None
+                                           for t, m in MAIN_METRIC.items()}
+        result["serving"] = serving_speed(str(multi_run), {t: r["run"] for t, r in per.items()},
+                                          serving_inputs(files, args.serve_inputs), args.serve_rounds)
+        print(json.dumps({k: result[k] for k in ("per_task", "multitask_vs_per_task", "serving")}, indent=1),
+              flush=True)
+    result["load_after"] = os.getloadavg()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":

@@ -5,9 +5,10 @@ into the backbone's `target_modules` (`inject_adapter_in_model`), in every layer
 (`layers: top:K`), and freezes the backbone's own weights (unless `train_backbone`).
 
 `adapter_states` runs the backbone for several tasks at once. With one adapter it is one plain pass. With
-one adapter per task, each task needs its own states: the input rows are repeated once per adapter and the
-adapted layers run on all copies in ONE batched pass, each row through its own adapter (PEFT's
-`adapter_names` mixed batches, `adapter_rows`). Layers below the adapted ones are identical for every task,
+one adapter per task, each task needs its own states: each adapter takes the rows its tasks are asked for
+(all rows when every input wants every task; only its own inputs in a server micro-batch of requests for
+different tasks) and the adapted layers run on all of them in ONE batched pass, each row through its own
+adapter (PEFT's `adapter_names` mixed batches, `adapter_rows`). Layers below the adapted ones are identical for every task,
 so with `layers: top:K` they run once on the plain rows and only the top K layers run per adapter
 (AdapterDrop-style sharing, Rueckle et al. 2021), using the layer-by-layer `Stack`s of
 `mtlm.private_layers`.
@@ -28,7 +29,7 @@ from torch import Tensor, nn
 
 from mtlm.backbones import backbone_layers
 from mtlm.config import AdapterConfig, RecipeError
-from mtlm.private_layers import check_split, repeat_rows, stack_for
+from mtlm.private_layers import check_split, repeat_rows, select_rows, stack_for
 
 FILE = "adapters.safetensors"
 SHARED = "shared"
@@ -120,33 +121,73 @@ def adapter_rows(backbone: nn.Module, names: list[str]):
                 h.remove()
 
 
+def _adapter_rows(spec: Adapters, adapters: list[str], names: list[str], rows: dict[str, Tensor] | None,
+                  batch: int) -> dict[str, Tensor | None]:
+    """{adapter: the sorted batch rows it must run (a LongTensor), or None for all `batch` rows}: the union
+    of the rows of the tasks in `names` that use it (all rows when `rows` is None)."""
+    if rows is None:
+        return {a: None for a in adapters}
+    out = {}
+    for a in adapters:
+        wanted = torch.unique(torch.cat([torch.as_tensor(rows[n], dtype=torch.long).reshape(-1)
+                                         for n in names if spec.of[n] == a]))
+        out[a] = None if len(wanted) == batch else wanted
+    return out
+
+
+def _task_view(states: Tensor, have: Tensor | None, want: Tensor | None) -> Tensor:
+    """The rows `want` (None: all) of `states`, which holds the rows `have` (None: all) of the batch."""
+    if want is None or (have is not None and len(have) == len(want) and bool((have == want).all())):
+        return states
+    want = torch.as_tensor(want, dtype=torch.long)
+    return states[want if have is None else torch.searchsorted(have, want)]
+
+
 def adapter_states(backbone: nn.Module, spec: Adapters, names: list[str], input_ids: Tensor,
-                   attention_mask: Tensor, token_type_ids: Tensor | None) -> dict[str, Tensor]:
-    """{task: final token states (batch, seq_len, hidden)} for the tasks `names`, each through its adapter:
-    the unadapted lower layers once on the `batch` rows, the adapted top layers once on
-    (number of distinct adapters x batch) rows, each block of rows through its own adapter."""
+                   attention_mask: Tensor, token_type_ids: Tensor | None,
+                   rows: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+    """{task: final token states (rows, seq_len, hidden)} for the tasks `names`, each through its adapter:
+    the unadapted lower layers once on the `batch` rows, the adapted top layers once on the rows each
+    adapter needs, stacked (a mixed-adapter batch: each block of rows through its own adapter).
+
+    rows: {task: LongTensor of the batch rows it is asked for, ascending} (None: every task, every row);
+    a task's states then hold only those rows, and an adapter runs only the rows its tasks ask for, so a
+    micro-batch of requests for different tasks costs one adapted pass per request, not per request and
+    task. Raises KeyError when `rows` lacks a task of `names`."""
     adapters = list(dict.fromkeys(spec.of[n] for n in names))
     batch = input_ids.shape[0]
+    need = _adapter_rows(spec, adapters, names, rows, batch)
+    want = {n: None if rows is None else torch.as_tensor(rows[n], dtype=torch.long) for n in names}
     if len(adapters) == 1 and spec.top == spec.total:      # one adapter everywhere: the plain forward
+        sel = need[adapters[0]]
         kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
         if token_type_ids is not None:
             kwargs["token_type_ids"] = token_type_ids
-        with adapter_rows(backbone, adapters * batch):
+        if sel is not None:
+            kwargs = {k: v[sel] for k, v in kwargs.items()}
+        with adapter_rows(backbone, adapters * (batch if sel is None else len(sel))):
             hidden = backbone(**kwargs).last_hidden_state
-        return {n: hidden for n in names}
+        return {n: _task_view(hidden, sel, want[n]) for n in names}
     stack = stack_for(backbone)
     layers = stack.layers(backbone)
     hidden, context = stack.embed(backbone, input_ids, attention_mask, token_type_ids)
     for layer in layers[:spec.total - spec.top]:           # no adapter below: shared by every task
         hidden = stack.layer(layer, hidden, context)
-    rows = hidden.repeat(len(adapters), 1, 1) if len(adapters) > 1 else hidden
-    context = repeat_rows(context, len(adapters), batch)
-    with adapter_rows(backbone, [a for a in adapters for _ in range(batch)]):
+    if all(sel is None for sel in need.values()):
+        index = None
+        stacked = hidden.repeat(len(adapters), 1, 1) if len(adapters) > 1 else hidden
+        context = repeat_rows(context, len(adapters), batch)
+    else:
+        index = torch.cat([torch.arange(batch) if sel is None else sel for sel in need.values()])
+        stacked = hidden[index.to(hidden.device)]
+        context = select_rows(context, index.to(hidden.device), batch)
+    sizes = [batch if sel is None else len(sel) for sel in need.values()]
+    with adapter_rows(backbone, [a for a, size in zip(adapters, sizes) for _ in range(size)]):
         for layer in layers[spec.total - spec.top:]:
-            rows = stack.layer(layer, rows, context)
-    rows = stack.finish(backbone, rows)
-    per_adapter = dict(zip(adapters, rows.split(batch)))
-    return {n: per_adapter[spec.of[n]] for n in names}
+            stacked = stack.layer(layer, stacked, context)
+    stacked = stack.finish(backbone, stacked)
+    per_adapter = dict(zip(adapters, stacked.split(sizes)))
+    return {n: _task_view(per_adapter[spec.of[n]], need[spec.of[n]], want[n]) for n in names}
 
 
 def plain_backbone_state(backbone: nn.Module) -> dict[str, Tensor]:

@@ -29,11 +29,14 @@ class Encoded:
         text)}; extractive QA {"context", "offsets": per window an int32 (length, 2) array of the context
         characters of each token, -1 outside the context}; multiple choice {"choices"}.
     truncated: the input did not fit max_length tokens and was cut (for QA: the question; a long context is
-        read window by window, never cut)."""
+        read window by window, never cut).
+    new_tokens: the tokens the input grows by while it is served (a generation prompt: its most new tokens),
+        counted in `length`, so the server's batch and queue budgets bound prompt + generated tokens."""
 
     sequences: list[dict[str, np.ndarray]]
     meta: dict[str, Any] = field(default_factory=dict)
     truncated: bool = False
+    new_tokens: int = 0
 
     @property
     def rows(self) -> int:
@@ -42,8 +45,9 @@ class Encoded:
 
     @property
     def length(self) -> int:
-        """Padded tokens of this input alone: rows x its longest row (what the server's batcher budgets)."""
-        return self.rows * max(len(s["input_ids"]) for s in self.sequences)
+        """Padded tokens of this input alone: rows x (its longest row + new_tokens) (what the server's batcher
+        budgets)."""
+        return self.rows * (max(len(s["input_ids"]) for s in self.sequences) + self.new_tokens)
 
 
 @dataclass

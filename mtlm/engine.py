@@ -61,6 +61,7 @@ class TorchEngine:
     only the asked heads."""
 
     name = "torch"
+    takes_rows = True     # run(..., rows=): only the asked rows of each task (`MultiTaskModel.infer`)
 
     def __init__(self, model, device: torch.device | str = "cpu", bundle: Path | None = None):
         self.model, self.device = model, torch.device(device)
@@ -69,9 +70,13 @@ class TorchEngine:
         return contextlib.nullcontext()
 
     @torch.inference_mode()
-    def run(self, inputs: ModelInputs, tasks: Sequence[str]) -> dict[str, Tensor]:
+    def run(self, inputs: ModelInputs, tasks: Sequence[str], rows: dict[str, Tensor] | None = None
+            ) -> dict[str, Tensor]:
+        """rows: {task: LongTensor of the rows it is asked for} (None: all): see `MultiTaskModel.infer`."""
         with self._context():
-            out = self.model.infer(**inputs.to(self.device).as_dict(), tasks=list(tasks))
+            if rows is not None:
+                rows = {n: r.to(self.device) for n, r in rows.items()}
+            out = self.model.infer(**inputs.to(self.device).as_dict(), tasks=list(tasks), rows=rows)
         return {n: v.float() for n, v in out.items()}
 
 

@@ -112,45 +112,60 @@ class MultiTaskModel(nn.Module):
         return hidden, pool(hidden, attention_mask, self.pooling)
 
     def task_states(self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor | None,
-                    names: list[str], position_ids: Tensor | None = None, example_ids: Tensor | None = None
-                    ) -> dict[str, tuple[Tensor, Tensor]]:
+                    names: list[str], position_ids: Tensor | None = None, example_ids: Tensor | None = None,
+                    rows: dict[str, Tensor] | None = None) -> dict[str, tuple[Tensor, Tensor]]:
         """{task: (its token states (batch, seq_len, hidden), pooled (batch, hidden))} for `names`: one
         backbone pass when none of them has private layers, else the shared lower layers once and each
         task's private top layers (`mtlm.private_layers.split_states`; not with packed rows); with LoRA
         adapters, each task through its adapter (`mtlm.adapters.adapter_states`: one batched pass of the
-        adapted layers; not with packed rows)."""
+        adapted layers; not with packed rows).
+
+        rows: {task: LongTensor of the batch rows it is asked for, ascending} (None: all rows); each task's
+        states then hold only those rows. With per-task adapters an adapter runs only its tasks' rows (a
+        server's micro-batch of requests for different tasks); otherwise the states are computed for the
+        whole batch and then selected."""
         if self.adapters is not None:
             if example_ids is not None:
                 raise ValueError("packed rows (example_ids) cannot run through LoRA adapters (train.packing)")
-            hidden = adapter_states(self.backbone, self.adapters, names, input_ids, attention_mask, token_type_ids)
-            pooled: dict[int, Tensor] = {}
-            return {n: (h, pooled.setdefault(id(h), pool(h, attention_mask, self.pooling))) for n, h in hidden.items()}
-        if not any(n in self.private for n in names):
+            hidden = adapter_states(self.backbone, self.adapters, names, input_ids, attention_mask, token_type_ids,
+                                    rows)
+        elif not any(n in self.private for n in names):
             states = self.encode(input_ids, attention_mask, token_type_ids, position_ids, example_ids)
-            return {n: states for n in names}
-        if example_ids is not None:
-            raise ValueError("packed rows (example_ids) cannot run through private layers")
-        hidden = split_states(self.backbone, self.private, names, input_ids, attention_mask, token_type_ids)
-        pooled = {}                          # tasks reading the same states share one pooling
-        return {n: (h, pooled.setdefault(id(h), pool(h, attention_mask, self.pooling))) for n, h in hidden.items()}
+            if rows is None:
+                return {n: states for n in names}
+            return {n: (states[0][rows[n]], states[1][rows[n]]) for n in names}
+        else:
+            if example_ids is not None:
+                raise ValueError("packed rows (example_ids) cannot run through private layers")
+            hidden = split_states(self.backbone, self.private, names, input_ids, attention_mask, token_type_ids)
+            if rows is not None:
+                hidden = {n: h[rows[n]] for n, h in hidden.items()}
+        pooled: dict[int, Tensor] = {}       # tasks reading the same states share one pooling
+        return {n: (h, pooled.setdefault(id(h), pool(h, attention_mask if rows is None else attention_mask[rows[n]],
+                                                     self.pooling)))
+                for n, h in hidden.items()}
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor | None = None,
                 task: str | None = None, tasks: list[str] | None = None, position_ids: Tensor | None = None,
-                example_ids: Tensor | None = None) -> Tensor | dict[str, Tensor]:
+                example_ids: Tensor | None = None, rows: dict[str, Tensor] | None = None
+                ) -> Tensor | dict[str, Tensor]:
         """Logits of `task` (a tensor) or of each of `tasks` ({name: tensor}); with packed rows
-        (position_ids, example_ids from `mtlm.packing.pack_inputs`) one logits row per example, as unpacked."""
+        (position_ids, example_ids from `mtlm.packing.pack_inputs`) one logits row per example, as unpacked;
+        with `rows` ({task: row indices}, see `task_states`) only those rows of each task."""
         names = [task] if task is not None else list(tasks or self.heads.keys())
-        states = self.task_states(input_ids, attention_mask, token_type_ids, names, position_ids, example_ids)
+        states = self.task_states(input_ids, attention_mask, token_type_ids, names, position_ids, example_ids, rows)
         out = {n: self.heads[n](states[n][1] if self.head_inputs[n] == "pooled" else states[n][0]) for n in names}
         return out[task] if task is not None else out
 
     def infer(self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor | None = None,
-              tasks: list[str] | None = None) -> dict[str, Tensor]:
+              tasks: list[str] | None = None, rows: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
         """The inference forward: one backbone pass -> {task: logits} for `tasks` (default: every head, in
-        head order). Pooled heads give (batch, num_outputs), token heads (batch, seq_len, num_outputs).
+        head order). Pooled heads give (batch, num_outputs), token heads (batch, seq_len, num_outputs);
+        with `rows` ({task: LongTensor of row indices, ascending}) only those rows of each task (with
+        per-task LoRA adapters, only those rows run through the task's adapter).
         Tensors only, no task objects: what engines run and what `InferenceGraph` exports.
         Raises KeyError on an unknown task name."""
-        return self(input_ids, attention_mask, token_type_ids, tasks=tasks)
+        return self(input_ids, attention_mask, token_type_ids, tasks=tasks, rows=rows)
 
 
 class InferenceGraph(nn.Module):

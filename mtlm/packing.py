@@ -31,16 +31,19 @@ from mtlm.tasks.base import STORED_KEYS
 PACKED_KEYS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "example_ids")
 
 
-def check_packable(tasks: dict, adversarial: str = "none") -> None:
+def check_packable(tasks: dict, adversarial: str = "none", adapters: bool = False) -> None:
     """Raise RecipeError unless every task's type can pack (one backbone row per example) and nothing else
     in the recipe reads the rows unpacked: private layers (run the backbone in pieces), adversarial
-    training (perturbs the padded rows' embeddings)."""
+    training (perturbs the padded rows' embeddings), LoRA adapters (`adapters:` given; routed per row)."""
     problems = [f"tasks.{n}: train.packing with a task type that cannot pack ({t.cfg.type}: several backbone "
                 f"rows per example); packing needs one row per example (classification, pairs, regression, "
                 f"multilabel, token_classification): set train.packing: false"
                 for n, t in tasks.items() if not getattr(t, "joinable", False)]
     problems += [f"tasks.{n}.private_layers: train.packing cannot run private layers (set one of them off)"
                  for n, t in tasks.items() if getattr(t.cfg, "private_layers", 0)]
+    if adapters:
+        problems.append("adapters: train.packing cannot run LoRA adapters (their rows are routed per task, one "
+                        "example per row); set train.packing: false or drop adapters")
     if adversarial != "none":
         problems.append(f"train.adversarial.method {adversarial!r}: not with train.packing (it perturbs unpacked "
                         f"rows); set one of them off")

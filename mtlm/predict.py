@@ -215,20 +215,43 @@ class Predictor:
         truncation flag), by the group's `encoder`."""
         return self.encoder(fields).encode_inputs(items, self.tokenizer, self.max_length)
 
-    def forward(self, inputs: ModelInputs, names: list[str], should_stop=None) -> dict[str, torch.Tensor]:
+    def forward(self, inputs: ModelInputs, names: list[str], should_stop=None,
+                rows: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """{head: logits (rows, ...)} for a padded batch (rows, seq_len) through the engine, in chunks of at
         most `max_pass_tokens` padded tokens (at least one row per chunk). `should_stop()` is asked before
-        every chunk after the first; True raises Abandoned."""
-        rows, seq_len = inputs.shape
+        every chunk after the first; True raises Abandoned. rows: {head: LongTensor of the rows it is
+        asked for, ascending} (engines with `takes_rows` only): its logits then hold only those rows."""
+        total, seq_len = inputs.shape
         step = max(1, self.max_pass_tokens // seq_len)
-        if rows <= step:
-            return self.engine.run(inputs, names)
+        if total <= step:
+            return self.engine.run(inputs, names) if rows is None else self.engine.run(inputs, names, rows=rows)
         parts = []
-        for i in range(0, rows, step):
+        for i in range(0, total, step):
             if parts and should_stop is not None and should_stop():
-                raise Abandoned(f"stopped after {i} of {rows} rows")
-            parts.append(self.engine.run(inputs.rows(i, i + step), names))
-        return {n: torch.cat([part[n] for part in parts]) for n in names}
+                raise Abandoned(f"stopped after {i} of {total} rows")
+            chunk = inputs.rows(i, i + step)
+            if rows is None:
+                parts.append(self.engine.run(chunk, names))
+                continue
+            mine = {n: r[(r >= i) & (r < i + step)] - i for n, r in rows.items()}
+            asked = [n for n in names if len(mine[n])]
+            if asked:
+                parts.append(self.engine.run(chunk, asked, rows={n: mine[n] for n in asked}))
+        return {n: torch.cat([part[n] for part in parts if n in part]) for n in names}
+
+    def _routed_rows(self, encoded: list[Encoded], heads: list[str], first: list[int],
+                     row_tasks: list[list[str]] | None) -> dict[str, torch.Tensor] | None:
+        """{head: the backbone rows of the inputs that asked for it} when the model has per-task LoRA
+        adapters, the engine can route rows, and some head is not asked by every input: each adapter then
+        runs only its own rows (`mtlm.adapters.adapter_states`). None otherwise (every head, every row)."""
+        adapters = getattr(self.model, "adapters", None)
+        if (row_tasks is None or adapters is None or len(adapters.names()) < 2
+                or not getattr(self.engine, "takes_rows", False)):
+            return None
+        if all(n in r for r in row_tasks for n in heads):
+            return None
+        return {n: torch.tensor([k for i, r in enumerate(row_tasks) if n in r for k in range(first[i], first[i + 1])],
+                                dtype=torch.long) for n in heads}
 
     @torch.inference_mode()
     def run(self, encoded: list[Encoded], names: list[str], row_tasks: list[list[str]] | None = None,
@@ -242,14 +265,15 @@ class Predictor:
         should_stop: see `forward` (raises Abandoned)."""
         generated = [n for n in names if hasattr(self.tasks[n], "decode_with")]
         heads = [n for n in names if n not in generated]
-        outputs = {}
-        if heads:
-            inputs = ModelInputs.from_dict(pad_inputs([s for e in encoded for s in e.sequences],
-                                                      self.tokenizer.pad_token_id))
-            outputs = self.forward(inputs, heads, should_stop)
         first = [0]
         for e in encoded:
             first.append(first[-1] + e.rows)
+        outputs, routed = {}, None
+        if heads:
+            inputs = ModelInputs.from_dict(pad_inputs([s for e in encoded for s in e.sequences],
+                                                      self.tokenizer.pad_token_id))
+            routed = self._routed_rows(encoded, heads, first, row_tasks)
+            outputs = self.forward(inputs, heads, should_stop, routed)
         out: list[dict[str, dict]] = [{} for _ in encoded]
         for n in names:
             asked = [i for i in range(len(encoded)) if row_tasks is None or n in row_tasks[i]]
@@ -257,10 +281,10 @@ class Predictor:
                 continue
             if n in generated:      # decoding runs the model token by token (`Generation.decode_with`)
                 results = self.tasks[n].decode_with(self.model, [encoded[i] for i in asked],
-                                                    self.tokenizer.pad_token_id)
+                                                    self.tokenizer.pad_token_id, should_stop, self.tokenizer)
             else:
                 head = outputs[n]
-                if len(asked) < len(encoded):
+                if len(asked) < len(encoded) and routed is None:     # routed: only the asked rows came back
                     head = head[[r for i in asked for r in range(first[i], first[i + 1])]]
                 results = self.tasks[n].decode(head.float(), [encoded[i] for i in asked])
             for i, result in zip(asked, results):

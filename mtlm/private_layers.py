@@ -113,6 +113,17 @@ def repeat_rows(context, times: int, batch: int):
     return context
 
 
+def select_rows(context, index: Tensor, batch: int):
+    """A layer context (tensor, tuple of tensors, or None) for the rows `index` (a LongTensor, repeats
+    allowed) of a batch of `batch` rows: tensors whose first dim is `batch` (> 1) are indexed, others (None,
+    batch 1, broadcast shapes) kept. `repeat_rows` is the case index = 0..batch-1 `times` times over."""
+    if isinstance(context, tuple):
+        return tuple(select_rows(c, index, batch) for c in context)
+    if isinstance(context, Tensor) and context.dim() > 0 and context.shape[0] == batch and batch > 1:
+        return context[index]
+    return context
+
+
 def stack_for(backbone: nn.Module):
     """The Stack that runs `backbone` in pieces, or None."""
     return next((s for s in STACKS if s.layers(backbone) is not None), None)

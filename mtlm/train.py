@@ -151,7 +151,7 @@ def build(recipe: Recipe, resume: bool = False, overwrite: bool = False, model_f
                            f"it, --overwrite to start again, or choose another name / output_dir"])
     tasks = {name: build_task(name, tcfg) for name, tcfg in recipe.tasks.items()}
     if cfg.packing:
-        check_packable(tasks, cfg.adversarial.method)
+        check_packable(tasks, cfg.adversarial.method, recipe.adapters is not None)
     data = prepare_rows(recipe, tasks)
     accelerator, precision = make_accelerator(recipe)
     main = accelerator.is_main_process

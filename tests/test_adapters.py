@@ -108,3 +108,9 @@ def test_adapter_run_trains_only_adapters_and_heads_and_round_trips(tiny_llama, 
     assert best["sentiment"]["value"] > 0.7 and best["topic"]["value"] > 0.7
     out = mtlm.load(run).predict(["the movie was great fun"])
     assert set(out[0]) == {"sentiment", "topic"}
+
+
+def test_packing_with_adapters_is_a_recipe_error_naming_both_keys(make_recipe):
+    recipe = mtlm.load_recipe(make_recipe(tasks=("sentiment",), name="packlora", packing=True), ["adapters.r=4"])
+    with pytest.raises(RecipeError, match=r"adapters: train\.packing cannot run LoRA adapters"):
+        mtlm.fit(recipe, progress=False)     # was a ValueError from the first packed batch

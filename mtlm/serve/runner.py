@@ -143,7 +143,8 @@ class Runner:
                       deadline: float | None = None) -> list[dict[str, dict]]:
         """`feats` (one field group) through the engine, every head in `names` -> per-input {task: result}
         for the tasks that input asked for (`row_tasks`, default all), in `feats` order. The micro-batch runs
-        as `length_passes`: passes of similar lengths, so short inputs are not padded to the longest.
+        as `length_passes`: passes of similar lengths, so short inputs are not padded to the longest (a generation
+        task's micro-batch runs as one batched `generate`: its cost is per decoding step, not per padded token).
 
         deadline: time.monotonic() after which nobody waits for the result: a batch run in several backbone
         chunks (a long QA context) stops between chunks and raises mtlm.predict.Abandoned. Exceptions from
@@ -156,7 +157,12 @@ class Runner:
         should_stop = None if deadline is None else (lambda: time.monotonic() > deadline)
         out: list[dict[str, dict] | None] = [None] * len(feats)
         with torch.inference_mode():
-            for k, members in enumerate(length_passes(feats, self.pass_cost_tokens)):
+            tasks = self.predictor.tasks
+            if any(hasattr(tasks[n], "decode_with") for n in names):    # generation: one batched generate call
+                passes = [list(range(len(feats)))]
+            else:
+                passes = length_passes(feats, self.pass_cost_tokens)
+            for k, members in enumerate(passes):
                 if k and should_stop is not None and should_stop():
                     raise Abandoned(f"stopped after {k} passes of a micro-batch of {len(feats)} inputs")
                 results = self.predictor.run([feats[i] for i in members], names,

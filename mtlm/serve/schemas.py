@@ -44,7 +44,10 @@ class ServeSettings(BaseModel):
                                                     "(default: one input alone, measured at warm-up)")
     max_timeout_ms: float = Field(600_000, gt=0,
                                   description="the largest timeout_ms a request may ask for")
-    max_streams: int = Field(2, gt=0, description="/v1/generate streams running at once; one more -> 429")
+    max_streams: int = Field(64, gt=0, description="/v1/generate streams open at once (their generation is batched "
+                                                   "like any input); one more -> 429")
+    max_new_tokens: int | None = Field(None, gt=0, description="most new tokens one generation input gets (default: "
+                                                               "its task's max_new_tokens); /v1/generate asking more -> 422")
     torch_threads: int | None = Field(None, gt=0,
                                       description="torch intra-op threads per process (default: torch's, or cores / workers)")
     playground: bool = Field(True, description="the browser playground at / (--no-playground turns it off)")

@@ -240,6 +240,12 @@ class Service:
             batcher.release(ticket)
             raise
         self.metrics.tokenize_seconds.observe(tokenize_s)
+        cap = self.settings.max_new_tokens
+        for fields in plan.groups:          # generation inputs: the server's cap on new tokens per input
+            for feat in feats[fields]:
+                if cap is not None and feat.new_tokens > cap:
+                    feat.new_tokens = cap
+                    feat.meta["max_new_tokens"] = cap
         for fields in plan.groups:
             for i, feat in zip(plan.members[fields], feats[fields]):
                 if "context" in fields and feat.rows > self.settings.max_windows:

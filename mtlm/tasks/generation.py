@@ -30,6 +30,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from transformers import StoppingCriteria
+from transformers.generation.streamers import BaseStreamer
 
 from mtlm.config import RecipeError, TaskConfig
 from mtlm.encoded import Encoded
@@ -210,12 +212,24 @@ class Generation(NothingToFit):
     # --- decoding: needs the model, not one pass's logits (mtlm.evaluate.task_outputs calls it) ---
 
     @torch.inference_mode()
-    def generate(self, model, prompts: list[np.ndarray], pad_token_id: int, eos_token_id: int, **extra) -> list[str]:
-        """Greedy (or `generate`-option) continuations of token-id prompts, at most max_new_tokens each,
-        through this task's adapter when the model has adapters. `extra`: more `generate` arguments
-        (a streamer, max_new_tokens, max_time: the server's). Returns the decoded texts, stripped."""
+    def generate(self, model, prompts: list[np.ndarray], pad_token_id: int, eos_token_id: int,
+                 limits: list[int] | None = None, stops: list | None = None, sinks: list | None = None,
+                 should_stop=None, tokenizer=None, **extra) -> list[str]:
+        """Greedy (or `generate`-option) continuations of token-id prompts, through this task's adapter when
+        the model has adapters, all prompts in one batched `generate` (left padding, KV cache).
+
+        limits: per prompt, its most new tokens (default: the task's max_new_tokens); stops: per prompt a
+        callable or None, True once nobody waits for it (its deadline passed, its client left); should_stop:
+        one such callable for the whole batch; a prompt stops at eos, its limit, or a stop. sinks: per prompt
+        a callable or None, given each newly decoded piece of text as it is generated (streaming; not with
+        beam search, where each prompt's text comes at the end). tokenizer: the one to decode with (default:
+        the one the task last encoded with). `extra`: more `generate` arguments. Returns the decoded texts,
+        stripped."""
+        from transformers import StoppingCriteriaList
+
         from mtlm.adapters import adapter_rows
 
+        tokenizer = tokenizer or self.tokenizer
         lm = causal_lm(model.backbone)
         width = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
@@ -223,18 +237,24 @@ class Generation(NothingToFit):
         for i, p in enumerate(prompts):          # left padding: every prompt ends where generation starts
             ids[i, width - len(p):] = torch.as_tensor(np.asarray(p, dtype=np.int64))
             mask[i, width - len(p):] = 1
-        options = {"do_sample": False, "max_new_tokens": self.cfg.max_new_tokens, **self.cfg.generate, **extra}
+        cap = min(int(extra.pop("max_new_tokens", self.cfg.max_new_tokens)), self.cfg.max_new_tokens)
+        limits = [min(int(n), cap) for n in limits] if limits else [cap] * len(prompts)
+        options = {"do_sample": False, **self.cfg.generate, **extra, "max_new_tokens": max(limits)}
         beams = int(options.get("num_beams", 1))
-        rows = [model.adapters.of[self.name]] * (len(prompts) * beams) if model.adapters is not None else None
+        if beams == 1:                           # per-prompt limits and stops, and streaming
+            rows = RowStops(width, limits, eos_token_id, stops, should_stop)
+            options["stopping_criteria"] = StoppingCriteriaList([rows, *options.get("stopping_criteria", [])])
+            if sinks is not None and any(sinks):
+                options["streamer"] = RowStreamer(tokenizer, rows, sinks)
+        elif should_stop is not None or stops:
+            options["stopping_criteria"] = StoppingCriteriaList([AllStop(should_stop, stops)])
+        names = [model.adapters.of[self.name]] * (len(prompts) * beams) if model.adapters is not None else None
         device = next(model.parameters()).device
-        with adapter_rows(model.backbone, rows) if rows else contextlib.nullcontext():
+        with adapter_rows(model.backbone, names) if names else contextlib.nullcontext():
             out = lm.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                              pad_token_id=pad_token_id,
-                              eos_token_id=eos_token_id, **options)
-        return [self._tokenizer_decode(seq[width:]) for seq in out]
-
-    def _tokenizer_decode(self, ids: Tensor) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+                              pad_token_id=pad_token_id, eos_token_id=eos_token_id, **options)
+        return [tokenizer.decode(seq[width:width + limit], skip_special_tokens=True).strip()
+                for seq, limit in zip(out, limits)]
 
     def run_batch(self, model, features: list[dict], pad_token_id: int, device: torch.device) -> list[dict]:
         """Predictions for evaluation: {"text": generated, "nll": summed target-token NLL, "tokens": count}
@@ -279,7 +299,8 @@ class Generation(NothingToFit):
 
     def encode_inputs(self, items: list[dict], tokenizer, max_length: int) -> list[Encoded]:
         """Prediction inputs (the prompt, or the template's fields) -> one Encoded each: the prompt's ids cut
-        to max_length - 1 (keeping its end), meta "prompt_ids"; truncated when cut."""
+        to max_length - 1 (keeping its end), meta "prompt_ids"; truncated when cut; new_tokens = the task's
+        max_new_tokens (so the server budgets prompt + generated tokens per batch)."""
         self.tokenizer = tokenizer
         prompts = [self.prompt(it) for it in items]
         ids = tokenizer(prompts, add_special_tokens=True)["input_ids"]
@@ -287,15 +308,99 @@ class Generation(NothingToFit):
         for p in ids:
             kept = p[-(max_length - 1):]
             arr = np.asarray(kept, dtype=np.int32)
-            out.append(Encoded([{"input_ids": arr}], {"prompt_ids": arr}, len(kept) < len(p)))
+            out.append(Encoded([{"input_ids": arr}], {"prompt_ids": arr}, len(kept) < len(p),
+                               new_tokens=self.cfg.max_new_tokens))
         return out
 
     def decode(self, logits: Tensor, inputs: list[Encoded]) -> list[dict]:
         raise RuntimeError("generation results come from decode_with (they need the model)")
 
-    def decode_with(self, model, inputs: list[Encoded], pad_token_id: int) -> list[dict]:
-        """[{"text": generated text}] per input (`generate` from its prompt)."""
+    def decode_with(self, model, inputs: list[Encoded], pad_token_id: int, should_stop=None, tokenizer=None
+                    ) -> list[dict]:
+        """[{"text": generated text}] per input (`generate` from its prompt, all inputs in one batch). An
+        input's meta may carry "max_new_tokens" (its own limit, at most the task's), "stop" (a callable:
+        True once nobody waits for it) and "sink" (a callable given each new piece of text: streaming)."""
         texts = self.generate(model, [e.meta["prompt_ids"] for e in inputs], pad_token_id,
-                              self.tokenizer.eos_token_id)
+                              (tokenizer or self.tokenizer).eos_token_id,
+                              limits=[int(e.meta.get("max_new_tokens", self.cfg.max_new_tokens)) for e in inputs],
+                              stops=[e.meta.get("stop") for e in inputs], sinks=[e.meta.get("sink") for e in inputs],
+                              should_stop=should_stop, tokenizer=tokenizer)
         return [{"text": t} for t in texts]
 
+
+class RowStops(StoppingCriteria):
+    """A `transformers` stopping criterion with one verdict per row (greedy / sampling): row i is done after
+    eos, after limits[i] new tokens, or once stops[i]() or should_stop() is True. `stopped_at[i]`: how many
+    new tokens row i had when it was done (None while running): the tokens after that are padding
+    (`RowStreamer` reads it, whether `generate` streams a step before or after asking the criteria)."""
+
+    def __init__(self, width: int, limits: list[int], eos_token_id: int, stops: list | None, should_stop=None):
+        self.width, self.limits, self.eos = width, torch.tensor(limits), eos_token_id
+        self.stops = list(stops) if stops else [None] * len(limits)
+        self.should_stop = should_stop
+        self.done = torch.zeros(len(limits), dtype=torch.bool)
+        self.stopped_at: list[int | None] = [None] * len(limits)
+
+    def __call__(self, input_ids: Tensor, scores, **kwargs) -> Tensor:
+        new = input_ids.shape[1] - self.width
+        done = self.done | (input_ids[:, -1].cpu() == self.eos) | (new >= self.limits)
+        if self.should_stop is not None and self.should_stop():
+            done[:] = True
+        for i, stop in enumerate(self.stops):
+            if stop is not None and not done[i] and stop():
+                done[i] = True
+        for i in torch.nonzero(done & ~self.done).flatten().tolist():
+            self.stopped_at[i] = new
+        self.done = done
+        return done.to(input_ids.device)
+
+
+class AllStop(StoppingCriteria):
+    """A stopping criterion for beam search: every row stops once should_stop() or every stops[i]() is True."""
+
+    def __init__(self, should_stop, stops: list | None):
+        self.should_stop, self.stops = should_stop, [s for s in (stops or []) if s is not None]
+
+    def __call__(self, input_ids: Tensor, scores, **kwargs) -> Tensor:
+        stop = (self.should_stop is not None and self.should_stop()) or (
+            bool(self.stops) and all(s() for s in self.stops))
+        return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
+
+
+class RowStreamer(BaseStreamer):
+    """A `transformers` streamer for a batch: the k-th new token of row i joins row i's text unless the row
+    was done before it (`RowStops.stopped_at[i]` < k), and sinks[i] (when given) gets each new piece of
+    decoded text: the whole continuation decoded again and the new suffix sent, held back while it ends in
+    an incomplete character (byte-level BPE splits UTF-8 characters over tokens)."""
+
+    def __init__(self, tokenizer, rows: RowStops, sinks: list):
+        self.tokenizer, self.rows, self.sinks = tokenizer, rows, list(sinks)
+        self.tokens: list[list[int]] = [[] for _ in self.sinks]
+        self.sent = [0] * len(self.sinks)
+        self.steps = 0
+        self.prompt_seen = False
+
+    def put(self, value: Tensor) -> None:
+        if not self.prompt_seen:          # generate puts the prompt first
+            self.prompt_seen = True
+            return
+        self.steps += 1
+        for i, token in enumerate(value.reshape(-1).tolist()):
+            end = self.rows.stopped_at[i]
+            if self.sinks[i] is None or (end is not None and self.steps > end):
+                continue
+            self.tokens[i].append(token)
+            self._send(i, final=False)
+
+    def end(self) -> None:
+        for i, sink in enumerate(self.sinks):
+            if sink is not None:
+                self._send(i, final=True)
+
+    def _send(self, i: int, final: bool) -> None:
+        text = self.tokenizer.decode(self.tokens[i], skip_special_tokens=True)
+        if text.endswith("\ufffd") and not final:
+            return
+        if len(text) > self.sent[i]:
+            self.sinks[i](text[self.sent[i]:])
+            self.sent[i] = len(text)
