@@ -248,8 +248,8 @@ def main(argv=None) -> int:
         }
         if "dev_accuracy" in medians[a] and "dev_accuracy" in medians[BASELINE]:
             d = medians[a]["dev_accuracy"] - medians[BASELINE]["dev_accuracy"]
-            aims[a]["dev_accuracy_minus_hf_grouped"] = {"aim": "within noise (|d| <= 0.02)", "value": d,
-                                                        "met": abs(d) <= 0.02}
+            aims[a]["dev_accuracy_minus_hf_grouped"] = {"aim": "not below it beyond noise (d >= -0.02)",
+                                                        "value": d, "met": d >= -0.02}
     # Runs that shared the CPU: high CPU pressure at the end of the window, or the machine's GEMM speed
     # changed a lot between the probes before and after the run.
     busy = [[v, x["round"]] for v, rs in runs.items() for x in rs
