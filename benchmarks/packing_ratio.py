@@ -10,27 +10,18 @@ benchmarks/results/packing_ratio.json with the CPU flags.
 
     OMP_NUM_THREADS=1 python benchmarks/packing_ratio.py        # ~4 min on a quiet 2-core machine
 """
-import json, os, tempfile, time
+import json, os, time
 from pathlib import Path
 
 import torch
-import yaml
 from machine import cpu_flags
 
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
-import mtlm
 from mtlm.batches import collate_source, masked_losses
 from mtlm.packing import pack_inputs
-from mtlm.train import build
-DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "sst2" / "train.jsonl"
+from sst2_run import sst2_run
 N = int(os.environ.get("PACKING_BATCHES", "12"))
-if not DATA.is_file():
-    raise SystemExit(f"SKIP: {DATA} not found; nothing measured")
-tmp = Path(tempfile.mkdtemp())
-(tmp / "r.yaml").write_text(yaml.safe_dump({"name": "pr", "backbone": "minilm-l6", "max_length": 128, "output_dir": str(tmp / "run"),
-    "tasks": {"sst2": {"type": "classification", "data": {"train": str(DATA), "split": {}, "limit": {"train": 4000}}}},
-    "train": {"batch_size": 32, "max_steps": 100, "mixed_precision": "no"}}))
-run = build(mtlm.load_recipe(tmp / "r.yaml"))
+run = sst2_run()
 model, ds, tasks, pad = run.unwrapped.train(), run.batches["sst2"].dataset, run.tasks, run.tokenizer.pad_token_id
 opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
 grouped = run.batches["sst2"].sampler.global_batches(0)[:N]

@@ -7,13 +7,11 @@ drew: the Trainer's length-grouped sampler puts the longest batch first.
 
     python benchmarks/train_memory.py          # ~1 min; writes benchmarks/results/train_memory.json
 """
-import json, os, subprocess, sys, tempfile
+import json, os, subprocess, sys
 from pathlib import Path
 
 from machine import cpu_flags
-
-ROOT = Path(__file__).resolve().parent.parent
-DATA = ROOT.parent / "shared" / "data" / "sst2" / "train.jsonl"
+from sst2_run import DATA
 
 
 def status_mb(key: str) -> int:
@@ -22,18 +20,11 @@ def status_mb(key: str) -> int:
 
 def child(variant: str) -> dict:
     import torch
-    import yaml
     torch.set_num_threads(1)
-    import mtlm
     from mtlm.batches import collate_source, masked_losses
     from mtlm.model import resolve_backbone
-    from mtlm.train import build
-    tmp = Path(tempfile.mkdtemp())
-    (tmp / "r.yaml").write_text(yaml.safe_dump({"name": "mem", "backbone": "minilm-l6", "max_length": 128,
-        "output_dir": str(tmp / "run"), "tasks": {"sst2": {"type": "classification",
-        "data": {"train": str(DATA), "split": {}, "limit": {"train": 4000}}}},
-        "train": {"batch_size": 32, "max_steps": 10, "mixed_precision": "no"}}))
-    run = build(mtlm.load_recipe(tmp / "r.yaml"))
+    from sst2_run import sst2_run
+    run = sst2_run(max_steps=10)
     ds = run.batches["sst2"].dataset
     longest = sorted(range(len(ds)), key=lambda i: -len(ds[i]["inputs"]["input_ids"]))[:32]
     inputs, targets = collate_source(run.tasks, [ds[i] for i in longest], run.tokenizer.pad_token_id)

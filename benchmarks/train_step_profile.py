@@ -12,30 +12,20 @@ Prints median ms per phase and variant and the ops that take the most time (torc
     OMP_NUM_THREADS=1 nice -n 10 python benchmarks/train_step_profile.py      # ~3 min quiet
 Writes benchmarks/results/train_step_profile.json (load average and CPU flags with it): ratios only.
 """
-import json, os, statistics, tempfile, time
+import json, os, statistics, time
 from pathlib import Path
 
 import torch
-import yaml
 from machine import cpu_flags
 
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-import mtlm
 from mtlm.batches import collate_source, masked_losses
 from mtlm.model import resolve_backbone
 from mtlm.packing import pack_inputs
-from mtlm.train import build
+from sst2_run import sst2_run
 
-DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "sst2" / "train.jsonl"
 N_BATCHES = int(os.environ.get("PROFILE_BATCHES", "21"))
-if not DATA.is_file():
-    raise SystemExit(f"SKIP: {DATA} not found; nothing measured")
-tmp = Path(tempfile.mkdtemp())
-(tmp / "r.yaml").write_text(yaml.safe_dump({"name": "pr", "backbone": "minilm-l6", "max_length": 128,
-    "output_dir": str(tmp / "run"), "tasks": {"sst2": {"type": "classification",
-    "data": {"train": str(DATA), "split": {}, "limit": {"train": 4000}}}},
-    "train": {"batch_size": 32, "max_steps": 100, "mixed_precision": "no"}}))
-run = build(mtlm.load_recipe(tmp / "r.yaml"))
+run = sst2_run()
 model, ds, tasks = run.unwrapped.train(), run.batches["sst2"].dataset, run.tasks
 from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding
 hf = AutoModelForSequenceClassification.from_pretrained(resolve_backbone("minilm-l6"), num_labels=2).train()
