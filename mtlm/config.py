@@ -181,7 +181,10 @@ class TrainConfig(_Strict):
     @field_validator("fsdp", mode="before")
     @classmethod
     def _fsdp_bool(cls, v: Any) -> Any:
-        return {} if v is True else None if v is False else v   # `fsdp: true` = the defaults; false = off
+        if v is True or v is False or v is None or isinstance(v, dict):   # `fsdp: true` = the defaults; false = off
+            return {} if v is True else None if v is False else v
+        raise ValueError(f"must be true, false or a mapping of {{reshard_after_forward, min_num_params, cpu_offload}}, "
+                         f"not {v!r}")
 
     @field_validator("weighting", mode="before")
     @classmethod

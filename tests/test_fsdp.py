@@ -172,6 +172,9 @@ def test_fsdp_settings_parse_and_what_fsdp_cannot_shard_is_refused_by_name(make_
     assert (cfg.reshard_after_forward, cfg.min_num_params, cfg.cpu_offload) == (False, 1000, False)
     with pytest.raises(RecipeError, match=r"train.fsdp.shard: unknown key"):
         load(make_recipe(name="d", fsdp={"shard": 1}))
+    for bad in ("maybe", 1):          # a fresh user's `train.fsdp=maybe`: the message names what it takes
+        with pytest.raises(RecipeError, match=r"train.fsdp: .*must be true, false or a mapping"):
+            load(make_recipe(name="d2", fsdp=bad))
     for train, why in [({"weighting": "pcgrad"}, "not with weighting pcgrad .it combines the backbone's per-task gradients"),
                        ({"weighting": "gradnorm"}, "not with weighting gradnorm"),
                        ({"weighting": "uncertainty"}, "not with weighting uncertainty .its log-variances"),

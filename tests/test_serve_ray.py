@@ -105,6 +105,22 @@ def test_ray_flag_without_ray_installed_is_a_clear_error(bundle):
     assert "Traceback" not in done.stderr
 
 
+def test_a_ray_node_that_fails_to_start_is_a_clear_error(bundle, monkeypatch, capsys):
+    """A fresh user's `mtlm serve RUN --ray` on a busy CPU: Ray's local node timed out during startup and the
+    command died with Ray's traceback. It is now exit 2 with Ray's reason and what to do."""
+    ray = pytest.importorskip("ray")
+    from mtlm.cli import main
+
+    def timed_out(*args, **kwargs):
+        raise Exception("The current node timed out during startup.")
+    monkeypatch.setattr(ray, "init", timed_out)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert main(["serve", str(bundle), "--ray"]) == 2
+    err = capsys.readouterr().err
+    assert "a local Ray node (127.0.0.1) failed to start: Exception: The current node timed out" in err
+    assert "ray start --head" in err and "Traceback" not in err
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--replicas", "2"], "--replicas: Ray Serve flags, add --ray"),
     (["--ray", "--replicas", "2", "--autoscale", "1:2"], "--replicas and --autoscale: give one"),

@@ -157,15 +157,25 @@ def deployment(run: str | Path, *, replicas: int = 1, autoscale: tuple[int, int]
 
 
 def start_ray(verbose: bool = False) -> None:
-    """Connect to the cluster at RAY_ADDRESS, or start a local one whose traffic stays on 127.0.0.1."""
+    """Connect to the cluster at RAY_ADDRESS, or start a local one whose traffic stays on 127.0.0.1.
+    Raises DeployError (Ray's reason, and what to do) when Ray cannot connect or its local node fails to start,
+    e.g. "The current node timed out during startup" on a CPU busy with other work."""
     import ray
     for key, value in RAY_ENV.items():
         os.environ.setdefault(key, value)
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=verbose)
-    else:
-        ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=verbose,
-                 num_cpus=os.cpu_count() or 1)
+    address = os.environ.get("RAY_ADDRESS")
+    try:
+        if address:
+            ray.init(log_to_driver=verbose)
+        else:
+            ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=verbose,
+                     num_cpus=os.cpu_count() or 1)
+    except Exception as e:      # Ray raises plain Exception / ConnectionError / RuntimeError here
+        where = (f"the Ray cluster at RAY_ADDRESS={address}" if address else "a local Ray node (127.0.0.1)")
+        raise DeployError(f"{where} failed to start: {type(e).__name__}: {e}. Ray's processes start slowly on a CPU "
+                          f"busy with other work: retry when it is quieter, or start the node once yourself "
+                          f"(`ray start --head --node-ip-address 127.0.0.1`) and set RAY_ADDRESS=127.0.0.1:6379; "
+                          f"`mtlm serve` without --ray needs no Ray") from None
 
 
 def stop_ray() -> None:
