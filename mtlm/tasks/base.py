@@ -115,14 +115,17 @@ def check_texts(task: Any, row: dict) -> list[tuple[str, str]]:
         col = task.columns().get(role)
         if col is None:
             continue
-        value = row.get(col)
-        if value is None:
-            problems.append((col, "missing"))
-        elif not isinstance(value, str):
-            problems.append((col, f"expected text, got {type(value).__name__}"))
-        elif not value.strip():
-            problems.append((col, "empty text"))
+        problems += text_problems(col, row.get(col))
     return problems
+
+
+def text_problems(col: str, value: Any, what: str = "text") -> list[tuple[str, str]]:
+    """[(column, reason)] for a raw row's text field: missing, not a string, or blank ("empty <what>")."""
+    if value is None:
+        return [(col, "missing" if what == "text" else f"missing {what}")]
+    if not isinstance(value, str):
+        return [(col, f"expected text, got {type(value).__name__}")]
+    return [] if value.strip() else [(col, f"empty {what}")]
 
 
 def tokenize_texts(tokenizer, texts: list[str], pairs: list[str] | None, max_length: int):

@@ -35,7 +35,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from mtlm.config import RecipeError, TaskConfig
 from mtlm.encoded import Encoded
-from mtlm.tasks.base import NothingToFit, RowProblems, pad_inputs
+from mtlm.tasks.base import NothingToFit, RowProblems, pad_inputs, text_problems
 
 IGNORE = -100
 GENERATE_OPTIONS = frozenset({"num_beams", "do_sample", "temperature", "top_p", "top_k", "repetition_penalty",
@@ -159,14 +159,7 @@ class Generation(NothingToFit):
             elif not isinstance(value, (str, int, float)) or isinstance(value, bool):
                 problems.append((col, f"expected text, got {type(value).__name__}"))
         col = self.columns()["target"]
-        value = row.get(col)
-        if value is None:
-            problems.append((col, "missing target"))
-        elif not isinstance(value, str):
-            problems.append((col, f"expected text, got {type(value).__name__}"))
-        elif not value.strip():
-            problems.append((col, "empty target"))
-        return problems
+        return problems + text_problems(col, row.get(col), "target")
 
     def make_head(self, hidden_size: int, dropout: float) -> nn.Module:
         return LMHead()
