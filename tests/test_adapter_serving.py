@@ -5,26 +5,20 @@ layouts."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 
 import pytest
-import torch
+
+from benchscripts import load_bench
 
 from mtlm.config import AdapterConfig
 
-BENCH = Path(__file__).parents[1] / "benchmarks"
 TEXTS = ["the movie was great fun", "bad", "stock market shares rose", "john smith went to paris",
          "a very long and boring film about the market", "fun"]
 TASKS = {"sentiment": ["negative", "positive"], "topic": ["a", "b", "c", "d"], "nli": ["x", "y", "z"]}
 
 
 def _bench(monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCH))
-    spec = importlib.util.spec_from_file_location("adapter_serving", BENCH / "adapter_serving.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("adapter_serving", monkeypatch)
 
 
 @pytest.fixture

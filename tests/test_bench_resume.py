@@ -1,20 +1,14 @@
 """The benchmarks' --resume: a killed or staged run keeps what it measured and runs only what is missing."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).parents[1] / "benchmarks"
+from benchscripts import load_bench
 
 
-def load(name: str, monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCH))
-    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+
+load = load_bench
 
 
 def weighting_result(seeds, methods, steps=150):

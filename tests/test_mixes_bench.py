@@ -1,21 +1,16 @@
 """benchmarks/mixes.py: variants parse and change the multi-task run only, the single-task models are
 trained once per mix and seed and reused by every variant, and the issue's bar is judged per task."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).parents[1] / "benchmarks"
+from benchscripts import load_bench
+
 
 
 def load(monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCH))
-    spec = importlib.util.spec_from_file_location("mixes", BENCH / "mixes.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("mixes", monkeypatch)
 
 
 def test_variants_parse_and_default_comes_first(monkeypatch):

@@ -16,6 +16,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from benchscripts import load_bench
+
 import mtlm
 from conftest import write_recipe
 from servers import metric
@@ -420,13 +422,7 @@ def test_failed_load_is_reported_not_raised():
 
 def test_bench_single_task_bundle_equals_its_head(bundle, predictor, tmp_path, monkeypatch):
     """The benchmark's baseline: a copy of the bundle with one head answers exactly like that head."""
-    import importlib.util
-    bench_dir = Path(__file__).parents[1] / "benchmarks"
-    monkeypatch.syspath_prepend(str(bench_dir))  # serve_bench imports its sibling modules, as `python benchmarks/x.py` allows
-    path = bench_dir / "serve_bench.py"
-    spec = importlib.util.spec_from_file_location("serve_bench", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_bench("serve_bench", monkeypatch)
     assert bench.text_tasks(bundle) == ["sentiment", "topic", "ner", "score"]
     single = mtlm.load(bench.single_task_bundle(bundle, "topic", tmp_path / "topic"), device="cpu")
     assert list(single.tasks) == ["topic"]
