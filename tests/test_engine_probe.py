@@ -5,6 +5,8 @@ Attention quantised as QAttention). The OpenVINO rows need `openvino` (not a tes
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
@@ -28,7 +30,7 @@ def graph(tiny_backbone, tmp_path_factory):
     from mtlm.tasks import build_task
     # onnxruntime.transformers puts its own folder on sys.path when first imported: import it here, not inside
     # a test whose monkeypatch restores sys.path afterwards (the optimizer's sibling imports would then fail)
-    import onnxruntime.transformers.optimizer  # noqa: F401
+    importlib.import_module("onnxruntime.transformers.optimizer")
 
     backbone, tokenizer = load_backbone(tiny_backbone)
     tasks = {"sentiment": build_task("sentiment", TaskConfig.model_validate(
