@@ -5,7 +5,7 @@ accuracy budget on dev, written as a derived run (`mtlm.contract.derive_run`: ju
 every task. Methods:
 - int8: onnxruntime dynamic int8, per-channel (`mtlm.quantize`); the search keeps the strongest setting of
   which node groups stay fp32 that fits, and names the task that bound it.
-- bf16: torch bf16 autocast (engine torch-bf16), measured on the CPU: only with native bf16 (AVX512-BF16 /
+- bf16: torch with bf16 weights under bf16 autocast (engine torch-bf16), measured on the CPU: only with native bf16 (AVX512-BF16 /
   AMX). (A GPU runs the torch-bf16 engine through `mtlm.load(path, "cuda", "torch-bf16")`.)
 - auto: every method this machine runs without training (int8, the fp32 ONNX graph, bf16 where native), then,
   within `--search-minutes`, layer dropping and pruning alone and each combined with int8
@@ -170,10 +170,10 @@ def compress_run(run: str | Path, method: str = "auto", budget: float = 1.0, out
         if method in ("bf16", "auto") and bf16_ok:
             engine = TorchBf16Engine(model, "cpu")
             metrics = scorer.metrics(engine)
-            trial = Trial("torch bf16 autocast", [], metrics, scorer.drops(base, metrics), budget)
+            trial = Trial("torch bf16 (weights + autocast)", [], metrics, scorer.drops(base, metrics), budget)
             trials.append(trial.as_dict())
             if trial.fits:
-                found["torch-bf16"] = {"trial": trial, "engine": engine, "details": {"autocast": "bfloat16"},
+                found["torch-bf16"] = {"trial": trial, "engine": engine, "details": {"weights": "bfloat16", "autocast": "bfloat16"},
                                        "runs_on": "torch-bf16"}
         if trains:
             from mtlm.compress_auto import trained_tries

@@ -4,7 +4,7 @@ An engine takes a padded micro-batch (`mtlm.encoded.ModelInputs`) and returns ev
 task name. `mtlm.predict.Predictor`, the server and `mtlm eval` run the model only through one, chosen by name:
 
     ENGINES = {"torch": TorchEngine,            # torch eager, fp32 as loaded: the reference
-               "torch-bf16": TorchBf16Engine,   # torch eager under bf16 autocast (native-bf16 CPUs, GPUs)
+               "torch-bf16": TorchBf16Engine,   # torch eager, bf16 weights + autocast (native-bf16 CPUs, GPUs)
                "onnx": OnnxEngine,              # ONNX Runtime, the bundle's fp32 graph (model/onnx/model.onnx)
                "onnx-int8": OnnxInt8Engine}     # ONNX Runtime, its dynamic int8 graph (model/onnx/model.int8.onnx)
 
@@ -18,6 +18,7 @@ against torch fp32 before use is `mtlm.engine_check`'s.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
 from pathlib import Path
@@ -81,9 +82,12 @@ class TorchEngine:
 
 
 class TorchBf16Engine(TorchEngine):
-    """Torch eager under `torch.autocast(dtype=torch.bfloat16)` (weights stay fp32; matmuls run in bf16,
-    LayerNorm and softmax in fp32), outputs cast back to fp32. On a CPU it needs native bf16 (AVX512-BF16 or
-    AMX): raises EngineError otherwise, since emulated bf16 is several times slower than fp32."""
+    """Torch eager with the weights in bf16: a bf16 copy of the model (half the fp32 model's memory; the fp32
+    model stays, as the reference `mtlm.engine_check` compares with), run under
+    `torch.autocast(dtype=torch.bfloat16)` so LayerNorm and softmax still compute in fp32 while matmuls read the
+    bf16 weights directly (autocast over fp32 weights would re-cast every weight on every call); outputs cast
+    back to fp32. On a CPU it needs native bf16 (AVX512-BF16 or AMX): raises EngineError otherwise, since
+    emulated bf16 is several times slower than fp32."""
 
     name = "torch-bf16"
 
@@ -93,6 +97,8 @@ class TorchBf16Engine(TorchEngine):
             raise EngineError("engine torch-bf16: this CPU has no native bf16 (AVX512-BF16 or AMX; see the flags in "
                               "/proc/cpuinfo), so bf16 would run emulated, several times slower than fp32; use "
                               "--engine onnx-int8 (after `mtlm compress RUN --method int8`) or torch")
+        if model is not None:
+            self.model = copy.deepcopy(model).to(dtype=torch.bfloat16)
 
     def _context(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16)

@@ -89,12 +89,15 @@ def test_bf16_is_refused_without_native_bf16_and_agrees_where_allowed(run, monke
     monkeypatch.setattr(engine_module, "cpu_has_bf16", lambda: True)   # emulated here: slow, but exact enough
     predictor = load(run, engine="torch-bf16")       # passes its check against torch fp32 on the dev rows
     assert predictor.engine.name == "torch-bf16"
+    weights = {p.dtype for p in predictor.engine.model.parameters()}
+    assert weights == {torch.bfloat16}, weights              # bf16 weights, not fp32 ones re-cast per call
     reference = load(run, engine="torch")
     got, want = predictor.predict(TEXTS), reference.predict(TEXTS)
     assert sum(g["sentiment"]["label"] == w["sentiment"]["label"] for g, w in zip(got, want)) >= len(TEXTS) - 1
 
     derived, report = compress_run(run, "bf16", 100.0, tmp_path / "bf16", measure_memory=False, rounds=1)
-    assert report["engine"] == "torch-bf16" and report["trials"][0]["name"] == "torch bf16 autocast"
+    assert report["engine"] == "torch-bf16" and report["trials"][0]["name"] == "torch bf16 (weights + autocast)"
+    assert {p.dtype for p in load(run, engine="torch").engine.model.parameters()} == {torch.float32}
     manifest = json.loads((derived / "model" / "engines.json").read_text())
     speeds = manifest["measured"]["texts_per_s"]
     assert set(speeds) == {"torch", "torch-bf16"} and "torch-bf16" in manifest["engines"]
