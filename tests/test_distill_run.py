@@ -116,3 +116,24 @@ def test_bad_input_gets_clear_errors(teacher, tmp_path, tiny_backbone, capsys):
     (tmp_path / "pictures" / "a.png").write_bytes(b"\x89PNG")
     assert main(["distill", str(teacher), "--student", str(tmp_path / "pictures"), "--output", str(tmp_path / "y")]) == 2
     assert "not a model folder or backbone name" in capsys.readouterr().err
+
+
+def test_compare_runs_measures_each_run_on_its_engine_and_the_bench_plots_it(teacher, tmp_path, monkeypatch):
+    """compare_runs with `engines`: the teacher's exported graph (onnx engine) scores as the teacher does on
+    dev and test, is timed beside it, and benchmarks/compress_bench.py's plot draws one point per run."""
+    pytest.importorskip("onnxruntime", reason="the onnx engine needs onnxruntime")
+    from benchscripts import load_bench
+    from mtlm.distill.run import compare_runs
+    from mtlm.export import export_run
+    graph = tmp_path / "graph"
+    export_run(teacher, graph)
+    report = compare_runs(teacher, {"graph": graph}, rounds=1, engines={"graph": "onnx"})
+    assert report["engines"] == {"teacher": "torch", "graph": "onnx"}
+    for task, entry in report["tasks"].items():
+        for split in ("dev", "test"):
+            assert entry[f"graph_{split}"] == pytest.approx(entry[f"teacher_{split}"], abs=1e-6), (task, split)
+    assert set(report["speed"]) == {"teacher", "graph"} and report["speed_ratio"]["graph"] > 0
+    bench = load_bench("compress_bench", monkeypatch)
+    pytest.importorskip("matplotlib", reason="the plot needs matplotlib (pip install -e '.[report]')")
+    figure = bench.plot(report, tmp_path / "plot.png")
+    assert figure == tmp_path / "plot.png" and figure.stat().st_size > 1000

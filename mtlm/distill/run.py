@@ -184,11 +184,14 @@ def distill_run(teacher_run: str | Path, student: str, overrides: list[str] = ()
     return out, report
 
 
-def compare_runs(teacher_run: Path, runs: dict[str, Path], rounds: int = 3) -> dict:
-    """The teacher and other runs of its tasks (students: `runs`, name -> run folder) on the teacher's stored
-    rows: {"tasks": {task: {metric, teacher_dev, <name>_dev, ... (test alike)}}, "average": {teacher_dev,
-    <name>_dev, <name>_ratio_dev (the name's average / the teacher's), (test alike)}, "speed": measure.speed
-    of every model (torch fp32, batch 32, all heads, on the dev texts, interleaved in one run),
+def compare_runs(teacher_run: Path, runs: dict[str, Path], rounds: int = 3, engines: dict[str, str] | None = None
+                 ) -> dict:
+    """The teacher and other runs of its tasks (students, compressed runs: `runs`, name -> run folder) on the
+    teacher's stored rows, each run by its engine (`engines`: name -> engine name, `mtlm.engine.ENGINES`;
+    default torch fp32; the teacher always torch): {"tasks": {task: {metric, teacher_dev, <name>_dev, ...
+    (test alike)}}, "average": {teacher_dev, <name>_dev, <name>_ratio_dev (the name's average / the
+    teacher's), (test alike)}, "engines": {name: engine}, "speed": measure.speed of every run on its engine
+    (batch 32, all heads, on the dev texts, interleaved in one run),
     "speed_ratio": {name: its texts/s / the teacher's}, "cpu_flags", "loadavg" (1, 5, 15 min: the load the
     speeds were measured under)}. Averages are over higher-is-better metrics (an error metric such as mse
     is left out). Raises ContractError when the teacher's rows cannot be read, BundleError."""
@@ -197,17 +200,23 @@ def compare_runs(teacher_run: Path, runs: dict[str, Path], rounds: int = 3) -> d
     import torch
 
     from mtlm.checkpoint import find_bundle, load_bundle
-    from mtlm.engine import TorchEngine
-    from mtlm.engine_check import dev_features
+    from mtlm.engine import ONNX_FILES, TorchEngine, make_engine
+    from mtlm.engine_check import EngineModel, dev_features
     from mtlm.evaluate import evaluate
     from mtlm.measure import cpu_flags, model_rows, speed
     from mtlm.tasks import default_metric
 
     t_model, tokenizer, tasks, meta = load_bundle(find_bundle(teacher_run), "cpu")
-    models = {"teacher": t_model, **{who: load_bundle(find_bundle(path), "cpu")[0] for who, path in runs.items()}}
+    chosen = {"teacher": "torch", **{who: (engines or {}).get(who, "torch") for who in runs}}
+    runners = {"teacher": TorchEngine(t_model, "cpu")}
+    for who, path in runs.items():
+        bundle = find_bundle(path)
+        runners[who] = make_engine(chosen[who], load_bundle(bundle, "cpu")[0] if chosen[who] not in ONNX_FILES
+                                   else None, "cpu", bundle)
+    models = {who: EngineModel(r) for who, r in runners.items()}
     metric = {n: default_metric(t) for n, t in tasks.items()}
     report = {"teacher": str(teacher_run), "runs": {who: str(p) for who, p in runs.items()}, "tasks": {},
-              "average": {}}
+              "average": {}, "engines": chosen}
     dev = None
     for split in ("dev", "test"):
         feats = {n: f for n, f in dev_features(find_bundle(teacher_run), tasks, tokenizer, int(meta["max_length"]),
@@ -229,8 +238,7 @@ def compare_runs(teacher_run: Path, runs: dict[str, Path], rounds: int = 3) -> d
             report["average"].update({f"{who}_ratio_{split}": avg[who] / avg["teacher"] if avg["teacher"] else None
                                       for who in runs})
     rows = model_rows(dev)
-    report["speed"] = speed({who: TorchEngine(m, "cpu") for who, m in models.items()}, list(tasks), rows,
-                            tokenizer.pad_token_id, rounds=rounds)
+    report["speed"] = speed(runners, list(tasks), rows, tokenizer.pad_token_id, rounds=rounds)
     report["speed_ratio"] = {who: report["speed"][who]["texts_per_s"] / report["speed"]["teacher"]["texts_per_s"]
                              for who in runs}
     report["cpu_flags"], report["loadavg"] = cpu_flags(), list(os.getloadavg())
