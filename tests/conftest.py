@@ -142,6 +142,24 @@ def shared_task(dataset: str, task_type: str, limit: dict, test: bool = True, **
     return {"type": task_type, "data": data, **extra}
 
 
+def sentence_and_token_model(backbone):
+    """An untrained `MultiTaskModel` on `backbone` (eval mode, heads seeded 0) with a 2-label sentence head
+    "sentiment" and a 5-tag token head "ner": the two head kinds an exported graph must carry."""
+    import torch
+
+    from mtlm.config import TaskConfig
+    from mtlm.model import build_model
+    from mtlm.tasks import build_task
+    tasks = {"sentiment": build_task("sentiment", TaskConfig.model_validate(
+                 {"type": "classification", "data": {"train": "x.csv"}})),
+             "ner": build_task("ner", TaskConfig.model_validate(
+                 {"type": "token_classification", "data": {"train": "x.jsonl"}}))}
+    tasks["sentiment"].load_state({"labels": ["negative", "positive"]})
+    tasks["ner"].load_state({"labels": ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]})
+    torch.manual_seed(0)
+    return build_model(backbone, tasks, "mean", 0.0).eval()
+
+
 def write_recipe(path: Path, recipe: dict) -> Path:
     import yaml
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from benchscripts import load_bench
+from conftest import sentence_and_token_model
 
 pytestmark = [pytest.mark.requires(module="onnxruntime", hint="pip install onnxruntime"),
               pytest.mark.requires(module="onnx", hint="pip install onnx")]
@@ -22,25 +23,16 @@ TEXTS = ["john smith went to paris", "the movie was great fun", "terrible plot ,
 @pytest.fixture(scope="module")
 def graph(tiny_backbone, tmp_path_factory):
     """(folder holding onnx/model.onnx, fp32 ONNX engine, its inputs, the tokenizer, the model config)."""
-    from mtlm.config import TaskConfig
     from mtlm.encoded import ModelInputs
     from mtlm.engine import OnnxEngine
     from mtlm.export import export_onnx
-    from mtlm.model import build_model, load_backbone
-    from mtlm.tasks import build_task
+    from mtlm.model import load_backbone
     # onnxruntime.transformers puts its own folder on sys.path when first imported: import it here, not inside
     # a test whose monkeypatch restores sys.path afterwards (the optimizer's sibling imports would then fail)
     importlib.import_module("onnxruntime.transformers.optimizer")
 
     backbone, tokenizer = load_backbone(tiny_backbone)
-    tasks = {"sentiment": build_task("sentiment", TaskConfig.model_validate(
-                 {"type": "classification", "data": {"train": "x.csv"}})),
-             "ner": build_task("ner", TaskConfig.model_validate(
-                 {"type": "token_classification", "data": {"train": "x.jsonl"}}))}
-    tasks["sentiment"].load_state({"labels": ["negative", "positive"]})
-    tasks["ner"].load_state({"labels": ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]})
-    torch.manual_seed(0)
-    model = build_model(backbone, tasks, "mean", 0.0).eval()
+    model = sentence_and_token_model(backbone)
     folder = tmp_path_factory.mktemp("probe")
     export_onnx(model, folder / "onnx" / "model.onnx")
     inputs = ModelInputs.from_dict(dict(tokenizer(TEXTS, padding=True, return_tensors="pt")))

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import SHARED_DATA, write_recipe
+from conftest import SHARED_DATA, sentence_and_token_model, write_recipe
 
 pytestmark = [pytest.mark.requires(module="onnxruntime", hint="pip install onnxruntime"),
               pytest.mark.requires(module="onnx", hint="pip install onnx")]
@@ -213,20 +213,11 @@ def test_minilm_onnx_within_1e4_and_int8_close_on_real_sentences(tmp_path):
     from mtlm.engine import OnnxEngine, OnnxInt8Engine, TorchEngine
     from mtlm.encoded import ModelInputs
     from mtlm.export import export_onnx, fused_operators
-    from mtlm.model import build_model, load_backbone
+    from mtlm.model import load_backbone
     from mtlm.quantize import node_groups, quantize_int8
-    from mtlm.tasks import build_task
-    from mtlm.config import TaskConfig
 
     backbone, tokenizer = load_backbone("minilm-l6")
-    tasks = {"sentiment": build_task("sentiment", TaskConfig.model_validate(
-                 {"type": "classification", "data": {"train": "x.csv"}})),
-             "ner": build_task("ner", TaskConfig.model_validate(
-                 {"type": "token_classification", "data": {"train": "x.jsonl"}}))}
-    tasks["sentiment"].load_state({"labels": ["negative", "positive"]})
-    tasks["ner"].load_state({"labels": ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]})
-    torch.manual_seed(0)
-    model = build_model(backbone, tasks, "mean", 0.0).eval()
+    model = sentence_and_token_model(backbone)
     export_onnx(model, tmp_path / "onnx" / "model.onnx")
     fused = fused_operators(tmp_path / "onnx" / "model.onnx", backbone.config)
     assert fused["Attention"] == backbone.config.num_hidden_layers
