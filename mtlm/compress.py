@@ -124,6 +124,9 @@ def compress_run(run: str | Path, method: str = "auto", budget: float = 1.0, out
     out = Path(output) if output is not None else parent.with_name(f"{parent.name}-{method}")
     if (out / "model").exists():
         raise CompressError(f"{out} already holds a model: pass --output NEW_FOLDER")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):   # checked before minutes of search; and a
+        # written model that fails its re-score is removed with its folder, which must hold nothing else
+        raise CompressError(f"{out} exists and is not an empty folder: pass --output NEW_FOLDER")
     bf16_ok = mtlm.engine.cpu_has_bf16()          # compress measures on the CPU; a GPU runs torch-bf16 via `mtlm.load`
     if method == "bf16" and not bf16_ok:
         TorchBf16Engine(None, "cpu")                       # raises EngineError with the reason

@@ -179,6 +179,13 @@ def test_compress_needs_dev_rows_and_unknown_engines_are_refused(run, tmp_path):
     shutil.copytree(run / "model", copy / "model")               # a bundle without its run's contract
     with pytest.raises(CompressError, match="dev rows"):
         compress_run(copy, "int8", 1.0)
+    a_file, busy = tmp_path / "a-file", tmp_path / "busy"
+    a_file.write_text("mine")
+    (busy / "notes").mkdir(parents=True)
+    for taken in (a_file, busy):              # refused before any search, and nothing of the user's removed
+        with pytest.raises(CompressError, match="exists and is not an empty folder"):
+            compress_run(run, "int8", 1.0, taken)
+    assert a_file.read_text() == "mine" and (busy / "notes").is_dir()
     with pytest.raises(EngineError, match="unknown engine 'tensorrt'; known engines: " + ", ".join(ENGINES)):
         load(run, engine="tensorrt")
     with pytest.raises(EngineError, match="holds no onnx/model.int8.onnx"):
