@@ -1,8 +1,8 @@
 """One multi-task run compressed every way, plus a distilled student, measured side by side in one run.
 
-    # the parent (MiniLM-L6: SST-2 classification, CoNLL-2003 tagging, MRPC sentence pairs; ~10 min quiet):
+    # the parent (MiniLM-L6: SST-2 classification, CoNLL-2003 tagging, MRPC sentence pairs; ~9 min quiet):
     mtlm train recipes/sst2-conll-mrpc-small.yaml output_dir=runs/scm
-    python benchmarks/compress_bench.py runs/scm                     # ~35 min on a quiet 2-core CPU
+    python benchmarks/compress_bench.py runs/scm                     # ~27 min on a quiet 2-core CPU
     python benchmarks/compress_bench.py runs/scm --measure-only      # variants already made: remeasure
 
 Variants, each a run derived from the parent (made once, beside it as <parent>-bench-<variant>, reused on a
@@ -72,6 +72,14 @@ def make_variant(name: str, parent: Path, out: Path, budget: float, trained_budg
     raise ValueError(f"unknown variant {name!r}; known: {', '.join(VARIANTS)}")
 
 
+def engine_of(folder: Path) -> str:
+    """The engine a variant run made by `make_variant` runs on, read back from its parent.json (a variant left
+    without an entry in <parent>-bench.json by an interrupted run). Raises FileNotFoundError, KeyError."""
+    record = json.loads((folder / "parent.json").read_text())
+    details = record.get("details") or {}
+    return "onnx" if details.get("format") == "onnx" else details.get("engine", "torch")
+
+
 def plot(report: dict, path: Path) -> Path | None:
     """Test (else dev) task average as % of the parent's against throughput x torch fp32, one labelled point
     per variant, saved to `path`; None when matplotlib is missing."""
@@ -110,13 +118,19 @@ def main() -> None:
     p.add_argument("--recovery-steps", type=int, default=200, help="layers / prune: recovery steps per try")
     p.add_argument("--student", default="layers:3")
     p.add_argument("--measure-only", action="store_true", help="only measure the variants already made")
-    p.add_argument("--rounds", type=int, default=3, help="timed passes per variant (median)")
+    p.add_argument("--rounds", type=int, default=3, help="timed passes per variant (median); 1 is noisy on a "
+                   "shared machine: compare the printed load average")
     p.add_argument("--output", help="results JSON (default: benchmarks/results/compress_bench_<parent>.json)")
     args = p.parse_args()
     wanted = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [v for v in wanted if v not in VARIANTS]
-    if unknown:
-        p.error(f"unknown variant(s) {unknown}; known: {', '.join(VARIANTS)}")
+    if unknown or not wanted:
+        p.error(f"unknown variant(s) {unknown}; known: {', '.join(VARIANTS)}" if unknown else "--variants: name one or more")
+    if args.rounds < 1:
+        p.error(f"--rounds must be 1 or more, got {args.rounds}")
+    if not (Path(args.run) / "model").is_dir() and not (Path(args.run) / "recipe.yaml").is_file():
+        p.error(f"{args.run}: not a run folder (no model/ inside); train one first, e.g. "
+                f"mtlm train recipes/sst2-conll-mrpc-small.yaml output_dir={args.run}")
     if "student-int8" in wanted and "student" not in wanted:
         wanted.insert(wanted.index("student-int8"), "student")
 
@@ -132,7 +146,10 @@ def main() -> None:
     engines = json.loads(engines_file.read_text()) if engines_file.is_file() else {}
     not_run: dict[str, str] = {}
     for v in wanted:
-        if (folders[v] / "model").exists() and v in engines:
+        if (folders[v] / "model").exists():
+            if v not in engines:                     # made, but the run stopped before recording it
+                engines[v] = engine_of(folders[v])
+                engines_file.write_text(json.dumps(engines, indent=2))
             continue
         if args.measure_only:
             not_run[v] = "not made yet (run without --measure-only)"

@@ -118,7 +118,7 @@ def test_bad_input_gets_clear_errors(teacher, tmp_path, tiny_backbone, capsys):
     assert "not a model folder or backbone name" in capsys.readouterr().err
 
 
-def test_compare_runs_measures_each_run_on_its_engine_and_the_bench_plots_it(teacher, tmp_path, monkeypatch):
+def test_compare_runs_measures_each_run_on_its_engine_and_the_bench_plots_it(teacher, tmp_path, monkeypatch, capsys):
     """compare_runs with `engines`: the teacher's exported graph (onnx engine) scores as the teacher does on
     dev and test, is timed beside it, and benchmarks/compress_bench.py's plot draws one point per run."""
     pytest.importorskip("onnxruntime", reason="the onnx engine needs onnxruntime")
@@ -134,6 +134,13 @@ def test_compare_runs_measures_each_run_on_its_engine_and_the_bench_plots_it(tea
             assert entry[f"graph_{split}"] == pytest.approx(entry[f"teacher_{split}"], abs=1e-6), (task, split)
     assert set(report["speed"]) == {"teacher", "graph"} and report["speed_ratio"]["graph"] > 0
     bench = load_bench("compress_bench", monkeypatch)
+    assert bench.engine_of(graph) == "onnx"             # a variant made but not recorded is read back
+    for argv, message in (([str(tmp_path / "nope")], "not a run folder"), ([str(teacher), "--rounds", "0"], "--rounds"),
+                          ([str(teacher), "--variants", ","], "name one or more")):
+        monkeypatch.setattr("sys.argv", ["compress_bench.py", *argv])
+        with pytest.raises(SystemExit) as stop:        # refused before anything is made or measured
+            bench.main()
+        assert stop.value.code == 2 and message in capsys.readouterr().err, argv
     pytest.importorskip("matplotlib", reason="the plot needs matplotlib (pip install -e '.[report]')")
     figure = bench.plot(report, tmp_path / "plot.png")
     assert figure == tmp_path / "plot.png" and figure.stat().st_size > 1000
