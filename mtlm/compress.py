@@ -86,6 +86,33 @@ class Scorer:
         return {n: relative_drop(base[n], metrics[n], self.lower[n]) for n in base}
 
 
+def _method_settings(method: str, given):
+    """The checked settings of method layers / prune / auto: `given`, or the method's defaults
+    (`LayerSettings`, `PruneSettings`, `AutoSettings`). Raises CompressError listing their problems."""
+    if method == "layers":
+        from mtlm.layer_drop import LayerSettings as defaults
+    elif method == "prune":
+        from mtlm.prune import PruneSettings as defaults
+    else:
+        from mtlm.compress_auto import AutoSettings as defaults
+    settings = given or defaults()
+    if settings.check():
+        raise CompressError(f"--method {method}: " + "; ".join(settings.check()))
+    return settings
+
+
+def _output_folder(parent: Path, method: str, output: str | Path | None) -> Path:
+    """The derived run folder: `output`, or <parent>-<method> beside the parent. Raises CompressError, before
+    any search, when it holds a model, or is a file or a non-empty folder (a written model that fails its
+    re-score is removed with its folder, which must hold nothing else)."""
+    out = Path(output) if output is not None else parent.with_name(f"{parent.name}-{method}")
+    if (out / "model").exists():
+        raise CompressError(f"{out} already holds a model: pass --output NEW_FOLDER")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise CompressError(f"{out} exists and is not an empty folder: pass --output NEW_FOLDER")
+    return out
+
+
 def compress_run(run: str | Path, method: str = "auto", budget: float = 1.0, output: str | Path | None = None,
                  measure_memory: bool = True, rounds: int = 3, layers=None, prune=None,
                  auto=None) -> tuple[Path, dict]:
@@ -104,29 +131,11 @@ def compress_run(run: str | Path, method: str = "auto", budget: float = 1.0, out
 
     _check_arguments(method, budget)
     load_start = os.getloadavg()        # the machine may be shared: the ratios carry over, not the rates
-    if method == "layers":
-        from mtlm.layer_drop import LayerSettings
-        layers = layers or LayerSettings()
-        if layers.check():
-            raise CompressError("--method layers: " + "; ".join(layers.check()))
-    if method == "prune":
-        from mtlm.prune import PruneSettings
-        prune = prune or PruneSettings()
-        if prune.check():
-            raise CompressError("--method prune: " + "; ".join(prune.check()))
-    if method == "auto":
-        from mtlm.compress_auto import AutoSettings
-        auto = auto or AutoSettings()
-        if auto.check():
-            raise CompressError("--method auto: " + "; ".join(auto.check()))
+    layers, prune, auto = (_method_settings(name, given) if name == method else given
+                           for name, given in (("layers", layers), ("prune", prune), ("auto", auto)))
     bundle = find_bundle(run)
     parent = bundle.parent if bundle.name == "model" else bundle
-    out = Path(output) if output is not None else parent.with_name(f"{parent.name}-{method}")
-    if (out / "model").exists():
-        raise CompressError(f"{out} already holds a model: pass --output NEW_FOLDER")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):   # checked before minutes of search; and a
-        # written model that fails its re-score is removed with its folder, which must hold nothing else
-        raise CompressError(f"{out} exists and is not an empty folder: pass --output NEW_FOLDER")
+    out = _output_folder(parent, method, output)
     bf16_ok = mtlm.engine.cpu_has_bf16()          # compress measures on the CPU; a GPU runs torch-bf16 via `mtlm.load`
     if method == "bf16" and not bf16_ok:
         TorchBf16Engine(None, "cpu")                       # raises EngineError with the reason
