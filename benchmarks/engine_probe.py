@@ -51,19 +51,19 @@ class OpenVinoEngine:
     def run(self, inputs, tasks):
         import numpy as np
         import torch
-        feed = inputs.as_dict()
-        feed.setdefault("token_type_ids", torch.zeros_like(inputs.input_ids))
-        result = self.request.infer({k: feed[k].numpy().astype("int64") for k in self.inputs})
+
+        from mtlm.engine import graph_feed
+        feed = graph_feed(inputs)
+        result = self.request.infer({k: feed[k] for k in self.inputs})
         return {n: torch.from_numpy(np.array(result[self.compiled.output(n)])) for n in self.outputs if n in tasks}
 
 
 def quantize_static_qdq(source: Path, target: Path, rows: list[dict], pad_token_id: int, exclude: list[str]) -> None:
     """onnxruntime static int8 of `source` into `target` (QDQ format, per-channel QInt8 weights, QUInt8
     activations, MinMax ranges over `rows` in length-sorted batches of 16), MatMul / Gemm outside `exclude`."""
-    import torch
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
-    from mtlm.engine import GRAPH_INPUTS
+    from mtlm.engine import graph_feed
     from mtlm.measure import batches
 
     class Reader(CalibrationDataReader):
@@ -72,11 +72,7 @@ def quantize_static_qdq(source: Path, target: Path, rows: list[dict], pad_token_
 
         def get_next(self):
             b = next(self.batches, None)
-            if b is None:
-                return None
-            feed = b.as_dict()
-            feed.setdefault("token_type_ids", torch.zeros_like(b.input_ids))
-            return {k: feed[k].numpy().astype("int64") for k in GRAPH_INPUTS}
+            return None if b is None else graph_feed(b)
 
     target.parent.mkdir(parents=True, exist_ok=True)
     quantize_static(str(source), str(target), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,

@@ -138,6 +138,14 @@ def ort_session(path: Path, threads: int | None = None):
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
+def graph_feed(inputs: ModelInputs) -> dict:
+    """An exported graph's inputs (`GRAPH_INPUTS`) for a padded micro-batch: int64 numpy arrays (rows, seq),
+    token_type_ids as zeros when the tokenizer has none."""
+    feed = inputs.as_dict()
+    feed.setdefault("token_type_ids", torch.zeros_like(inputs.input_ids))
+    return {k: feed[k].cpu().numpy().astype("int64") for k in GRAPH_INPUTS}
+
+
 class OnnxEngine:
     """ONNX Runtime (CPU) running the bundle's exported graph of backbone + every head (`mtlm.export`):
     every call computes all heads and returns the asked ones. Needs no torch weights: `model` is unused.
@@ -157,9 +165,7 @@ class OnnxEngine:
         unknown = [t for t in tasks if t not in self.outputs]
         if unknown:
             raise KeyError(f"unknown task(s) {unknown}; the graph's heads: {', '.join(self.outputs)}")
-        feed = inputs.as_dict()
-        feed.setdefault("token_type_ids", torch.zeros_like(inputs.input_ids))
-        values = self.session.run(self.outputs, {k: feed[k].cpu().numpy().astype("int64") for k in GRAPH_INPUTS})
+        values = self.session.run(self.outputs, graph_feed(inputs))
         return {n: torch.from_numpy(v) for n, v in zip(self.outputs, values) if n in tasks}
 
 
